@@ -1,0 +1,36 @@
+# bbvi: every command a user or CI needs. `make install` builds ./.venv (Python 3.11).
+PYTHON_BOOT ?= python3.11
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+JOBS        ?= 2
+
+.PHONY: install test demo experiments bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	# The CPU wheel of torch lies on the build machines' disk; any other spec pulls a CUDA build.
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -n $(JOBS) tests
+
+demo: install
+	$(PY) -m bbvi demo --out results
+
+experiments: install
+	$(PY) experiments/run_all.py --out results
+
+bench: install
+	$(PY) experiments/bench.py --out results
+
+lint: install
+	$(PY) -m ruff check bbvi models experiments tests
+
+clean:
+	rm -rf $(VENV) results build dist *.egg-info .pytest_cache .cache

@@ -1,0 +1,33 @@
+"""bbvi: black-box variational inference for PyTorch.
+
+A model is a log-joint log p(x, z) written in torch; `bbvi.fit` fits a variational family q(z) by stochastic
+gradient ascent on the ELBO with the score-function estimator (and baselines), the pathwise estimator, or
+sticking-the-landing. See DESIGN.md for the public contract. The core imports torch only; Pyro, ArviZ and
+matplotlib are imported where they are used.
+"""
+from . import constraints
+from .errors import BBVIError, ConfigError, FitError, ModelError
+from .estimators import CV, EMA, LOO, STL, Auto, Reparam, Score
+from .families import FullRank, LowRank, MeanField
+from .fit import FitState, fit, init, step
+from .model import Latent, Model
+from .result import Result
+
+__version__ = "0.1.0"
+
+
+def nuts(model, **kwargs):
+    """NUTS reference for `model` through Pyro (see bbvi.reference.nuts)."""
+    from .reference import nuts as _nuts
+    return _nuts(model, **kwargs)
+
+
+def compare(fit_result, reference, **kwargs):
+    """Per-parameter table of a fit against a reference (see bbvi.diagnostics.compare)."""
+    from .diagnostics import compare as _compare
+    return _compare(fit_result, reference, **kwargs)
+
+
+__all__ = ["Model", "Latent", "fit", "init", "step", "FitState", "Result", "nuts", "compare", "MeanField",
+           "FullRank", "LowRank", "Score", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "BBVIError",
+           "ModelError", "ConfigError", "FitError", "constraints"]

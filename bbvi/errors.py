@@ -1,0 +1,25 @@
+"""bbvi's own exceptions: every documented failure raises one of these, with the fix in the message."""
+
+
+class BBVIError(Exception):
+    """Base class of every error bbvi raises on purpose."""
+
+
+class ModelError(BBVIError, ValueError):
+    """The model is malformed: a latent's shape or support, or what the log-joint returns."""
+
+
+class ConfigError(BBVIError, ValueError):
+    """An option of `bbvi.fit` (or a family/estimator pair) that cannot work."""
+
+
+class FitError(BBVIError, RuntimeError):
+    """A fit that cannot go on (e.g. its steps keep failing). The fit so far is kept in `.result`."""
+
+    def __init__(self, message, result=None):
+        super().__init__(message)
+        self.result = result
+
+
+class ReferenceError_(BBVIError, RuntimeError):
+    """A NUTS reference that cannot be computed or loaded."""

@@ -1,0 +1,300 @@
+"""`Latent` and `Model`: named latents, their supports, and the map to one flat unconstrained vector.
+
+Shape convention (everywhere in bbvi): particles first. A batch of S particles of the continuous latents is one
+flat unconstrained tensor `u` of shape (S, D); `Model.constrain(u)` turns it into a dict name -> (S, *shape) of
+constrained values plus the log-det-Jacobian (S,). Discrete latents (support `boolean` or `integer_interval`)
+are kept apart as a dict name -> (S, *shape): booleans as floats 0./1. (as torch's Bernoulli gives them),
+integers as int64. The user's log-joint sees one dict holding both and returns (S,).
+"""
+import dataclasses
+import math
+import numbers
+
+import torch
+from torch.distributions import constraints
+
+from .constraints import bijection
+from .errors import ModelError
+
+__all__ = ["Latent", "Model"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Latent:
+    """A named unknown of the model. `shape`: the shape of one draw (no particle dimension); `support`: a
+    `torch.distributions.constraints` object (real by default; `boolean` or `integer_interval(lo, hi)` make
+    the latent discrete)."""
+
+    shape: tuple = ()
+    support: constraints.Constraint = constraints.real
+
+    def __post_init__(self):
+        shape = (self.shape,) if isinstance(self.shape, numbers.Integral) else self.shape
+        try:
+            shape = tuple(shape)
+        except TypeError:
+            raise ModelError(f"Latent shape must be a tuple of positive ints, got {self.shape!r}") from None
+        for n in shape:
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
+                raise ModelError(f"Latent shape must be a tuple of positive ints, got {self.shape!r} "
+                                 f"(size {n!r} is not a positive int)")
+        object.__setattr__(self, "shape", tuple(int(n) for n in shape))
+        if not isinstance(self.support, constraints.Constraint):
+            raise ModelError(f"Latent support must be a torch.distributions.constraints object, got "
+                             f"{self.support!r}")
+
+    @property
+    def is_discrete(self):
+        return bool(self.support.is_discrete)
+
+    @property
+    def numel(self):
+        return math.prod(self.shape)
+
+
+def _discrete_range(name, latent):
+    """(low, number of categories) of a discrete latent; ModelError for supports bbvi cannot enumerate."""
+    s = latent.support
+    if s is constraints.boolean:
+        return 0, 2
+    if isinstance(s, constraints._IntegerInterval):
+        lo, hi = int(s.lower_bound), int(s.upper_bound)
+        if hi < lo:
+            raise ModelError(f"latent {name!r}: empty support integer_interval({lo}, {hi})")
+        return lo, hi - lo + 1
+    raise ModelError(f"latent {name!r}: discrete support {s!r} is unbounded; bbvi's discrete factors need a "
+                     f"finite one: use constraints.boolean or constraints.integer_interval(low, high)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """Where one continuous latent lives in the flat unconstrained vector."""
+
+    name: str
+    shape: tuple
+    unconstrained_shape: tuple
+    transform: object
+    start: int
+    stop: int
+
+
+class _ReadTracker(dict):
+    """A dict that remembers which keys the log-joint read (used once, by `Model.check`)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read = set()
+
+    def __getitem__(self, key):
+        if key not in self:
+            raise KeyError(key)
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def items(self):
+        self.read.update(self.keys())
+        return super().items()
+
+    def values(self):
+        self.read.update(self.keys())
+        return super().values()
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckReport:
+    """What `Model.check` learnt on the first call: whether torch can differentiate the log-joint in every
+    continuous latent (`differentiable`), and which latents it cannot (`nondifferentiable`)."""
+
+    differentiable: bool
+    nondifferentiable: tuple
+
+
+class Model:
+    """A Bayesian model given by its log-joint.
+
+    log_joint(z, data) -> Tensor (S,): z maps every latent name to its constrained values (S, *shape).
+    latents: dict name -> Latent. data: passed back as the second argument (any object; tensors inside dicts,
+    lists and tuples are moved to the fit's device and dtype). derived(z, data) -> dict name -> (S, ...):
+    optional derived quantities (Stan's transformed parameters) reported with the samples.
+    vectorized=False: log_joint handles one particle (z values without the S dimension) and returns a scalar;
+    bbvi loops over particles. differentiable=False declares a log-joint torch cannot differentiate (numpy, a
+    simulator); by default this is detected on the first call.
+    """
+
+    def __init__(self, log_joint, latents, data=None, name=None, derived=None, *, vectorized=True,
+                 differentiable=None):
+        if not callable(log_joint):
+            raise ModelError(f"log_joint must be callable (z, data) -> Tensor (S,), got {type(log_joint)}")
+        if not isinstance(latents, dict) or not latents:
+            raise ModelError("latents must be a non-empty dict name -> bbvi.Latent")
+        for key, lat in latents.items():
+            if not isinstance(key, str) or not key:
+                raise ModelError(f"latent names must be non-empty strings, got {key!r}")
+            if not isinstance(lat, Latent):
+                raise ModelError(f"latent {key!r}: expected bbvi.Latent(shape=..., support=...), got {lat!r}")
+        if derived is not None and not callable(derived):
+            raise ModelError("derived must be a callable (z, data) -> dict name -> Tensor (S, ...)")
+        if differentiable not in (None, True, False):
+            raise ModelError(f"differentiable must be None (detect), True or False, got {differentiable!r}")
+        self.log_joint = log_joint
+        self.latents = dict(latents)
+        self.data = data
+        self.name = name or getattr(log_joint, "__name__", "model")
+        self.derived = derived
+        self.vectorized = bool(vectorized)
+        self.differentiable = differentiable
+        self.blocks = self._layout()
+        self.dim = self.blocks[-1].stop if self.blocks else 0
+        self.discrete = {k: (lat, *_discrete_range(k, lat)) for k, lat in self.latents.items() if lat.is_discrete}
+
+    def _layout(self):
+        blocks, start = [], 0
+        for name, lat in self.latents.items():
+            if lat.is_discrete:
+                continue
+            try:
+                t = bijection(lat.support)
+            except NotImplementedError:
+                raise ModelError(f"latent {name!r}: support {lat.support!r} has no bijection from unconstrained "
+                                 f"space (torch.distributions.biject_to knows none); use a supported constraint "
+                                 f"or reparameterize it in the log-joint") from None
+            if len(lat.shape) < t.codomain.event_dim:
+                raise ModelError(f"latent {name!r}: support {lat.support!r} needs at least "
+                                 f"{t.codomain.event_dim} dimension(s), got shape {lat.shape}")
+            try:
+                ushape = tuple(t.inverse_shape(lat.shape))
+                ok = tuple(t.forward_shape(ushape)) == lat.shape
+            except (ValueError, IndexError, RuntimeError):
+                ok = False
+            if not ok:
+                raise ModelError(f"latent {name!r}: shape {lat.shape} does not fit support {lat.support!r} "
+                                 f"(e.g. lower_cholesky needs (n, n))")
+            size = math.prod(ushape)
+            blocks.append(_Block(name, lat.shape, ushape, t, start, start + size))
+            start += size
+        return tuple(blocks)
+
+    # ---- unconstrained <-> constrained -------------------------------------------------------------------
+    def constrain(self, u):
+        """u: (S, D) unconstrained -> (dict name -> (S, *shape) constrained, log|det J| (S,))."""
+        S = u.shape[0]
+        z, ladj = {}, u.new_zeros(S)
+        for b in self.blocks:
+            piece = u[:, b.start:b.stop].reshape((S,) + b.unconstrained_shape)
+            value = b.transform(piece)
+            z[b.name] = value
+            lad = b.transform.log_abs_det_jacobian(piece, value)
+            ladj = ladj + lad.reshape(S, -1).sum(-1)
+        return z, ladj
+
+    def unconstrain(self, z):
+        """dict name -> (S, *shape) constrained continuous values -> (S, D) unconstrained."""
+        pieces = [b.transform.inv(z[b.name]).reshape(z[b.name].shape[0], -1) for b in self.blocks]
+        return torch.cat(pieces, -1)
+
+    def log_density(self, u, discrete=None):
+        """log p(x, T(u), k) + log|det J_T(u)|, shape (S,): the target density on the unconstrained scale."""
+        z, ladj = self.constrain(u)
+        if discrete:
+            z.update(discrete)
+        return self.call(z) + ladj
+
+    def call(self, z):
+        """The user's log-joint on constrained values z (dict name -> (S, *shape)) -> (S,)."""
+        if self.vectorized:
+            return self.log_joint(z, self.data)
+        S = next(iter(z.values())).shape[0]
+        return torch.stack([torch.as_tensor(self.log_joint({k: v[s] for k, v in z.items()}, self.data))
+                            for s in range(S)])
+
+    def derive(self, z):
+        """Derived quantities for constrained z, each (S, ...); {} when the model has none."""
+        if self.derived is None:
+            return {}
+        out = self.derived(z, self.data)
+        if not isinstance(out, dict):
+            raise ModelError(f"derived must return a dict name -> Tensor (S, ...), got {type(out).__name__}")
+        S = next(iter(z.values())).shape[0]
+        for k, v in out.items():
+            if k in self.latents:
+                raise ModelError(f"derived quantity {k!r} has the name of a latent; rename it")
+            if not torch.is_tensor(v) or v.dim() == 0 or v.shape[0] != S:
+                raise ModelError(f"derived quantity {k!r} must be a Tensor with leading particle dimension "
+                                 f"S={S}, got {getattr(v, 'shape', type(v).__name__)}")
+        return out
+
+    # ---- the first call -----------------------------------------------------------------------------------
+    def check(self, u, discrete):
+        """Call the log-joint once on S >= 2 particles (u (S, D), discrete dict) and say exactly what is wrong:
+        missing or unread latents, a non-tensor, wrong shape or dtype, NaN/inf at the first particle (the
+        initial point). Returns a CheckReport on differentiability."""
+        S = u.shape[0]
+        u = u.detach().requires_grad_(self.dim > 0 and self.differentiable is not False)
+        z, ladj = self.constrain(u)
+        z.update(discrete)
+        tracked = _ReadTracker(z)
+        try:
+            out = self.call(tracked) if self.vectorized else self.call(z)
+        except KeyError as e:
+            if e.args and isinstance(e.args[0], str) and e.args[0] not in self.latents:
+                raise ModelError(f"model {self.name!r}: log_joint reads latent {e.args[0]!r}, which is not "
+                                 f"declared; declared latents: {sorted(self.latents)}") from e
+            raise
+        if self.vectorized:
+            unread = [k for k in self.latents if k not in tracked.read and not self.latents[k].is_discrete]
+            if unread:
+                raise ModelError(f"model {self.name!r}: latent(s) {unread} are declared but log_joint never "
+                                 f"reads them; their posterior would be improper. Remove them or use them.")
+        if not torch.is_tensor(out):
+            raise ModelError(f"model {self.name!r}: log_joint must return a torch.Tensor of shape (S,) = ({S},), "
+                             f"got {type(out).__name__} {out!r:.60}")
+        if not out.is_floating_point():
+            raise ModelError(f"model {self.name!r}: log_joint returned dtype {out.dtype}; it must be floating "
+                             f"point (log densities are real numbers)")
+        if tuple(out.shape) != (S,):
+            hint = (" It looks summed over particles: reduce over the data dimension only."
+                    if out.dim() == 0 else " Particles come first in every z value: z[name] has shape (S, *shape).")
+            raise ModelError(f"model {self.name!r}: log_joint returned shape {tuple(out.shape)} for S={S} "
+                             f"particles; expected ({S},).{hint}")
+        if not torch.isfinite(out[0]):
+            at = {k: v[0].tolist() for k, v in z.items()}
+            raise ModelError(f"model {self.name!r}: log_joint is {out[0].item()} at the initial point {at}; "
+                             f"it must be finite there (check the supports of the latents, or pass init=...)")
+        if self.differentiable is False or self.dim == 0:
+            return CheckReport(self.differentiable is not False, ())
+        if not out.requires_grad:
+            return CheckReport(False, tuple(b.name for b in self.blocks))
+        grads = torch.autograd.grad(out.sum() + ladj.sum() * 0, [z[b.name] for b in self.blocks],
+                                    allow_unused=True)
+        dead = tuple(b.name for b, g in zip(self.blocks, grads) if g is None)
+        if self.differentiable is True and dead:
+            raise ModelError(f"model {self.name!r} is declared differentiable, but torch gets no gradient of "
+                             f"log_joint in latent(s) {list(dead)}")
+        return CheckReport(not dead, dead)
+
+    # ---- device / dtype -----------------------------------------------------------------------------------
+    def to(self, device=None, dtype=None):
+        """A copy of the model whose data tensors (inside dicts, lists, tuples) are on `device`, floating ones
+        in `dtype`."""
+        m = Model.__new__(Model)
+        m.__dict__.update(self.__dict__)
+        m.data = _move(self.data, device, dtype)
+        return m
+
+    def __repr__(self):
+        lat = ", ".join(f"{k}: {tuple(v.shape)} {v.support}" for k, v in self.latents.items())
+        return f"Model({self.name!r}, latents={{{lat}}}, unconstrained dim={self.dim})"
+
+
+def _move(obj, device, dtype):
+    if torch.is_tensor(obj):
+        return obj.to(device=device, dtype=dtype if obj.is_floating_point() and dtype is not None else None)
+    if isinstance(obj, dict):
+        return type(obj)((k, _move(v, device, dtype)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_move(v, device, dtype) for v in obj)
+    return obj

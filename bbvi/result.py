@@ -1,0 +1,165 @@
+"""The fitted result: samples in constrained space, the ELBO trace, ArviZ conversion, gradient samples."""
+import dataclasses
+
+import torch
+
+from .errors import ConfigError
+from .estimators import DEFAULT, estimate, init_baseline_state, plan_for, resolve_estimator
+
+__all__ = ["Result"]
+
+
+def _detached(params):
+    return {g: {k: t.detach().clone() for k, t in group.items()} for g, group in params.items()}
+
+
+@dataclasses.dataclass
+class Result:
+    """A fitted q. `elbo`: 1-D tensor of every step's ELBO estimate (NaN for skipped steps); `status`:
+    'completed' | 'converged' | 'interrupted' | 'stopped by callback' | 'failed'; `num_failed_steps`: steps
+    skipped for a NaN/inf ELBO or gradient; `num_bad_particles`: particles whose log-joint was NaN/inf."""
+
+    model: object
+    family: object
+    discrete: object
+    plan: object
+    report: object
+    params: dict
+    elbo: torch.Tensor
+    settings: dict
+    status: str
+    num_steps: int
+    num_failed_steps: int
+    num_bad_particles: int
+    wall_time: float
+    baseline_state: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_state(cls, state, *, settings, status, wall_time):
+        elbo = torch.stack(state.elbo).cpu() if state.elbo else torch.zeros(0)
+        return cls(model=state.model, family=state.family, discrete=state.discrete, plan=state.plan,
+                   report=state.report,
+                   params=_detached(state.params), elbo=elbo, settings=dict(settings), status=status,
+                   num_steps=state.step, num_failed_steps=state.num_failed_steps,
+                   num_bad_particles=int(state.num_bad_particles), wall_time=wall_time,
+                   baseline_state={k: v.detach().clone() for k, v in state.baseline_state.items()})
+
+    @property
+    def interrupted(self):
+        return self.status == "interrupted"
+
+    @property
+    def converged(self):
+        return self.status == "converged"
+
+    def _reference_tensor(self):
+        return next(t for g in self.params.values() for t in g.values())
+
+    def _generator(self, seed):
+        ref = self._reference_tensor()
+        return torch.Generator(device=ref.device).manual_seed(seed)
+
+    # ---- draws ----------------------------------------------------------------------------------------------
+    def draw(self, num, seed=0):
+        """(u (num, D) unconstrained continuous draws, dict of discrete draws) from q."""
+        g = self._generator(seed)
+        pc, pd = self.params["continuous"], self.params["discrete"]
+        ref = self._reference_tensor()
+        u = self.family.sample(pc, num, g) if self.model.dim else ref.new_zeros(num, 0)
+        k = self.discrete.sample(pd, num, g) if self.model.discrete else {}
+        return u, k
+
+    def sample(self, num_draws=4000, seed=0):
+        """dict name -> Tensor (num_draws, *shape) of draws from q in constrained space, derived included."""
+        if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
+            raise ConfigError(f"num_draws must be a positive int, got {num_draws!r}")
+        u, k = self.draw(num_draws, seed)
+        with torch.no_grad():
+            z, _ = self.model.constrain(u)
+            z.update(k)
+            out = {name: z[name] for name in self.model.latents}
+            out.update(self.model.derive(z))
+        return out
+
+    def log_weights(self, num_draws=4000, seed=0):
+        """log p(x, z) - log q(z) for num_draws draws from q, shape (num_draws,): the raw importance weights."""
+        u, k = self.draw(num_draws, seed)
+        with torch.no_grad():
+            lp = self.model.log_density(u, k).to(u.dtype)
+            lq = self.family.log_prob(self.params["continuous"], u) if self.model.dim else torch.zeros_like(lp)
+            if self.model.discrete:
+                lq = lq + self.discrete.log_prob(self.params["discrete"], k)
+        return lp - lq
+
+    def to_arviz(self, num_draws=4000, seed=0):
+        """arviz.InferenceData with a posterior group (chain=1, draw, *shape) per latent and derived quantity;
+        the fit settings are in its attrs."""
+        import arviz as az
+        draws = self.sample(num_draws, seed)
+        posterior = {k: v.detach().cpu().numpy()[None] for k, v in draws.items()}
+        dims = {k: [f"{k}_dim_{i}" for i in range(v.ndim - 2)] for k, v in posterior.items()}
+        attrs = {k: str(v) for k, v in self.settings.items()}
+        attrs.update(inference_library="bbvi", status=self.status, num_steps=self.num_steps,
+                     num_failed_steps=self.num_failed_steps, final_elbo=float(self.final_elbo()))
+        return az.from_dict(posterior=posterior, dims=dims, attrs=attrs)
+
+    def final_elbo(self, window=100):
+        """Mean of the last `window` finite per-step ELBO estimates."""
+        tail = self.elbo[-window:]
+        tail = tail[torch.isfinite(tail)]
+        return tail.mean().item() if tail.numel() else float("nan")
+
+    # ---- gradient samples -----------------------------------------------------------------------------------
+    def gradient_samples(self, num_samples=200, estimator=None, baseline=DEFAULT, num_particles=None, seed=0):
+        """Tensor (num_samples, P): independent estimates of the ELBO gradient at the fitted q, P the number of
+        variational parameters (flattened in the order of `self.params`). estimator/baseline default to the
+        fit's own; an EMA baseline starts from the fit's final average and keeps averaging across samples (its
+        value never depends on the current draw, so each estimate stays unbiased)."""
+        if estimator is None:
+            plan = self.plan
+            num_particles = num_particles or int(self.settings["num_particles"])
+        else:
+            num_particles = num_particles or int(self.settings["num_particles"])
+            est = resolve_estimator(estimator, baseline)
+            plan = plan_for(est, self.model, self.report, num_particles)
+        g = self._generator(seed)
+        params = {grp: {k: t.clone().requires_grad_(True) for k, t in group.items()}
+                  for grp, group in self.params.items()}
+        leaves = [t for group in params.values() for t in group.values()]
+        ref = self._reference_tensor()
+        bstate = (self.baseline_state if plan.baseline == self.plan.baseline and self.baseline_state
+                  else init_baseline_state(plan, ref.device, ref.dtype))
+        out = []
+        for _ in range(num_samples):
+            surrogate, bstate, _ = estimate(plan, self.model, self.family, self.discrete, params, num_particles,
+                                            g, bstate)
+            grads = torch.autograd.grad(surrogate, leaves, allow_unused=True)
+            out.append(torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1)
+                                  for gr, p in zip(grads, leaves)]))
+        return torch.stack(out)
+
+    # ---- reading the fit ------------------------------------------------------------------------------------
+    def diagnostics(self, num_draws=4000, seed=0):
+        """dict: PSIS k-hat of the fit and its reading (Yao et al. 2018), plus fit status and fault counts."""
+        from .diagnostics import fit_diagnostics
+        return fit_diagnostics(self, num_draws=num_draws, seed=seed)
+
+    def summary(self, num_draws=4000, seed=0):
+        """A short text table: mean, sd, 5% and 95% quantiles of every scalar latent and derived quantity."""
+        draws = self.sample(num_draws, seed)
+        lines = [f"bbvi fit of {self.model.name!r}: {self.status} after {self.num_steps} steps "
+                 f"({self.wall_time:.2f} s), final ELBO {self.final_elbo():.4g}, "
+                 f"{self.num_failed_steps} failed steps",
+                 f"{'parameter':<24}{'mean':>12}{'sd':>12}{'5%':>12}{'95%':>12}"]
+        for name, v in draws.items():
+            flat = v.detach().double().reshape(v.shape[0], -1).cpu()
+            q = torch.quantile(flat, torch.tensor([0.05, 0.95], dtype=flat.dtype), dim=0)
+            for i in range(flat.shape[1]):
+                label = name if flat.shape[1] == 1 and v.dim() == 1 else f"{name}[{i}]"
+                lines.append(f"{label:<24}{flat[:, i].mean():>12.4g}{flat[:, i].std():>12.4g}"
+                             f"{q[0, i]:>12.4g}{q[1, i]:>12.4g}")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return (f"<bbvi.Result {self.model.name!r} {self.status}, {self.num_steps} steps, "
+                f"final ELBO {self.final_elbo():.4g}>")
