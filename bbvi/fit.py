@@ -77,7 +77,7 @@ def _check_positive_int(name, value, minimum=1):
 
 
 def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_particles=16, lr=0.05,
-         optimizer="adam", schedule=None, steps=1000, clip_grad=None, seed=0, device="cpu", dtype=None,
+         optimizer="adam", schedule="cosine", steps=1000, clip_grad=None, seed=0, device="cpu", dtype=None,
          init_values=None):
     """Build the FitState: move the model's data to device/dtype, initialise q at `init_values` (a dict of
     constrained values for some continuous latents; others start at unconstrained 0) with small scales, check

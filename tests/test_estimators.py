@@ -1,0 +1,144 @@
+"""The maths of the estimators: hand-derived single-sample gradients, unbiasedness against the exact gradient,
+baselines keep the mean and cut the variance, STL is exactly zero at q = p."""
+import math
+
+import pytest
+import torch
+from torch.distributions import MultivariateNormal, Normal
+
+import bbvi
+from bbvi.estimators import estimate
+
+D = 3
+TARGET_MEAN = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+TARGET_COV = torch.tensor([[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 2.0]], dtype=torch.float64)
+PRECISION = torch.linalg.inv(TARGET_COV)
+
+
+def gaussian_model(cov=TARGET_COV):
+    def log_joint(z, data):
+        return MultivariateNormal(TARGET_MEAN, cov).log_prob(z["x"])
+    return bbvi.Model(log_joint, {"x": bbvi.Latent(shape=(D,))}, name="gauss")
+
+
+def state_at(estimator, baseline="default", loc=(0.2, -1.0, 1.0), log_scale=(-0.5, 0.1, 0.3), S=16, model=None):
+    st = bbvi.init(model or gaussian_model(), "meanfield", estimator, baseline, num_particles=S,
+                   dtype=torch.float64, seed=1)
+    with torch.no_grad():
+        st.params["continuous"]["loc"].copy_(torch.tensor(loc, dtype=torch.float64))
+        st.params["continuous"]["log_scale"].copy_(torch.tensor(log_scale, dtype=torch.float64))
+    return st
+
+
+def one_gradient(st, seed):
+    g = torch.Generator().manual_seed(seed)
+    surrogate, _, _ = estimate(st.plan, st.model, st.family, st.discrete, st.params, st.num_particles, g,
+                               st.baseline_state)
+    pc = st.params["continuous"]
+    gl, gs = torch.autograd.grad(surrogate, [pc["loc"], pc["log_scale"]])
+    return surrogate.detach(), gl, gs
+
+
+def exact_gradient(loc, log_scale):
+    """ELBO = E_q log N(z; m, Sigma) + H(q) for q = N(loc, diag(s^2)):
+    d/dloc = -P (loc - m);  d/dlog_s_i = 1 - P_ii s_i^2."""
+    loc, log_scale = torch.tensor(loc, dtype=torch.float64), torch.tensor(log_scale, dtype=torch.float64)
+    return -PRECISION @ (loc - TARGET_MEAN), 1 - PRECISION.diagonal() * torch.exp(2 * log_scale)
+
+
+def test_single_sample_score_gradient_matches_hand_derivation():
+    st = state_at("score", None, S=1)
+    value, gl, gs = one_gradient(st, seed=7)
+    eps = torch.randn(1, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)[0]
+    loc, s = st.params["continuous"]["loc"].detach(), st.params["continuous"]["log_scale"].detach().exp()
+    z = loc + s * eps
+    f = MultivariateNormal(TARGET_MEAN, TARGET_COV).log_prob(z) - Normal(loc, s).log_prob(z).sum()
+    torch.testing.assert_close(value, f, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gl, f * (z - loc) / s**2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gs, f * ((z - loc) ** 2 / s**2 - 1), rtol=1e-10, atol=1e-12)
+
+
+def test_single_sample_reparam_gradient_matches_hand_derivation():
+    st = state_at("reparam", S=1)
+    _, gl, gs = one_gradient(st, seed=3)
+    eps = torch.randn(1, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)[0]
+    loc, s = st.params["continuous"]["loc"].detach(), st.params["continuous"]["log_scale"].detach().exp()
+    z = loc + s * eps
+    grad_logp = -PRECISION @ (z - TARGET_MEAN)
+    torch.testing.assert_close(gl, grad_logp, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gs, grad_logp * eps * s + 1, rtol=1e-10, atol=1e-12)
+
+
+def test_single_sample_stl_gradient_matches_hand_derivation():
+    """STL drops the score term: d/dloc [log p(z) - log q_stop(z)] = grad log p(z) + (z - loc)/s^2."""
+    st = state_at("stl", S=1)
+    _, gl, gs = one_gradient(st, seed=5)
+    eps = torch.randn(1, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)[0]
+    loc, s = st.params["continuous"]["loc"].detach(), st.params["continuous"]["log_scale"].detach().exp()
+    z = loc + s * eps
+    g = -PRECISION @ (z - TARGET_MEAN) + (z - loc) / s**2
+    torch.testing.assert_close(gl, g, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gs, g * eps * s, rtol=1e-10, atol=1e-12)
+
+
+def _mean_and_se(samples):
+    return samples.mean(0), samples.std(0) / math.sqrt(samples.shape[0])
+
+
+@pytest.mark.parametrize("estimator,baseline", [("score", None), ("score", "loo"), ("score", "ema"),
+                                                ("score", "cv"), ("reparam", "default"), ("stl", "default")])
+def test_estimators_are_unbiased(estimator, baseline):
+    """The mean of many gradient estimates equals the exact gradient within 4.5 standard errors (computed from
+    the same draws) in every coordinate; the score path's mean also equals the pathwise one."""
+    loc, log_scale = (0.2, -1.0, 1.0), (-0.5, 0.1, 0.3)
+    fit = bbvi.fit(gaussian_model(), estimator=estimator, baseline=baseline, steps=0, num_particles=8,
+                   dtype=torch.float64)
+    with torch.no_grad():
+        fit.params["continuous"]["loc"].copy_(torch.tensor(loc, dtype=torch.float64))
+        fit.params["continuous"]["log_scale"].copy_(torch.tensor(log_scale, dtype=torch.float64))
+    grads = fit.gradient_samples(3000, seed=11)
+    mean, se = _mean_and_se(grads)
+    exact = torch.cat(exact_gradient(loc, log_scale))
+    z = (mean - exact) / se
+    assert z.abs().max() < 4.5, f"{estimator}/{baseline}: z-scores {z.tolist()}"
+
+
+def test_baselines_keep_the_mean_and_cut_the_variance():
+    fit = bbvi.fit(gaussian_model(), estimator="score", baseline=None, steps=0, num_particles=16,
+                   dtype=torch.float64)
+    with torch.no_grad():
+        fit.params["continuous"]["loc"].copy_(torch.tensor([0.8, -1.8, 0.7], dtype=torch.float64))
+    var = {}
+    for b in [None, "ema", "loo", "cv"]:
+        grads = fit.gradient_samples(2000, estimator="score", baseline=b, seed=3)
+        var[b] = grads.var(0).sum().item()
+        mean, se = _mean_and_se(grads)
+        exact = torch.cat(exact_gradient([0.8, -1.8, 0.7], [math.log(0.1)] * 3))
+        assert ((mean - exact) / se).abs().max() < 4.5, b
+    # seen with seed 3: ema 0.158, loo 0.163, cv 0.140 of the no-baseline variance (2000 draws: ~5% error)
+    for b in ["ema", "loo", "cv"]:
+        assert var[b] < 0.25 * var[None], (b, var)
+
+
+def test_stl_gradient_is_exactly_zero_when_q_equals_the_target():
+    cov = torch.diag(torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64))
+    model = gaussian_model(cov)
+    log_scale = tuple((0.5 * torch.log(cov.diagonal())).tolist())
+    st = state_at("stl", loc=tuple(TARGET_MEAN.tolist()), log_scale=log_scale, model=model)
+    for seed in range(5):
+        _, gl, gs = one_gradient(st, seed)
+        assert gl.abs().max() < 1e-12 and gs.abs().max() < 1e-12
+    st = state_at("reparam", loc=tuple(TARGET_MEAN.tolist()), log_scale=log_scale, model=model)
+    _, gl, gs = one_gradient(st, 0)
+    assert gl.abs().max() > 1e-3, "reparam is not zero-variance at the optimum: STL must differ from it"
+
+
+def test_loo_baseline_never_uses_the_particle_itself():
+    from bbvi.estimators import _loo_baseline
+    f = torch.tensor([1.0, 2.0, 6.0], dtype=torch.float64)
+    b = _loo_baseline(f, torch.ones(3, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64))
+    torch.testing.assert_close(b, torch.tensor([4.0, 3.5, 1.5], dtype=torch.float64))
+    # changing f_0 leaves b_0 unchanged
+    f2 = f.clone()
+    f2[0] = 100.0
+    assert _loo_baseline(f2, torch.ones(3, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64))[0] == 4.0
