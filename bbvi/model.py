@@ -244,11 +244,10 @@ class Model:
                 raise ModelError(f"model {self.name!r}: log_joint reads latent {e.args[0]!r}, which is not "
                                  f"declared; declared latents: {sorted(self.latents)}") from e
             raise
-        if self.vectorized:
-            unread = [k for k in self.latents if k not in tracked.read and not self.latents[k].is_discrete]
-            if unread:
-                raise ModelError(f"model {self.name!r}: latent(s) {unread} are declared but log_joint never "
-                                 f"reads them; their posterior would be improper. Remove them or use them.")
+        except Exception as e:
+            shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in z.items())
+            raise ModelError(f"model {self.name!r}: log_joint raised {type(e).__name__} on its first call, with S={S} "
+                             f"particles and z shapes {{{shapes}}} (particles first): {e}") from e
         if not torch.is_tensor(out):
             raise ModelError(f"model {self.name!r}: log_joint must return a torch.Tensor of shape (S,) = ({S},), "
                              f"got {type(out).__name__} {out!r:.60}")
@@ -260,6 +259,11 @@ class Model:
                     if out.dim() == 0 else " Particles come first in every z value: z[name] has shape (S, *shape).")
             raise ModelError(f"model {self.name!r}: log_joint returned shape {tuple(out.shape)} for S={S} "
                              f"particles; expected ({S},).{hint}")
+        if self.vectorized:
+            unread = [k for k in self.latents if k not in tracked.read and not self.latents[k].is_discrete]
+            if unread:
+                raise ModelError(f"model {self.name!r}: latent(s) {unread} are declared but log_joint never "
+                                 f"reads them; their posterior would be improper. Remove them or use them.")
         if not torch.isfinite(out[0]):
             at = {k: v[0].tolist() for k, v in z.items()}
             raise ModelError(f"model {self.name!r}: log_joint is {out[0].item()} at the initial point {at}; "

@@ -101,7 +101,9 @@ class Result:
         attrs = {k: str(v) for k, v in self.settings.items()}
         attrs.update(inference_library="bbvi", status=self.status, num_steps=self.num_steps,
                      num_failed_steps=self.num_failed_steps, final_elbo=float(self.final_elbo()))
-        return az.from_dict(posterior=posterior, dims=dims, attrs=attrs)
+        idata = az.from_dict(posterior=posterior, dims=dims)
+        idata.posterior.attrs.update(attrs)
+        return idata
 
     def final_elbo(self, window=100):
         """Mean of the last `window` finite per-step ELBO estimates."""
