@@ -162,11 +162,6 @@ def with_gradient(value, carrier):
     return value.detach() + carrier - carrier.detach()
 
 
-def _loo_baseline(f, mask, n):
-    total = f.sum()
-    return torch.where(n > 1, (total - f) / (n - 1).clamp_min(1), torch.zeros_like(f)) * mask
-
-
 def _cv_carrier(f, mask, n, score_logq, params):
     """Ranganath et al.'s per-coordinate control variate, leave-one-out, returned as a linear carrier
     sum_d theta_d * g_d whose gradient is the estimate g (S x P per-particle scores, one batched backward)."""
@@ -194,68 +189,87 @@ def _cv_carrier(f, mask, n, score_logq, params):
 def estimate(plan, model, family, discrete, params, num_particles, generator, baseline_state):
     """One Monte Carlo estimate at the current q with `num_particles` particles.
 
-    Returns (surrogate, baseline_state, num_bad): `surrogate` is a scalar whose value is the ELBO estimate
-    mean_s f_s (over finite particles) and whose gradient in `params` is the plan's gradient estimate;
-    `num_bad` (0-dim tensor) counts particles with a NaN/inf log-joint, which were left out."""
+    Returns (surrogate, baseline_state, num_bad): `surrogate` is a scalar whose value is an ELBO estimate
+    (reparam: mean log p + H(q), with the closed-form entropy; otherwise mean f) and whose gradient in
+    `params` is the plan's gradient estimate; `num_bad` (0-dim tensor, or None when every particle was
+    finite) counts particles with a NaN/inf log-joint, which were left out of the averages."""
     pc, pd = params["continuous"], params["discrete"]
     S = num_particles
     pathwise = plan.path in ("reparam", "stl")
     if model.dim > 0:
         u = family.rsample(pc, S, generator) if pathwise else family.sample(pc, S, generator)
     else:
-        ref = next(iter(pd.values()))
-        u = ref.new_zeros(S, 0)
+        u = next(iter(pd.values())).new_zeros(S, 0)
     k = discrete.sample(pd, S, generator) if plan.has_discrete else {}
     if pathwise:
         lp = model.log_density(u, k)
     else:
         with torch.no_grad():
             lp = model.log_density(u, k)
-    lp = lp.to(u.dtype)
+    if lp.dtype != u.dtype:
+        lp = lp.to(u.dtype)
     valid = torch.isfinite(lp)
-    mask = valid.to(u.dtype)
-    n = mask.sum()
-    weight = mask / n
-    lp_safe = torch.where(valid, lp, torch.zeros_like(lp))
+    if bool(valid.all()):  # the common case: plain means, no masking
+        num_bad = None
+        mask, n = None, float(S)
+        average = torch.mean
+    else:
+        num_bad = S - valid.sum()
+        mask = valid.to(lp.dtype)
+        n = mask.sum()
+        lp = torch.where(valid, lp, torch.zeros_like(lp))
 
-    if model.dim > 0:
-        stl_params = {name: t.detach() for name, t in pc.items()} if plan.path == "stl" else pc
-        lq_c = family.log_prob(stl_params, u if plan.path == "stl" else u.detach())
+        def average(x):
+            return (mask * torch.where(valid, x, torch.zeros_like(x))).sum() / n
+
+    if plan.path == "reparam" and not plan.has_discrete:
+        return average(lp) + family.entropy(pc), baseline_state, num_bad
+    if plan.path == "stl" and not plan.has_discrete:
+        frozen = {name: t.detach() for name, t in pc.items()}
+        return average(lp - family.log_prob(frozen, u)), baseline_state, num_bad
+
+    # score terms (continuous on the score path, and/or discrete), possibly beside a pathwise part
+    carrier = lp.new_zeros(())
+    score_logq = None
+    score_params = []
+    if plan.path == "score":
+        lq_c = family.log_prob(pc, u)
+        score_logq, score_params = lq_c, list(pc.values())
+    elif plan.path == "reparam":
+        lq_c = family.log_prob(pc, u.detach())
+        carrier = carrier + average(lp) + family.entropy(pc)
+    elif plan.path == "stl":
+        lq_c = family.log_prob({name: t.detach() for name, t in pc.items()}, u)
+        carrier = carrier + average(lp - lq_c)
     else:
         lq_c = torch.zeros_like(lp)
-    lq_d = discrete.log_prob(pd, k) if plan.has_discrete else torch.zeros_like(lp)
-    f = torch.where(valid, lp.detach() - lq_c.detach() - lq_d.detach(), torch.zeros_like(lp))
-    elbo = (weight * f).sum()
-
-    carrier = elbo.new_zeros(())
-    if plan.path == "reparam":
-        carrier = carrier + (weight * lp_safe).sum() + family.entropy(pc)
-    elif plan.path == "stl":
-        carrier = carrier + (weight * torch.where(valid, lp - lq_c, torch.zeros_like(lp))).sum()
-
-    score_logq, score_params = None, []
-    if plan.path == "score":
-        score_logq, score_params = lq_c, list(pc.values())
     if plan.has_discrete:
+        lq_d = discrete.log_prob(pd, k)
         score_logq = lq_d if score_logq is None else score_logq + lq_d
         score_params = score_params + list(pd.values())
-
-    if score_logq is not None:
+        f = lp.detach() - lq_c.detach() - lq_d.detach()
+    else:
+        f = lp.detach() - lq_c.detach()
+    if mask is not None:
+        f = f * mask
         score_logq = score_logq * mask
-        if isinstance(plan.baseline, CV):
-            carrier = carrier + _cv_carrier(f, mask, n, score_logq, score_params)
+    elbo = average(f)
+    if isinstance(plan.baseline, CV):
+        carrier = carrier + _cv_carrier(f, mask if mask is not None else torch.ones_like(f),
+                                        torch.as_tensor(n, dtype=f.dtype, device=f.device), score_logq, score_params)
+    else:
+        if isinstance(plan.baseline, LOO):
+            b = (f.sum() - f) / max(n - 1, 1) if mask is None else (f.sum() - f) / (n - 1).clamp_min(1)
+            b = b if mask is None else b * mask
+        elif isinstance(plan.baseline, EMA):
+            st = baseline_state
+            b = torch.where(st["weight"] > 0, st["value"] / st["weight"].clamp_min(1e-30),
+                            torch.zeros_like(st["value"]))
+            d = plan.baseline.decay
+            ok = torch.isfinite(elbo)
+            baseline_state = {"value": torch.where(ok, d * st["value"] + (1 - d) * elbo, st["value"]),
+                              "weight": torch.where(ok, d * st["weight"] + (1 - d), st["weight"])}
         else:
-            if isinstance(plan.baseline, LOO):
-                b = _loo_baseline(f, mask, n)
-            elif isinstance(plan.baseline, EMA):
-                st = baseline_state
-                b = torch.where(st["weight"] > 0, st["value"] / st["weight"].clamp_min(1e-30),
-                                torch.zeros_like(st["value"])).expand_as(f)
-                d = plan.baseline.decay
-                ok = torch.isfinite(elbo)
-                baseline_state = {"value": torch.where(ok, d * st["value"] + (1 - d) * elbo, st["value"]),
-                                  "weight": torch.where(ok, d * st["weight"] + (1 - d), st["weight"])}
-            else:
-                b = torch.zeros_like(f)
-            carrier = carrier + (weight * (f - b).detach() * score_logq).sum()
-    return with_gradient(elbo, carrier), baseline_state, (S - n).to(torch.int64)
+            b = 0.0
+        carrier = carrier + average((f - b) * score_logq)
+    return with_gradient(elbo, carrier), baseline_state, num_bad

@@ -160,19 +160,19 @@ def step(state):
     opt = state.optimizer
     for group in opt.param_groups:
         group["lr"] = state.lr * state.schedule(state.step)
-    opt.zero_grad(set_to_none=False)
+    opt.zero_grad(set_to_none=True)
     surrogate, baseline_state, num_bad = estimate(state.plan, state.model, state.family, state.discrete,
                                                   state.params, state.num_particles, state.generator,
                                                   state.baseline_state)
     (-surrogate).backward()
     leaves = state.leaves()
-    grads = [p.grad for p in leaves]
     if state.clip_grad is not None:
         norm = torch.nn.utils.clip_grad_norm_(leaves, state.clip_grad)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    ok = bool(torch.isfinite(surrogate.detach() + norm))  # the one host sync of a step
-    state.num_bad_particles = state.num_bad_particles + num_bad
+    else:  # a sum of norms is finite exactly when every gradient entry is
+        norm = sum(torch._foreach_norm([p.grad for p in leaves if p.grad is not None]))
+    ok = bool(torch.isfinite(surrogate.detach() + norm))
+    if num_bad is not None:
+        state.num_bad_particles = state.num_bad_particles + num_bad
     if ok:
         opt.step()
         state.baseline_state = baseline_state
@@ -181,7 +181,7 @@ def step(state):
         state.num_failed_steps += 1
         state.consecutive_failures += 1
         state.last_failure = ("the ELBO estimate is " + str(surrogate.item()) +
-                              f" ({int(num_bad)} of {state.num_particles} particles had a NaN/inf log-joint)"
+                              f" ({int(num_bad or 0)} of {state.num_particles} particles had a NaN/inf log-joint)"
                               if not torch.isfinite(surrogate) else
                               "the ELBO gradient is NaN/inf (the log-joint's gradient overflows or is undefined "
                               "at the drawn particles)")

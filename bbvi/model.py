@@ -12,6 +12,7 @@ import numbers
 
 import torch
 from torch.distributions import constraints
+from torch.distributions.transforms import ComposeTransform
 
 from .constraints import bijection
 from .errors import ModelError
@@ -76,6 +77,7 @@ class _Block:
     transform: object
     start: int
     stop: int
+    identity: bool
 
 
 class _ReadTracker(dict):
@@ -174,7 +176,8 @@ class Model:
                 raise ModelError(f"latent {name!r}: shape {lat.shape} does not fit support {lat.support!r} "
                                  f"(e.g. lower_cholesky needs (n, n))")
             size = math.prod(ushape)
-            blocks.append(_Block(name, lat.shape, ushape, t, start, start + size))
+            identity = isinstance(t, ComposeTransform) and not t.parts
+            blocks.append(_Block(name, lat.shape, ushape, t, start, start + size, identity))
             start += size
         return tuple(blocks)
 
@@ -182,14 +185,18 @@ class Model:
     def constrain(self, u):
         """u: (S, D) unconstrained -> (dict name -> (S, *shape) constrained, log|det J| (S,))."""
         S = u.shape[0]
-        z, ladj = {}, u.new_zeros(S)
+        z, ladj = {}, None
         for b in self.blocks:
-            piece = u[:, b.start:b.stop].reshape((S,) + b.unconstrained_shape)
+            piece = u[:, b.start:b.stop] if len(self.blocks) > 1 else u
+            piece = piece.reshape((S,) + b.unconstrained_shape)
+            if b.identity:  # real support: no transform, no Jacobian
+                z[b.name] = piece
+                continue
             value = b.transform(piece)
             z[b.name] = value
-            lad = b.transform.log_abs_det_jacobian(piece, value)
-            ladj = ladj + lad.reshape(S, -1).sum(-1)
-        return z, ladj
+            lad = b.transform.log_abs_det_jacobian(piece, value).reshape(S, -1).sum(-1)
+            ladj = lad if ladj is None else ladj + lad
+        return z, (u.new_zeros(S) if ladj is None else ladj)
 
     def unconstrain(self, z):
         """dict name -> (S, *shape) constrained continuous values -> (S, D) unconstrained."""
