@@ -16,6 +16,12 @@ from .result import Result
 __version__ = "0.1.0"
 
 
+def load(path, model, device="cpu"):
+    """A fitted Result saved with `fit.save(path)`, attached to `model` (pass the model again)."""
+    from .checkpoint import load_result
+    return load_result(path, model, device=device)
+
+
 def nuts(model, **kwargs):
     """NUTS reference for `model` through Pyro (see bbvi.reference.nuts)."""
     from .reference import nuts as _nuts
@@ -28,6 +34,6 @@ def compare(fit_result, reference, **kwargs):
     return _compare(fit_result, reference, **kwargs)
 
 
-__all__ = ["Model", "Latent", "fit", "init", "step", "FitState", "Result", "nuts", "compare", "MeanField",
+__all__ = ["Model", "Latent", "fit", "init", "step", "FitState", "Result", "load", "nuts", "compare", "MeanField",
            "FullRank", "LowRank", "Score", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "BBVIError",
            "ModelError", "ConfigError", "FitError", "constraints"]

@@ -46,6 +46,7 @@ def fit_diagnostics(result, num_draws=4000, seed=0):
     return {"khat": khat, "khat_reading": khat_reading(khat), "is_ess": float(1.0 / np.sum(w ** 2)),
             "num_draws": num_draws, "status": result.status, "num_steps": result.num_steps,
             "num_failed_steps": result.num_failed_steps, "num_bad_particles": result.num_bad_particles,
+            "num_rescaled_steps": result.num_rescaled_steps,
             "final_elbo": result.final_elbo()}
 
 

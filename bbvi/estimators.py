@@ -40,7 +40,7 @@ class EMA:
     decay: float = 0.9
 
     def __post_init__(self):
-        if not (0.0 <= self.decay < 1.0):
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not (0.0 <= self.decay < 1.0):
             raise ConfigError(f"EMA decay must be in [0, 1), got {self.decay!r}")
 
 

@@ -31,7 +31,8 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 def _check_scale(init_scale):
-    if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
+    if isinstance(init_scale, bool) or not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale)
+                                            and init_scale > 0):
         raise ConfigError(f"init_scale must be a positive finite number, got {init_scale!r}")
 
 

@@ -13,11 +13,13 @@ plus the convergence test, callbacks, a progress bar and fault handling:
 """
 import dataclasses
 import math
+import os
 import sys
 import time
 
 import torch
 
+from .checkpoint import restore_checkpoint, save_checkpoint
 from .errors import ConfigError, FitError
 from .estimators import DEFAULT, estimate, init_baseline_state, plan_for, resolve_estimator
 from .families import Discrete, resolve_family
@@ -63,12 +65,23 @@ class FitState:
     step: int = 0
     elbo: list = dataclasses.field(default_factory=list)
     num_failed_steps: int = 0
+    num_rescaled_steps: int = 0
     consecutive_failures: int = 0
     last_failure: str = ""
     num_bad_particles: object = 0
 
     def leaves(self):
         return list(self.params["continuous"].values()) + list(self.params["discrete"].values())
+
+
+def _overflow_limit(t):
+    """Largest gradient norm whose square stays far from overflowing t's dtype (1.8e16 for float32)."""
+    return math.sqrt(torch.finfo(t.dtype).max) * 1e-3
+
+
+def _positive_number(value):
+    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            and value > 0)
 
 
 def _check_positive_int(name, value, minimum=1):
@@ -87,9 +100,9 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         raise ConfigError(f"bbvi.fit needs a bbvi.Model, got {type(model).__name__}")
     _check_positive_int("num_particles", num_particles)
     _check_positive_int("steps", steps, minimum=0)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if not _positive_number(lr):
         raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
-    if clip_grad is not None and not (isinstance(clip_grad, (int, float)) and clip_grad > 0):
+    if clip_grad is not None and not _positive_number(clip_grad):
         raise ConfigError(f"clip_grad must be None or a positive number (max gradient norm), got {clip_grad!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an int, got {seed!r}")
@@ -165,12 +178,18 @@ def step(state):
                                                   state.params, state.num_particles, state.generator,
                                                   state.baseline_state)
     (-surrogate).backward()
-    leaves = state.leaves()
+    grads = [p.grad for p in state.leaves() if p.grad is not None]
     if state.clip_grad is not None:
-        norm = torch.nn.utils.clip_grad_norm_(leaves, state.clip_grad)
+        norm = torch.nn.utils.clip_grad_norm_(grads and state.leaves(), state.clip_grad)
     else:  # a sum of norms is finite exactly when every gradient entry is
-        norm = sum(torch._foreach_norm([p.grad for p in leaves if p.grad is not None]))
-    ok = bool(torch.isfinite(surrogate.detach() + norm))
+        norm = sum(torch._foreach_norm(grads))
+    # One host sync: is the step finite, and is its gradient so large that the optimizer's squared-gradient
+    # statistics would overflow (Adam's v = inf freezes every later update at m / sqrt(v) = 0)?
+    finite, huge = torch.stack([torch.isfinite(surrogate.detach() + norm), norm > _overflow_limit(norm)]).tolist()
+    ok = finite
+    if ok and huge:
+        torch._foreach_mul_(grads, (_overflow_limit(norm) / norm).item())
+        state.num_rescaled_steps += 1
     if num_bad is not None:
         state.num_bad_particles = state.num_bad_particles + num_bad
     if ok:
@@ -215,7 +234,8 @@ class _Convergence:
 
 def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_particles=16, steps=5000, lr=0.05,
         optimizer="adam", schedule="cosine", clip_grad=None, tol_rel_obj=None, check_every=100, callbacks=(),
-        progress=None, seed=0, device="cpu", dtype=None, init_values=None, max_consecutive_failures=100):
+        progress=None, seed=0, device="cpu", dtype=None, init_values=None, max_consecutive_failures=100,
+        checkpoint=None, checkpoint_every=500, resume=None):
     """Fit q to the posterior of `model` by stochastic gradient ascent on the ELBO.
 
     family: 'meanfield' | 'fullrank' | 'lowrank' (or bbvi.MeanField/FullRank/LowRank(...)); discrete latents
@@ -226,12 +246,18 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     callable t -> lr factor. clip_grad: max global gradient norm. tol_rel_obj: stop early when the ELBO's
     relative change (Stan ADVI's test) falls below it, checked every `check_every` steps. callbacks: callables
     (state) -> bool, called after every step; True stops the fit. progress: tqdm bar (default: when stderr is a
-    terminal). Returns a bbvi Result.
+    terminal). checkpoint: a path where the full fit state is written atomically every `checkpoint_every`
+    steps and when the fit ends (also on Ctrl-C); resume: a checkpoint path to continue from, with the same
+    model and settings, reaching bit for bit the result of an uninterrupted fit. Returns a bbvi Result.
     """
-    if tol_rel_obj is not None and not (isinstance(tol_rel_obj, (int, float)) and tol_rel_obj > 0):
+    if tol_rel_obj is not None and not _positive_number(tol_rel_obj):
         raise ConfigError(f"tol_rel_obj must be None or a positive number, got {tol_rel_obj!r}")
     _check_positive_int("check_every", check_every)
     _check_positive_int("max_consecutive_failures", max_consecutive_failures)
+    _check_positive_int("checkpoint_every", checkpoint_every)
+    for name, path in (("checkpoint", checkpoint), ("resume", resume)):
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"{name} must be a file path, got {path!r}")
     callbacks = tuple(callbacks)
     if not all(callable(c) for c in callbacks):
         raise ConfigError("callbacks must be callables (state) -> bool")
@@ -244,15 +270,21 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     settings.update(estimator=repr(resolve_estimator(estimator, baseline)), plan=repr(state.plan),
                     dtype=str(next(iter(state.leaves())).dtype))
     converged = _Convergence(tol_rel_obj, check_every, steps)
+    if resume is not None:
+        restore_checkpoint(state, resume, settings)
+        for t in range(check_every, state.step + 1, check_every):  # replay the convergence test's history
+            converged(state.elbo[:t])
     show = sys.stderr.isatty() if progress is None else bool(progress)
     bar = None
     if show:
         from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc=f"bbvi {model.name}", leave=False)
+        bar = tqdm(total=steps, initial=state.step, desc=f"bbvi {model.name}", leave=False)
     status, start = "completed", time.perf_counter()
     try:
-        for _ in range(steps):
+        while state.step < steps:
             step(state)
+            if checkpoint is not None and state.step % checkpoint_every == 0:
+                save_checkpoint(state, checkpoint, settings)
             if bar is not None:
                 bar.update(1)
                 if state.step % 50 == 0:
@@ -271,6 +303,8 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     finally:
         if bar is not None:
             bar.close()
+    if checkpoint is not None:
+        save_checkpoint(state, checkpoint, settings)
     result = Result.from_state(state, settings=settings, status=status, wall_time=time.perf_counter() - start)
     if status == "failed":
         raise FitError(f"fit of model {model.name!r} stopped at step {state.step}: {state.consecutive_failures} "

@@ -2,7 +2,8 @@
 
 Shape convention (everywhere in bbvi): particles first. A batch of S particles of the continuous latents is one
 flat unconstrained tensor `u` of shape (S, D); `Model.constrain(u)` turns it into a dict name -> (S, *shape) of
-constrained values plus the log-det-Jacobian (S,). Discrete latents (support `boolean` or `integer_interval`)
+constrained values plus the log-det-Jacobian (S,); inputs of non-identity transforms are clamped to
+|u| <= log(dtype max) - 10 so that no transform overflows. Discrete latents (support `boolean` or `integer_interval`)
 are kept apart as a dict name -> (S, *shape): booleans as floats 0./1. (as torch's Bernoulli gives them),
 integers as int64. The user's log-joint sees one dict holding both and returns (S,).
 """
@@ -192,6 +193,10 @@ class Model:
             if b.identity:  # real support: no transform, no Jacobian
                 z[b.name] = piece
                 continue
+            # Guard against overflow: exp(u) is inf beyond u ~ 88 in float32; clamped, such a particle gets a
+            # finite, very low log density that pushes q back, instead of a NaN that carries no signal.
+            limit = _clamp_limit(piece.dtype)
+            piece = piece.clamp(-limit, limit)
             value = b.transform(piece)
             z[b.name] = value
             lad = b.transform.log_abs_det_jacobian(piece, value).reshape(S, -1).sum(-1)
@@ -299,6 +304,11 @@ class Model:
     def __repr__(self):
         lat = ", ".join(f"{k}: {tuple(v.shape)} {v.support}" for k, v in self.latents.items())
         return f"Model({self.name!r}, latents={{{lat}}}, unconstrained dim={self.dim})"
+
+
+def _clamp_limit(dtype):
+    """|u| bound for the inputs of non-identity transforms: exp(limit) stays ~1e4 below the dtype's maximum."""
+    return math.log(torch.finfo(dtype).max) - 10.0
 
 
 def _move(obj, device, dtype):

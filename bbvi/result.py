@@ -17,7 +17,9 @@ def _detached(params):
 class Result:
     """A fitted q. `elbo`: 1-D tensor of every step's ELBO estimate (NaN for skipped steps); `status`:
     'completed' | 'converged' | 'interrupted' | 'stopped by callback' | 'failed'; `num_failed_steps`: steps
-    skipped for a NaN/inf ELBO or gradient; `num_bad_particles`: particles whose log-joint was NaN/inf."""
+    skipped for a NaN/inf ELBO or gradient; `num_bad_particles`: particles whose log-joint was NaN/inf;
+    `num_rescaled_steps`: steps whose gradient was so large that it was scaled down to keep the optimizer's
+    statistics finite (a sign of a far-off start or a badly scaled model)."""
 
     model: object
     family: object
@@ -32,6 +34,7 @@ class Result:
     num_failed_steps: int
     num_bad_particles: int
     wall_time: float
+    num_rescaled_steps: int = 0
     baseline_state: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -42,6 +45,7 @@ class Result:
                    params=_detached(state.params), elbo=elbo, settings=dict(settings), status=status,
                    num_steps=state.step, num_failed_steps=state.num_failed_steps,
                    num_bad_particles=int(state.num_bad_particles), wall_time=wall_time,
+                   num_rescaled_steps=state.num_rescaled_steps,
                    baseline_state={k: v.detach().clone() for k, v in state.baseline_state.items()})
 
     @property
@@ -161,6 +165,12 @@ class Result:
                 lines.append(f"{label:<24}{flat[:, i].mean():>12.4g}{flat[:, i].std():>12.4g}"
                              f"{q[0, i]:>12.4g}{q[1, i]:>12.4g}")
         return "\n".join(lines)
+
+    def save(self, path):
+        """Write the fitted parameters, ELBO trace, settings and status to `path` (no user code is pickled);
+        `bbvi.load(path, model)` reads it back."""
+        from .checkpoint import save_result
+        save_result(self, path)
 
     def __repr__(self):
         return (f"<bbvi.Result {self.model.name!r} {self.status}, {self.num_steps} steps, "
