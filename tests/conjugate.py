@@ -26,7 +26,7 @@ def gamma_poisson():
     """lam ~ Gamma(2, 1), x_i ~ Poisson(lam), i = 1..10. Posterior Gamma(2 + sum x, 1 + N)."""
     def log_joint(z, x):
         lam = z["lam"]
-        return Gamma(2.0, 1.0).log_prob(lam) + Poisson(lam[:, None]).log_prob(x).sum(-1)
+        return Gamma(lam.new_tensor(2.0), lam.new_tensor(1.0)).log_prob(lam) + Poisson(lam[:, None]).log_prob(x).sum(-1)
     a, b = 2 + POISSON_X.sum().item(), 1 + len(POISSON_X)
     exact = {"lam": (a / b, math.sqrt(a) / b)}
     model = bbvi.Model(log_joint, {"lam": bbvi.Latent(support=constraints.positive)}, data=POISSON_X,
