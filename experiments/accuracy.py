@@ -1,0 +1,82 @@
+"""Accuracy on posteriordb: every posterior x family (meanfield, fullrank, lowrank) x estimator (score with a
+LOO baseline, reparam, stl), fitted and compared with Stan's reference draws: max |mean error| in reference
+sds, sd ratio range, PSIS k-hat, wall time. Writes accuracy.csv, accuracy.md, accuracy.png."""
+import multiprocessing
+import time
+
+from common import parse, single_thread, write_table
+
+FAMILIES = ["meanfield", "fullrank", "lowrank"]
+ESTIMATORS = [("score", "loo"), ("reparam", "default"), ("stl", "default")]
+
+
+def run_one(job):
+    single_thread()
+    import torch
+
+    import bbvi
+    from models import posteriordb
+    name, family, (estimator, baseline), steps = job
+    model = posteriordb.load(name)
+    ref = posteriordb.reference(name)
+    t = time.perf_counter()
+    try:
+        fit = bbvi.fit(model, family=family, estimator=estimator, baseline=baseline, steps=steps, num_particles=16,
+                       lr=0.05, seed=0, dtype=torch.float64)
+        status = fit.status
+    except bbvi.FitError as e:
+        fit, status = e.result, "failed"
+    wall = time.perf_counter() - t
+    table = bbvi.compare(fit, ref, num_draws=4000)
+    return dict(posterior=name, family=family, estimator=f"{estimator}+{baseline}" if estimator == "score" else estimator,
+                max_mean_err_sd=table["mean_err_sd"].abs().max(), min_sd_ratio=table["sd_ratio"].min(),
+                max_sd_ratio=table["sd_ratio"].max(), khat=table.attrs.get("khat", float("nan")),
+                all_means_within_0_1=bool((table["mean_err_sd"].abs() < 0.1).all()), wall_s=wall,
+                steps=fit.num_steps, status=status)
+
+
+def main(argv=None):
+    args = parse(__doc__.splitlines()[0], argv)
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from models import posteriordb
+    names = posteriordb.names()
+    steps = 200 if args.quick else 5000
+    if args.quick:
+        names = names[:2]
+    jobs = [(n, f, e, steps) for n in names for f in FAMILIES for e in ESTIMATORS]
+    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+        rows = list(tqdm(pool.imap(run_one, jobs), total=len(jobs), desc="accuracy"))
+    frame = pd.DataFrame(rows)
+    note = (f"{steps} steps, 16 particles, lr 0.05 (cosine decay), seed 0, float64; compared with posteriordb's Stan "
+            f"reference (10,000 draws) on every reference parameter (latents and derived quantities).")
+    text = write_table(frame, args.out, "accuracy", "Accuracy on posteriordb", note)
+    _figure(frame, f"{args.out}/accuracy.png")
+    print(text)
+    return frame
+
+
+def _figure(frame, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    pivot = frame.assign(config=frame.family + " / " + frame.estimator).pivot(
+        index="posterior", columns="config", values="max_mean_err_sd")
+    fig, ax = plt.subplots(figsize=(1.0 * pivot.shape[1] + 4, 0.45 * pivot.shape[0] + 2))
+    im = ax.imshow(np.log10(pivot.values.clip(1e-3, 1e3)), cmap="RdYlGn_r", vmin=-2, vmax=1, aspect="auto")
+    for (i, j), v in np.ndenumerate(pivot.values):
+        ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(pivot.shape[1]))
+    ax.set_xticklabels(pivot.columns, rotation=40, ha="right", fontsize=7)
+    ax.set_yticks(range(pivot.shape[0]))
+    ax.set_yticklabels(pivot.index, fontsize=7)
+    fig.colorbar(im, ax=ax, label="log10 max |mean error| (reference sds)")
+    ax.set_title("max |mean error| against posteriordb, in reference sds (green < 0.1)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

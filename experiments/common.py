@@ -1,0 +1,35 @@
+"""Shared plumbing of the experiment scripts: the repository on sys.path, output folder, markdown tables."""
+import argparse
+import os
+import sys
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*Pareto.*")
+
+
+def parse(description, argv=None):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default=os.path.join(ROOT, "results"))
+    p.add_argument("--quick", action="store_true", help="a few steps of everything (used by the tests)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    return args
+
+
+def write_table(frame, out, stem, title, note=""):
+    """frame -> <out>/<stem>.csv and <out>/<stem>.md; returns the markdown text."""
+    frame.to_csv(os.path.join(out, f"{stem}.csv"), index=False)
+    text = f"### {title}\n\n{note}\n\n{frame.to_markdown(index=False, floatfmt='.3g')}\n"
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def single_thread():
+    import torch
+    torch.set_num_threads(1)

@@ -1,0 +1,26 @@
+"""The experiment scripts run end to end in --quick mode, so they cannot rot; the benchmark too."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+
+def test_run_all_quick(tmp_path):
+    import run_all
+    run_all.main(["--out", str(tmp_path), "--quick", "--jobs", "1"])
+    for stem in ("accuracy", "gradient_variance", "convergence", "discrete"):
+        assert (tmp_path / f"{stem}.csv").stat().st_size > 100
+        assert (tmp_path / f"{stem}.md").read_text().count("|") > 10
+    for fig in ("accuracy.png", "gradient_variance.png", "convergence.png"):
+        assert (tmp_path / fig).stat().st_size > 5000
+    assert "Accuracy on posteriordb" in (tmp_path / "experiments.md").read_text()
+
+
+def test_bench_quick(tmp_path):
+    import bench
+    bench.main(["--out", str(tmp_path), "--quick"])
+    import pandas as pd
+    table = pd.read_csv(tmp_path / "bench.csv")
+    assert set(table.system) == {"hand-written torch", "bbvi", "pyro SVI"}
+    assert (table.ms_per_step > 0).all()
