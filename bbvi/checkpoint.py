@@ -129,6 +129,7 @@ def save_result(result, path):
         "num_bad_particles": result.num_bad_particles, "wall_time": result.wall_time,
         "num_rescaled_steps": result.num_rescaled_steps,
         "baseline_state": {k: v.detach().cpu() for k, v in result.baseline_state.items()},
+        "preconditioner": [t.cpu() for t in result.model.preconditioner] if result.model.preconditioner else [],
     }, path)
 
 
@@ -141,6 +142,8 @@ def load_result(path, model, device="cpu"):
     _check_signature(saved["model"], model, path)
     params = {g: {k: t.to(device) for k, t in grp.items()} for g, grp in saved["params"].items()}
     dtype = next(t for grp in params.values() for t in grp.values()).dtype
+    if saved["preconditioner"]:
+        model = model.preconditioned(*saved["preconditioner"])
     model = model.to(device, dtype)
     return Result(model=model, family=_family_from(saved["family"]), discrete=Discrete.for_model(model),
                   plan=_plan_from(saved["plan"]),

@@ -54,13 +54,8 @@ def importance_resample(result, num_draws=4000, seed=0, num_proposals=None, max_
     """Draws from q reweighted towards the posterior with PSIS and resampled (with replacement): dict name ->
     (num_draws, *shape). Raises FitError when k-hat >= max_khat, where the weights cannot be trusted."""
     num_proposals = num_proposals or 4 * num_draws
-    u, k = result.draw(num_proposals, seed)
-    with torch.no_grad():
-        lp = result.model.log_density(u, k).to(u.dtype)
-        lq = result.family.log_prob(result.params["continuous"], u) if result.model.dim else torch.zeros_like(lp)
-        if result.model.discrete:
-            lq = lq + result.discrete.log_prob(result.params["discrete"], k)
-    smoothed, khat = psis((lp - lq).double().cpu().numpy())
+    u, k, log_w = result.weighted_draws(num_proposals, seed)
+    smoothed, khat = psis(log_w.double().cpu().numpy())
     if not khat < max_khat:
         raise FitError(f"importance resampling of the fit of {result.model.name!r}: k-hat = {khat:.2f} >= "
                        f"{max_khat}; the importance weights cannot correct this fit (try a richer family)")

@@ -58,6 +58,11 @@ class MeanField(_Gaussian):
     def init(self, dim, loc, generator=None):
         return {"loc": loc.clone(), "log_scale": torch.full_like(loc, math.log(self.init_scale))}
 
+    def init_from_precision(self, params, precision):
+        """Scales from a Gaussian's precision matrix H: the KL-optimal mean-field variances are 1 / H_ii."""
+        params["log_scale"] = -0.5 * torch.log(precision.diagonal())
+        return params
+
     def rsample(self, params, num, generator):
         return params["loc"] + params["log_scale"].exp() * self._noise(params, num, generator)
 
@@ -89,6 +94,13 @@ class FullRank(_Gaussian):
     def init(self, dim, loc, generator=None):
         return {"loc": loc.clone(), "log_diag": torch.full_like(loc, math.log(self.init_scale)),
                 "off_diag": loc.new_zeros(dim, dim)}
+
+    def init_from_precision(self, params, precision):
+        """L = chol(H^-1): q equals the Laplace approximation."""
+        L = torch.linalg.cholesky(torch.linalg.inv(precision))
+        params["log_diag"] = torch.log(L.diagonal())
+        params["off_diag"] = torch.tril(L, -1)
+        return params
 
     def scale_tril(self, params):
         return torch.tril(params["off_diag"], -1) + torch.diag_embed(params["log_diag"].exp())
@@ -131,6 +143,11 @@ class LowRank(_Gaussian):
         w = torch.randn(dim, rank, generator=generator, device=loc.device, dtype=loc.dtype)
         return {"loc": loc.clone(), "log_diag": torch.full_like(loc, math.log(self.init_scale)),
                 "cov_factor": 0.01 * self.init_scale * w}
+
+    def init_from_precision(self, params, precision):
+        """Diagonal from the mean-field optimum 1 / H_ii, W kept small: a start inside the Laplace approximation."""
+        params["log_diag"] = -0.5 * torch.log(precision.diagonal())
+        return params
 
     def rsample(self, params, num, generator):
         w = params["cov_factor"]
@@ -181,13 +198,13 @@ class Discrete:
                          for name, (lat, low, k) in model.discrete.items()))
 
     def init(self, device, dtype):
-        return {name: torch.zeros(shape + (k,), device=device, dtype=dtype) for name, shape, _, k, _ in self.spec}
+        return {name: torch.zeros((*shape, k), device=device, dtype=dtype) for name, shape, _, k, _ in self.spec}
 
     def sample(self, params, num, generator):
         """Gumbel-max: argmax(logits + G), G = -log(-log U), U ~ Uniform(0, 1) from `generator`."""
         out = {}
         with torch.no_grad():
-            for name, shape, low, k, boolean in self.spec:
+            for name, _shape, low, _k, boolean in self.spec:
                 logits = params[name]
                 uni = torch.rand((num,) + logits.shape, generator=generator, device=logits.device,
                                  dtype=logits.dtype)
@@ -199,7 +216,7 @@ class Discrete:
     def log_prob(self, params, values):
         """sum over every discrete entry of log q(value), shape (S,)."""
         total = 0
-        for name, shape, low, k, boolean in self.spec:
+        for name, _shape, low, k, boolean in self.spec:
             logp = torch.log_softmax(params[name], -1)
             idx = values[name].long() - (0 if boolean else low)
             picked = torch.gather(logp.expand(idx.shape + (k,)), -1, idx.unsqueeze(-1)).squeeze(-1)

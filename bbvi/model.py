@@ -152,6 +152,7 @@ class Model:
         self.differentiable = differentiable
         self.blocks = self._layout()
         self.dim = self.blocks[-1].stop if self.blocks else 0
+        self.preconditioner = None
         self.discrete = {k: (lat, *_discrete_range(k, lat)) for k, lat in self.latents.items() if lat.is_discrete}
 
     def _layout(self):
@@ -184,9 +185,14 @@ class Model:
 
     # ---- unconstrained <-> constrained -------------------------------------------------------------------
     def constrain(self, u):
-        """u: (S, D) unconstrained -> (dict name -> (S, *shape) constrained, log|det J| (S,))."""
+        """u: (S, D) unconstrained -> (dict name -> (S, *shape) constrained, log|det J| (S,)). With a
+        preconditioner (shift, scale), u is first mapped to shift + scale * u (its log-Jacobian included)."""
         S = u.shape[0]
         z, ladj = {}, None
+        if self.preconditioner is not None:
+            shift, scale = self.preconditioner
+            u = shift + scale * u
+            ladj = torch.log(scale).sum().expand(S)
         for b in self.blocks:
             piece = u[:, b.start:b.stop] if len(self.blocks) > 1 else u
             piece = piece.reshape((S,) + b.unconstrained_shape)
@@ -204,9 +210,24 @@ class Model:
         return z, (u.new_zeros(S) if ladj is None else ladj)
 
     def unconstrain(self, z):
-        """dict name -> (S, *shape) constrained continuous values -> (S, D) unconstrained."""
+        """dict name -> (S, *shape) constrained continuous values -> (S, D) unconstrained (the inverse of
+        `constrain`, preconditioner included)."""
         pieces = [b.transform.inv(z[b.name]).reshape(z[b.name].shape[0], -1) for b in self.blocks]
-        return torch.cat(pieces, -1)
+        u = torch.cat(pieces, -1)
+        if self.preconditioner is not None:
+            shift, scale = self.preconditioner
+            u = (u - shift) / scale
+        return u
+
+    def preconditioned(self, shift, scale):
+        """A copy whose unconstrained coordinates are whitened: u_model = shift + scale * u (D each). Used by
+        init_strategy='map' so that the optimiser's step size is in posterior-sd units."""
+        if self.preconditioner is not None:
+            shift, scale = self.preconditioner[0] + self.preconditioner[1] * shift, self.preconditioner[1] * scale
+        m = Model.__new__(Model)
+        m.__dict__.update(self.__dict__)
+        m.preconditioner = (shift.detach(), scale.detach())
+        return m
 
     def log_density(self, u, discrete=None):
         """log p(x, T(u), k) + log|det J_T(u)|, shape (S,): the target density on the unconstrained scale."""
@@ -299,6 +320,8 @@ class Model:
         m = Model.__new__(Model)
         m.__dict__.update(self.__dict__)
         m.data = _move(self.data, device, dtype)
+        if self.preconditioner is not None:
+            m.preconditioner = tuple(_move(t, device, dtype) for t in self.preconditioner)
         return m
 
     def __repr__(self):

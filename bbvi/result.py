@@ -85,15 +85,20 @@ class Result:
             out.update(self.model.derive(z))
         return out
 
-    def log_weights(self, num_draws=4000, seed=0):
-        """log p(x, z) - log q(z) for num_draws draws from q, shape (num_draws,): the raw importance weights."""
+    def weighted_draws(self, num_draws=4000, seed=0):
+        """(u, k, log_w): draws from q as in `draw` and their log importance weights log p(x, z) - log q(z),
+        shape (num_draws,)."""
         u, k = self.draw(num_draws, seed)
         with torch.no_grad():
             lp = self.model.log_density(u, k).to(u.dtype)
             lq = self.family.log_prob(self.params["continuous"], u) if self.model.dim else torch.zeros_like(lp)
             if self.model.discrete:
                 lq = lq + self.discrete.log_prob(self.params["discrete"], k)
-        return lp - lq
+        return u, k, lp - lq
+
+    def log_weights(self, num_draws=4000, seed=0):
+        """log p(x, z) - log q(z) for num_draws draws from q, shape (num_draws,): the raw importance weights."""
+        return self.weighted_draws(num_draws, seed)[2]
 
     def to_arviz(self, num_draws=4000, seed=0):
         """arviz.InferenceData with a posterior group (chain=1, draw, *shape) per latent and derived quantity;

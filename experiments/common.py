@@ -33,3 +33,19 @@ def write_table(frame, out, stem, title, note=""):
 def single_thread():
     import torch
     torch.set_num_threads(1)
+
+
+def replace_readme_block(tag, heading, block):
+    """Put `block` between <!-- tag:start --> and <!-- tag:end --> in the README (appending a section with
+    `heading` if the markers are missing)."""
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+    path = os.path.join(ROOT, "README.md")
+    with open(path) as f:
+        text = f.read()
+    block = f"{start}\n\n{block.strip()}\n\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n## {heading}\n\n{block}\n"
+    with open(path, "w") as f:
+        f.write(text)

@@ -19,7 +19,6 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     import bbvi
-    from bbvi.result import Result
     from models import posteriordb
     steps, every = (200, 50) if args.quick else (5000, 100)
     posteriors = POSTERIORS[:1] if args.quick else POSTERIORS
@@ -31,23 +30,7 @@ def main(argv=None):
         for est, bl in CONFIGS:
             label = est if est != "score" else f"score+{bl}"
             record = {"t0": time.perf_counter(), "paused": 0.0, "first": None}
-
-            def check(state):
-                if state.step % every:
-                    return False
-                pause = time.perf_counter()
-                wall = pause - record["t0"] - record["paused"]          # fitting time, checks excluded
-                res = Result.from_state(state, settings={"num_particles": 16}, status="running", wall_time=0)
-                table = bbvi.compare(res.sample(2000, seed=state.step), ref, var_names=ref_vars)
-                err = table["mean_err_sd"].abs().max()
-                elbo = torch.stack(state.elbo[-every:]).double()
-                record["paused"] += time.perf_counter() - pause
-                traces.append(dict(posterior=name, estimator=label, step=state.step, wall_s=wall,
-                                   elbo=elbo[torch.isfinite(elbo)].mean().item(), max_mean_err_sd=err))
-                if record["first"] is None and err < 0.1:
-                    record["first"] = (state.step, wall)
-                return False
-
+            check = _checker(record, traces, ref, ref_vars, name, label, every)
             bbvi.fit(model, estimator=est, baseline=bl, steps=steps, seed=0, dtype=torch.float64, callbacks=[check])
             first = record["first"] or (np.nan, np.nan)
             summary.append(dict(posterior=name, estimator=label, steps_to_0_1_sd=first[0], seconds_to_0_1_sd=first[1],
@@ -60,6 +43,32 @@ def main(argv=None):
                        f"read every {every} steps (NaN: not reached). Timing excludes the accuracy checks.")
     _figure(pd.DataFrame(traces), f"{args.out}/convergence.png")
     print(text)
+
+
+def _checker(record, traces, ref, ref_vars, name, label, every):
+    """A callback that, every `every` steps, reads q's accuracy against the reference (time spent excluded)."""
+    import torch
+
+    import bbvi
+    from bbvi.result import Result
+
+    def check(state):
+        if state.step % every:
+            return False
+        pause = time.perf_counter()
+        wall = pause - record["t0"] - record["paused"]          # fitting time, checks excluded
+        res = Result.from_state(state, settings={"num_particles": 16}, status="running", wall_time=0)
+        table = bbvi.compare(res.sample(2000, seed=state.step), ref, var_names=ref_vars)
+        err = table["mean_err_sd"].abs().max()
+        elbo = torch.stack(state.elbo[-every:]).double()
+        traces.append(dict(posterior=name, estimator=label, step=state.step, wall_s=wall,
+                           elbo=elbo[torch.isfinite(elbo)].mean().item(), max_mean_err_sd=err))
+        if record["first"] is None and err < 0.1:
+            record["first"] = (state.step, wall)
+        record["paused"] += time.perf_counter() - pause
+        return False
+
+    return check
 
 
 def _figure(traces, path):

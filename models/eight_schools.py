@@ -5,7 +5,6 @@
     y[j] ~ N(mu + tau * theta_trans[j], sigma[j]),   derived theta[j] = mu + tau * theta_trans[j].
 
 `centered` is the same joint written with theta as the latent (a funnel: hard for every method)."""
-import torch
 from torch.distributions import Cauchy, Normal, constraints
 
 import bbvi

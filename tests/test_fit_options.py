@@ -5,7 +5,7 @@ import torch
 from torch.distributions import Normal, constraints
 
 import bbvi
-from conjugate import gamma_poisson, normal_normal
+from models.conjugate import gamma_poisson, normal_normal
 
 
 @pytest.mark.parametrize("family", ["meanfield", "fullrank", "lowrank"])
@@ -13,7 +13,9 @@ from conjugate import gamma_poisson, normal_normal
                                                 ("reparam", "default"), ("stl", "default")])
 def test_same_seed_is_bit_identical_and_seeds_differ(family, estimator, baseline):
     model, _ = gamma_poisson()
-    run = lambda seed: bbvi.fit(model, family=family, estimator=estimator, baseline=baseline, steps=60, seed=seed)
+
+    def run(seed):
+        return bbvi.fit(model, family=family, estimator=estimator, baseline=baseline, steps=60, seed=seed)
     a, b, c = run(3), run(3), run(4)
     assert torch.equal(a.elbo, b.elbo)
     for k, v in a.params["continuous"].items():

@@ -6,7 +6,6 @@ particles. Moments of q are read from 100,000 draws (MC error of the mean: 0.003
 the issue's, not the sampler's.
 """
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import torch
 from torch.distributions import MultivariateNormal, constraints
 
 import bbvi
-from conjugate import MODELS, normal_normal
+from models.conjugate import MODELS, normal_normal
 
 CONFIGS = [("score", "loo"), ("score", "ema"), ("score", "cv"), ("reparam", "default"), ("stl", "default"),
            ("auto", "default")]

@@ -7,12 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch.distributions import MultivariateNormal, Normal
+from torch.distributions import MultivariateNormal
 
 import bbvi
 from bbvi.diagnostics import importance_resample, reference_warnings
 from bbvi.reference import from_draws
-from conjugate import gamma_poisson, normal_normal
+from models.conjugate import gamma_poisson, normal_normal
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch.distributions import Normal, constraints
 
 import bbvi
-from conjugate import gamma_poisson
+from models.conjugate import gamma_poisson
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -67,7 +67,7 @@ def test_a_killed_fit_resumes_to_the_uninterrupted_result(tmp_path):
         import sys, time
         sys.path.insert(0, {HERE!r})
         import torch, bbvi
-        from conjugate import gamma_poisson
+        from models.conjugate import gamma_poisson
         torch.set_num_threads(1)
         model, _ = gamma_poisson()
         bbvi.fit(model, steps=3000, seed=9, checkpoint={str(path)!r}, checkpoint_every=100,

@@ -1,4 +1,5 @@
-"""Conjugate models with analytic posteriors, shared by the tests (and the experiments)."""
+"""Conjugate models with analytic posteriors (Normal-Normal, Gamma-Poisson, Beta-Bernoulli): the engine's tests
+and the per-converged-fit benchmark compare fits with their exact posteriors."""
 import math
 
 import torch
