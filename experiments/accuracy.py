@@ -1,5 +1,5 @@
-"""Accuracy on posteriordb: every posterior x family (meanfield, fullrank, lowrank) x estimator (score with a
-LOO baseline, reparam, stl), fitted and compared with Stan's reference draws: max |mean error| in reference
+"""Accuracy on posteriordb: every posterior x start (init_strategy 'zero', 'map') x family (meanfield, fullrank,
+lowrank) x estimator (score with a LOO baseline, reparam, stl), fitted and compared with Stan's reference draws: max |mean error| in reference
 sds, sd ratio range, PSIS k-hat, wall time. Writes accuracy.csv, accuracy.md, accuracy.png."""
 import multiprocessing
 import time
@@ -8,6 +8,7 @@ from common import parse, single_thread, write_table
 
 FAMILIES = ["meanfield", "fullrank", "lowrank"]
 ESTIMATORS = [("score", "loo"), ("reparam", "default"), ("stl", "default")]
+INITS = ["zero", "map"]
 
 
 def run_one(job):
@@ -16,19 +17,19 @@ def run_one(job):
 
     import bbvi
     from models import posteriordb
-    name, family, (estimator, baseline), steps = job
+    name, family, (estimator, baseline), init, steps = job
     model = posteriordb.load(name)
     ref = posteriordb.reference(name)
     t = time.perf_counter()
     try:
         fit = bbvi.fit(model, family=family, estimator=estimator, baseline=baseline, steps=steps, num_particles=16,
-                       lr=0.05, seed=0, dtype=torch.float64)
+                       lr=0.05, seed=0, dtype=torch.float64, init_strategy=init)
         status = fit.status
     except bbvi.FitError as e:
         fit, status = e.result, "failed"
     wall = time.perf_counter() - t
     table = bbvi.compare(fit, ref, num_draws=4000)
-    return dict(posterior=name, family=family, estimator=f"{estimator}+{baseline}" if estimator == "score" else estimator,
+    return dict(posterior=name, init=init, family=family, estimator=f"{estimator}+{baseline}" if estimator == "score" else estimator,
                 max_mean_err_sd=table["mean_err_sd"].abs().max(), min_sd_ratio=table["sd_ratio"].min(),
                 max_sd_ratio=table["sd_ratio"].max(), khat=table.attrs.get("khat", float("nan")),
                 all_means_within_0_1=bool((table["mean_err_sd"].abs() < 0.1).all()), wall_s=wall,
@@ -45,7 +46,7 @@ def main(argv=None):
     steps = 200 if args.quick else 5000
     if args.quick:
         names = names[:2]
-    jobs = [(n, f, e, steps) for n in names for f in FAMILIES for e in ESTIMATORS]
+    jobs = [(n, f, e, i, steps) for n in names for i in INITS for f in FAMILIES for e in ESTIMATORS]
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
         rows = list(tqdm(pool.imap(run_one, jobs), total=len(jobs), desc="accuracy"))
     frame = pd.DataFrame(rows)
@@ -62,9 +63,9 @@ def _figure(frame, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    pivot = frame.assign(config=frame.family + " / " + frame.estimator).pivot(
+    pivot = frame.assign(config=frame.init + " " + frame.family + " / " + frame.estimator).pivot(
         index="posterior", columns="config", values="max_mean_err_sd")
-    fig, ax = plt.subplots(figsize=(1.0 * pivot.shape[1] + 4, 0.45 * pivot.shape[0] + 2))
+    fig, ax = plt.subplots(figsize=(0.6 * pivot.shape[1] + 4, 0.45 * pivot.shape[0] + 2.5))
     im = ax.imshow(np.log10(pivot.values.clip(1e-3, 1e3)), cmap="RdYlGn_r", vmin=-2, vmax=1, aspect="auto")
     for (i, j), v in np.ndenumerate(pivot.values):
         ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7)

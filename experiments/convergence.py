@@ -7,7 +7,8 @@ from common import parse, single_thread, write_table
 
 CONFIGS = [("score", None), ("score", "ema"), ("score", "loo"), ("score", "cv"), ("reparam", "default"),
            ("stl", "default")]
-POSTERIORS = ["eight_schools-eight_schools_noncentered", "arK-arK"]
+# posteriors on which the mean-field family can reach 0.1 sd (see accuracy.md), so the steps measure convergence
+POSTERIORS = ["arK-arK", "hmm_example-hmm_example", "low_dim_gauss_mix-low_dim_gauss_mix"]
 
 
 def main(argv=None):
