@@ -300,7 +300,7 @@ class Model:
         if not torch.isfinite(out[0]):
             at = {k: v[0].tolist() for k, v in z.items()}
             raise ModelError(f"model {self.name!r}: log_joint is {out[0].item()} at the initial point {at}; "
-                             f"it must be finite there (check the supports of the latents, or pass init=...)")
+                             f"it must be finite there (check the supports of the latents, or start elsewhere with bbvi.fit(..., init_values={{...}}))")
         if self.differentiable is False or self.dim == 0:
             return CheckReport(self.differentiable is not False, ())
         if not out.requires_grad:

@@ -11,6 +11,10 @@ ESTIMATORS = [("score", "loo"), ("reparam", "default"), ("stl", "default")]
 INITS = ["zero", "map"]
 
 
+def _label(estimator, baseline):
+    return f"{estimator}+{baseline}" if estimator == "score" else estimator
+
+
 def run_one(job):
     single_thread()
     import torch
@@ -27,9 +31,14 @@ def run_one(job):
         status = fit.status
     except bbvi.FitError as e:
         fit, status = e.result, "failed"
+    except bbvi.ConfigError as e:          # e.g. no MAP to start from (the centered eight-schools funnel)
+        return dict(posterior=name, init=init, family=family, estimator=_label(estimator, baseline),
+                    max_mean_err_sd=float("nan"), min_sd_ratio=float("nan"), max_sd_ratio=float("nan"),
+                    khat=float("nan"), all_means_within_0_1=False, wall_s=time.perf_counter() - t, steps=0,
+                    status=f"not run: {str(e).split(';')[0]}")
     wall = time.perf_counter() - t
     table = bbvi.compare(fit, ref, num_draws=4000)
-    return dict(posterior=name, init=init, family=family, estimator=f"{estimator}+{baseline}" if estimator == "score" else estimator,
+    return dict(posterior=name, init=init, family=family, estimator=_label(estimator, baseline),
                 max_mean_err_sd=table["mean_err_sd"].abs().max(), min_sd_ratio=table["sd_ratio"].min(),
                 max_sd_ratio=table["sd_ratio"].max(), khat=table.attrs.get("khat", float("nan")),
                 all_means_within_0_1=bool((table["mean_err_sd"].abs() < 0.1).all()), wall_s=wall,

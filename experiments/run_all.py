@@ -39,7 +39,7 @@ def _update_readme(out):
         shutil.copy(os.path.join(out, name), os.path.join(figures, name))
     import pandas as pd
     acc = pd.read_csv(os.path.join(out, "accuracy.csv"))
-    acc["cell"] = acc.apply(lambda r: f"{r.max_mean_err_sd:.2g} / {r.khat:.2f}", axis=1)
+    acc["cell"] = acc.apply(lambda r: f"{r.max_mean_err_sd:.2g} / {r.khat:.2f}" if r.steps else "no MAP", axis=1)
     acc["config"] = acc.init + " " + acc.family + " " + acc.estimator
     pivot = acc.pivot(index="posterior", columns="config", values="cell")
     conv = open(os.path.join(out, "convergence.md")).read()

@@ -1,0 +1,102 @@
+"""Reliability, part 3: checkpoints, exact resume (also after SIGKILL), Ctrl-C."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+import bbvi
+from models.conjugate import gamma_poisson
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def assert_same_fit(a, b):
+    assert torch.equal(a.elbo, b.elbo)
+    for g in a.params:
+        for k in a.params[g]:
+            assert torch.equal(a.params[g][k], b.params[g][k]), (g, k)
+    assert a.num_steps == b.num_steps and a.num_failed_steps == b.num_failed_steps
+
+@pytest.mark.parametrize("estimator,baseline", [("score", "ema"), ("score", "cv"), ("reparam", "default")])
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_fit(tmp_path, estimator, baseline):
+    model, _ = gamma_poisson()
+    kw = dict(estimator=estimator, baseline=baseline, steps=300, seed=5, tol_rel_obj=1e-9, check_every=50)
+    full = bbvi.fit(model, **kw)
+    path = str(tmp_path / "ck.pt")
+    part = bbvi.fit(model, **kw, checkpoint=path, checkpoint_every=40,
+                    callbacks=[lambda s: s.step == 130])
+    assert part.status == "stopped by callback" and part.num_steps == 130
+    resumed = bbvi.fit(model, **kw, resume=path)
+    assert_same_fit(full, resumed)
+
+def test_resume_checks_that_model_and_settings_match(tmp_path):
+    model, _ = gamma_poisson()
+    path = str(tmp_path / "ck.pt")
+    bbvi.fit(model, steps=20, checkpoint=path)
+    with pytest.raises(bbvi.ConfigError, match="other settings.*lr"):
+        bbvi.fit(model, steps=20, lr=0.1, resume=path)
+    other = bbvi.Model(lambda z, d: Normal(0.0, 1.0).log_prob(z["x"]), {"x": bbvi.Latent()}, name="other")
+    with pytest.raises(bbvi.ConfigError, match="saved for model 'gamma_poisson'"):
+        bbvi.fit(other, steps=20, resume=path)
+    with pytest.raises(bbvi.ConfigError, match="plan"):
+        bbvi.fit(model, steps=20, estimator="reparam", resume=path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(bbvi.ConfigError, match="not a readable bbvi checkpoint"):
+        bbvi.fit(model, steps=20, resume=str(tmp_path / "junk.pt"))
+    with pytest.raises(bbvi.ConfigError, match="no checkpoint file"):
+        bbvi.fit(model, steps=20, resume=str(tmp_path / "missing.pt"))
+
+def test_a_killed_fit_resumes_to_the_uninterrupted_result(tmp_path):
+    """A subprocess fits with checkpoints and is killed with SIGKILL mid-fit; resuming here from its last
+    checkpoint reproduces the uninterrupted fit bit for bit."""
+    path = tmp_path / "ck.pt"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {HERE!r})
+        import torch, bbvi
+        from models.conjugate import gamma_poisson
+        torch.set_num_threads(1)
+        model, _ = gamma_poisson()
+        bbvi.fit(model, steps=3000, seed=9, checkpoint={str(path)!r}, checkpoint_every=100,
+                 callbacks=[lambda s: time.sleep(0.002)])
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    saved = torch.load(path, weights_only=True)
+    assert 0 < saved["step"] < 3000, "the fit must have been killed mid-way"
+    model, _ = gamma_poisson()
+    resumed = bbvi.fit(model, steps=3000, seed=9, resume=str(path))
+    full = bbvi.fit(model, steps=3000, seed=9)
+    assert_same_fit(full, resumed)
+
+def test_ctrl_c_writes_a_checkpoint_too(tmp_path):
+    model, _ = gamma_poisson()
+    path = str(tmp_path / "ck.pt")
+
+    def interrupt(state):
+        if state.step == 77:
+            raise KeyboardInterrupt
+    fit = bbvi.fit(model, steps=200, checkpoint=path, checkpoint_every=1000, callbacks=[interrupt])
+    assert fit.interrupted and torch.load(path, weights_only=True)["step"] == 77
+    assert_same_fit(bbvi.fit(model, steps=200), bbvi.fit(model, steps=200, resume=path))
+
+def test_keyboard_interrupt_returns_the_fit_so_far():
+    model, _ = gamma_poisson()
+
+    def interrupt(state):
+        if state.step == 25:
+            raise KeyboardInterrupt
+    fit = bbvi.fit(model, steps=1000, callbacks=[interrupt])
+    assert fit.interrupted and fit.num_steps == 25 and len(fit.elbo) == 25

@@ -1,0 +1,45 @@
+"""Reliability, part 5: saved results and ArviZ output round-trip."""
+
+import arviz as az
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Normal, constraints
+
+import bbvi
+from models.conjugate import gamma_poisson
+
+
+def assert_same_fit(a, b):
+    assert torch.equal(a.elbo, b.elbo)
+    for g in a.params:
+        for k in a.params[g]:
+            assert torch.equal(a.params[g][k], b.params[g][k]), (g, k)
+    assert a.num_steps == b.num_steps and a.num_failed_steps == b.num_failed_steps
+
+def test_saved_results_round_trip(tmp_path):
+    model = bbvi.Model(lambda z, d: Normal(0.0, 1.0).log_prob(z["w"]).sum(-1) + 2.0 * z["s"].sum(-1),
+                       {"w": bbvi.Latent(shape=(3,)), "s": bbvi.Latent(shape=(2,), support=constraints.boolean)},
+                       name="saved")
+    for family in ["meanfield", "fullrank", bbvi.LowRank(rank=2)]:
+        fit = bbvi.fit(model, family=family, estimator="auto", baseline="ema", steps=150, dtype=torch.float64)
+        path = str(tmp_path / "fit.pt")
+        fit.save(path)
+        back = bbvi.load(path, model)
+        assert_same_fit(fit, back)
+        assert back.status == fit.status and back.settings == {k: str(v) for k, v in fit.settings.items()}
+        for k, v in fit.sample(100, seed=3).items():
+            assert torch.equal(v, back.sample(100, seed=3)[k])
+        assert torch.equal(fit.gradient_samples(3, seed=1), back.gradient_samples(3, seed=1))
+    other = bbvi.Model(model.log_joint, {"w": bbvi.Latent(shape=(4,)), "s": model.latents["s"]}, name="saved")
+    with pytest.raises(bbvi.ConfigError, match="latents"):
+        bbvi.load(path, other)
+
+def test_to_arviz_round_trips_through_netcdf(tmp_path):
+    model, _ = gamma_poisson()
+    idata = bbvi.fit(model, steps=50).to_arviz(num_draws=200)
+    path = str(tmp_path / "fit.nc")
+    idata.to_netcdf(path)
+    back = az.from_netcdf(path)
+    np.testing.assert_array_equal(back.posterior["lam"].values, idata.posterior["lam"].values)
+    assert back.posterior.attrs["estimator"] == idata.posterior.attrs["estimator"]
