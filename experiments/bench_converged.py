@@ -11,7 +11,7 @@ import time
 
 from common import parse, single_thread, write_table
 
-MAX_STEPS = {"bbvi": 5000, "pyro": 20000}
+MAX_STEPS = {"bbvi": 20000, "pyro": 20000}   # the same budget, hence the same lr decay
 
 
 def accurate(draws, mean, sd):
