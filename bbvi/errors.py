@@ -21,5 +21,5 @@ class FitError(BBVIError, RuntimeError):
         self.result = result
 
 
-class ReferenceError_(BBVIError, RuntimeError):
-    """A NUTS reference that cannot be computed or loaded."""
+class SamplerError(BBVIError, RuntimeError):
+    """A NUTS reference that cannot be computed (no finite initial point, a failed chain, bad settings)."""

@@ -225,15 +225,15 @@ def step(state):
     (-surrogate).backward()
     grads = [p.grad for p in state.leaves() if p.grad is not None]
     if state.clip_grad is not None:
-        norm = torch.nn.utils.clip_grad_norm_(grads and state.leaves(), state.clip_grad)
+        norm = torch.nn.utils.clip_grad_norm_(state.leaves(), state.clip_grad)
     else:  # a sum of norms is finite exactly when every gradient entry is
         norm = sum(torch._foreach_norm(grads))
     # One host sync: is the step finite, and is its gradient so large that the optimizer's squared-gradient
     # statistics would overflow (Adam's v = inf freezes every later update at m / sqrt(v) = 0)?
-    finite, huge = torch.stack([torch.isfinite(surrogate.detach() + norm), norm > _overflow_limit(norm)]).tolist()
-    ok = finite
+    limit = _overflow_limit(norm)
+    ok, huge = torch.stack([torch.isfinite(surrogate.detach() + norm), norm > limit]).tolist()
     if ok and huge:
-        torch._foreach_mul_(grads, (_overflow_limit(norm) / norm).item())
+        torch._foreach_mul_(grads, (limit / norm).item())
         state.num_rescaled_steps += 1
     if num_bad is not None:
         state.num_bad_particles = state.num_bad_particles + num_bad

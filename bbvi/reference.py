@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 import torch
 
-from .errors import ModelError, ReferenceError_
+from .errors import ModelError, SamplerError
 
 __all__ = ["nuts", "from_draws", "cache_key", "default_cache_dir"]
 
@@ -118,7 +118,7 @@ def _initial_point(model, generator, tries=100):
         with torch.no_grad():
             if torch.isfinite(model.log_density(u[None]))[0]:
                 return u
-    raise ReferenceError_(f"bbvi.nuts: no finite log density at {tries} uniform(-2, 2) initial points of model "
+    raise SamplerError(f"bbvi.nuts: no finite log density at {tries} uniform(-2, 2) initial points of model "
                           f"{model.name!r}")
 
 
@@ -182,7 +182,7 @@ def _run_chains(args_list, parallel):
         for _ in procs:
             chain, out = queue.get()
             if isinstance(out, BaseException):
-                raise ReferenceError_(f"bbvi.nuts: chain {chain} failed: {type(out).__name__}: {out}") from out
+                raise SamplerError(f"bbvi.nuts: chain {chain} failed: {type(out).__name__}: {out}") from out
             results[chain] = out
     finally:
         for p in procs:
@@ -205,7 +205,7 @@ def nuts(model, num_draws=1000, num_warmup=1000, num_chains=4, seed=0, *, target
                          f"against an exact enumeration instead.")
     for name, v in [("num_draws", num_draws), ("num_warmup", num_warmup), ("num_chains", num_chains)]:
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "num_warmup" else 1):
-            raise ReferenceError_(f"bbvi.nuts: {name} must be a positive int, got {v!r}")
+            raise SamplerError(f"bbvi.nuts: {name} must be a positive int, got {v!r}")
     m64 = model.to("cpu", torch.float64)
     u0 = torch.zeros(3, m64.dim, dtype=torch.float64)
     m64.check(u0, {})
@@ -260,12 +260,12 @@ def from_draws(source, num_chains=1):
     frame = source if isinstance(source, pd.DataFrame) else pd.read_csv(source)
     n = len(frame)
     if n % num_chains:
-        raise ReferenceError_(f"from_draws: {n} draws do not split into {num_chains} chains")
+        raise SamplerError(f"from_draws: {n} draws do not split into {num_chains} chains")
     groups = {}
     for col in frame.columns:
         m = _STAN_NAME.match(str(col).strip())
         if not m:
-            raise ReferenceError_(f"from_draws: cannot read parameter name {col!r}")
+            raise SamplerError(f"from_draws: cannot read parameter name {col!r}")
         idx = tuple(int(i) - 1 for i in m.group(2).split(",")) if m.group(2) else ()
         groups.setdefault(m.group(1), {})[idx] = frame[col].to_numpy()
     posterior = {}
@@ -275,7 +275,7 @@ def from_draws(source, num_chains=1):
         else:
             shape = tuple(max(i[d] for i in cols) + 1 for d in range(len(next(iter(cols)))))
             if len(cols) != math.prod(shape):
-                raise ReferenceError_(f"from_draws: parameter {name!r} has {len(cols)} columns, not a full {shape}")
+                raise SamplerError(f"from_draws: parameter {name!r} has {len(cols)} columns, not a full {shape}")
             arr = np.empty((n,) + shape)
             for i, v in cols.items():
                 arr[(slice(None),) + i] = v

@@ -11,17 +11,12 @@ import torch
 from torch.distributions import Normal
 
 import bbvi
+from fitcheck import assert_same_fit
 from models.conjugate import gamma_poisson
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-def assert_same_fit(a, b):
-    assert torch.equal(a.elbo, b.elbo)
-    for g in a.params:
-        for k in a.params[g]:
-            assert torch.equal(a.params[g][k], b.params[g][k]), (g, k)
-    assert a.num_steps == b.num_steps and a.num_failed_steps == b.num_failed_steps
 
 @pytest.mark.parametrize("estimator,baseline", [("score", "ema"), ("score", "cv"), ("reparam", "default")])
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_fit(tmp_path, estimator, baseline):

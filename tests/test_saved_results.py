@@ -7,15 +7,9 @@ import torch
 from torch.distributions import Normal, constraints
 
 import bbvi
+from fitcheck import assert_same_fit
 from models.conjugate import gamma_poisson
 
-
-def assert_same_fit(a, b):
-    assert torch.equal(a.elbo, b.elbo)
-    for g in a.params:
-        for k in a.params[g]:
-            assert torch.equal(a.params[g][k], b.params[g][k]), (g, k)
-    assert a.num_steps == b.num_steps and a.num_failed_steps == b.num_failed_steps
 
 def test_saved_results_round_trip(tmp_path):
     model = bbvi.Model(lambda z, d: Normal(0.0, 1.0).log_prob(z["w"]).sum(-1) + 2.0 * z["s"].sum(-1),
