@@ -41,10 +41,12 @@ def log_joint(z, data):
     return -0.5 * (w * w).sum(-1) + (data["y"] * logits - F.softplus(logits)).sum(-1)
 
 
-def bbvi_runner(X, y, estimator, S, lr=0.01):
+def bbvi_runner(X, y, estimator, S, lr=0.01, family="meanfield", compiled=False):
     D = X.shape[1]
-    model = bbvi.Model(log_joint, {"w": bbvi.Latent(shape=(D,))}, data={"X": X, "y": y}, name="logreg")
-    state = bbvi.init(model, "meanfield", estimator, "loo" if estimator == "score" else "default",
+    lj = torch.compile(log_joint, dynamic=False) if compiled else log_joint
+    model = bbvi.Model(lj, {"w": bbvi.Latent(shape=(D,))}, data={"X": X, "y": y}, name="logreg",
+                       differentiable=True if compiled else None)
+    state = bbvi.init(model, family, estimator, "loo" if estimator == "score" else "default",
                       num_particles=S, lr=lr, schedule=None, seed=0)
     return lambda: bbvi.step(state)
 
@@ -130,12 +132,15 @@ def time_steps(runners, steps, repeats, warmup=20):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def per_step_table(N, D, S, steps, repeats):
+def per_step_table(N, D, S, steps, repeats, compile_row=True):
     X, y = make_data(N, D)
     rows = []
     for est in ("reparam", "score"):
         runners = {"hand-written torch": hand_runner(X, y, est, S), "bbvi": bbvi_runner(X, y, est, S),
                    "pyro SVI": pyro_runner(X, y, est, S)}
+        if compile_row:  # ~16 s of compilation each, done before the timing
+            runners["bbvi + torch.compile(log_joint)"] = bbvi_runner(X, y, est, S, compiled=True)
+            runners["bbvi + torch.compile(log_joint)"]()
         med = time_steps(runners, steps, repeats)
         base = med["hand-written torch"]
         label = "reparam" if est == "reparam" else "score + baseline (LOO; pyro: decaying avg)"
@@ -145,26 +150,48 @@ def per_step_table(N, D, S, steps, repeats):
     return rows
 
 
-def scaling_rows(steps, quick):
+def _axis_rows(axis, values, steps):
+    """One scaling axis, run in a fresh process so that its peak memory is its own: configurations go in
+    increasing size, so the growth of the peak RSS over the post-import baseline is each one's peak."""
+    import resource
+    torch.set_num_threads(2)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rows = []
+    for v in values:
+        S, N, D, family = 16, 1000, 10, "meanfield"
+        if axis == "particles":
+            S = v
+        elif axis == "N":
+            N = v
+        else:
+            D = v
+            family = "fullrank" if axis == "D (fullrank)" else "meanfield"
+        X, y = make_data(N, D)
+        for est in (("reparam",) if family == "fullrank" else ("reparam", "score")):
+            s = max(S, 2)
+            runners = {"hand": hand_runner(X, y, est, s), "bbvi": bbvi_runner(X, y, est, s, family=family)}
+            n = max(3, min(steps, int(2e6 / (N * D * s) * steps) or 3))
+            med = time_steps(runners, n, 3, warmup=3)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            rows.append(dict(axis=axis, S=s, N=N, D=D, family=family, estimator=est, hand_ms=1e3 * med["hand"],
+                             bbvi_ms=1e3 * med["bbvi"], ratio=med["bbvi"] / med["hand"],
+                             peak_rss_growth_mb=(peak - base) / 1024))
+    return rows
+
+
+def scaling_rows(steps, quick):
+    """Time per step (and peak memory) as particles, data and latent dimension grow; full-rank at large D.
+    The 'hand' column is always the hand-written mean-field step of the same estimator."""
+    import multiprocessing
     grid = {"particles": [1, 4, 16, 64, 256, 1024], "N": [100, 1000, 10_000, 100_000, 1_000_000],
-            "D": [10, 100, 1000, 10_000]}
+            "D": [10, 100, 1000, 10_000], "D (fullrank)": [10, 100, 300, 1000, 2000]}
     if quick:
-        grid = {"particles": [2, 16], "N": [100, 1000], "D": [10, 100]}
-    for axis, values in grid.items():
-        for v in values:
-            S, N, D = 16, 1000, 10
-            S, N, D = (v, N, D) if axis == "particles" else (S, v, D) if axis == "N" else (S, N, v)
-            if N * D > 2e7:
-                continue
-            X, y = make_data(N, D)
-            for est in ("reparam", "score"):
-                s = max(S, 2)
-                runners = {"hand": hand_runner(X, y, est, s), "bbvi": bbvi_runner(X, y, est, s)}
-                n = max(3, min(steps, int(2e6 / (N * D * s) * steps) or 3))
-                med = time_steps(runners, n, 3, warmup=3)
-                rows.append(dict(axis=axis, S=s, N=N, D=D, estimator=est, hand_ms=1e3 * med["hand"],
-                                 bbvi_ms=1e3 * med["bbvi"], ratio=med["bbvi"] / med["hand"]))
+        grid = {"particles": [2, 16], "N": [100, 1000], "D": [10, 100], "D (fullrank)": [10, 50]}
+    ctx = multiprocessing.get_context("spawn")
+    rows = []
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        for axis, values in grid.items():
+            rows += pool.apply(_axis_rows, (axis, values, steps))
     return rows
 
 
@@ -182,7 +209,7 @@ def main(argv=None):
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
                f"({torch.get_num_threads()} threads), pyro {pyro.__version__}, python {platform.python_version()}")
     print("machine:", machine)
-    per_step = pd.DataFrame(per_step_table(1000, 10, 16, steps, repeats))
+    per_step = pd.DataFrame(per_step_table(1000, 10, 16, steps, repeats, compile_row=not args.quick))
     per_step.to_csv(os.path.join(args.out, "bench.csv"), index=False)
     print(per_step.round(3).to_string(index=False))
     scaling = pd.DataFrame(scaling_rows(steps, args.quick))
@@ -203,16 +230,18 @@ def main(argv=None):
 def _update_readme(out, machine, per_step, scaling):
     """Regenerate the README's speed section from this run's tables."""
     from common import replace_readme_block
-    big = scaling[(scaling.N >= 100_000) | (scaling.D >= 1000)]
+    big = scaling[((scaling.N >= 100_000) | (scaling.D >= 1000)) & (scaling.family == "meanfield")]
     with open(os.path.join(out, "bench_converged.md")) as f:
         converged = f.read()
     replace_readme_block("bench", "Speed", "\n".join([
         f"Regenerated by `make bench` (do not edit by hand). Machine: {machine}.", "",
         "**Per step**, Bayesian logistic regression (N=1000, D=10, 16 particles, mean-field), median of 7 x 200 steps:",
         "", per_step.to_markdown(index=False, floatfmt=".3f"), "",
-        "**Scaling**: the bbvi/hand-written ratio falls towards 1 as the log-joint's own cost grows "
-        f"(ratios {big.ratio.min():.2f}-{big.ratio.max():.2f} at N >= 1e5 or D >= 1000; all rows in "
-        "`results/bench_scaling.csv`).", "", converged]))
+        "**Scaling** (mean-field; `hand` is always the hand-written mean-field step): the bbvi/hand-written "
+        f"ratio falls towards 1 as the log-joint's own cost grows (ratios {big.ratio.min():.2f}-{big.ratio.max():.2f} "
+        "at N >= 1e5 or D >= 1000). Full-rank's cost against D, and peak memory growth, per configuration:", "",
+        scaling[["axis", "S", "N", "D", "family", "estimator", "hand_ms", "bbvi_ms", "ratio", "peak_rss_growth_mb"]]
+        .to_markdown(index=False, floatfmt=".3g"), "", converged]))
 
 
 def _figure(scaling, path):
