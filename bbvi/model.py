@@ -99,12 +99,20 @@ class _ReadTracker(dict):
         return super().get(key, default)
 
     def items(self):
-        self.read.update(self.keys())
+        self.read.update(super().keys())
         return super().items()
 
     def values(self):
-        self.read.update(self.keys())
+        self.read.update(super().keys())
         return super().values()
+
+    def keys(self):  # also the path dict(z) and {**z} take: a copy counts as reading everything
+        self.read.update(super().keys())
+        return super().keys()
+
+    def __iter__(self):
+        self.read.update(super().keys())
+        return super().__iter__()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -105,6 +105,15 @@ def test_declared_but_unread_latent_is_an_error():
         bbvi.fit(model, steps=1)
 
 
+@pytest.mark.parametrize("copy", [dict, lambda z: {**z}, lambda z: dict(z.items())])
+def test_a_log_joint_that_copies_z_is_not_flagged(copy):
+    def log_joint(z, data):
+        z = copy(z)
+        return Normal(0.0, 1.0).log_prob(z["a"]) + Normal(0.0, 1.0).log_prob(z["b"])
+    fit = bbvi.fit(bbvi.Model(log_joint, {"a": bbvi.Latent(), "b": bbvi.Latent()}), steps=5)
+    assert fit.status == "completed"
+
+
 def test_unvectorized_log_joint_loops_over_particles():
     def one(z, x):
         assert z["mu"].shape == ()
