@@ -223,9 +223,10 @@ def step(state):
                                                   state.params, state.num_particles, state.generator,
                                                   state.baseline_state)
     (-surrogate).backward()
-    grads = [p.grad for p in state.leaves() if p.grad is not None]
+    leaves = state.leaves()
+    grads = [p.grad for p in leaves if p.grad is not None]
     if state.clip_grad is not None:
-        norm = torch.nn.utils.clip_grad_norm_(state.leaves(), state.clip_grad)
+        norm = torch.nn.utils.clip_grad_norm_(leaves, state.clip_grad)
     else:  # a sum of norms is finite exactly when every gradient entry is
         norm = sum(torch._foreach_norm(grads))
     # One host sync: is the step finite, and is its gradient so large that the optimizer's squared-gradient

@@ -46,12 +46,17 @@ def exact_gradient(loc, log_scale):
     return -PRECISION @ (loc - TARGET_MEAN), 1 - PRECISION.diagonal() * torch.exp(2 * log_scale)
 
 
+def the_draw(st, seed):
+    """The single particle `one_gradient(st, seed)` uses, rebuilt by hand: eps, loc, scale, z = loc + scale eps."""
+    eps = torch.randn(1, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)[0]
+    loc, s = st.params["continuous"]["loc"].detach(), st.params["continuous"]["log_scale"].detach().exp()
+    return eps, loc, s, loc + s * eps
+
+
 def test_single_sample_score_gradient_matches_hand_derivation():
     st = state_at("score", None, S=1)
     value, gl, gs = one_gradient(st, seed=7)
-    eps = torch.randn(1, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)[0]
-    loc, s = st.params["continuous"]["loc"].detach(), st.params["continuous"]["log_scale"].detach().exp()
-    z = loc + s * eps
+    eps, loc, s, z = the_draw(st, seed=7)
     f = MultivariateNormal(TARGET_MEAN, TARGET_COV).log_prob(z) - Normal(loc, s).log_prob(z).sum()
     torch.testing.assert_close(value, f, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gl, f * (z - loc) / s**2, rtol=1e-10, atol=1e-12)
@@ -61,9 +66,7 @@ def test_single_sample_score_gradient_matches_hand_derivation():
 def test_single_sample_reparam_gradient_matches_hand_derivation():
     st = state_at("reparam", S=1)
     _, gl, gs = one_gradient(st, seed=3)
-    eps = torch.randn(1, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)[0]
-    loc, s = st.params["continuous"]["loc"].detach(), st.params["continuous"]["log_scale"].detach().exp()
-    z = loc + s * eps
+    eps, loc, s, z = the_draw(st, seed=3)
     grad_logp = -PRECISION @ (z - TARGET_MEAN)
     torch.testing.assert_close(gl, grad_logp, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gs, grad_logp * eps * s + 1, rtol=1e-10, atol=1e-12)
@@ -73,9 +76,7 @@ def test_single_sample_stl_gradient_matches_hand_derivation():
     """STL drops the score term: d/dloc [log p(z) - log q_stop(z)] = grad log p(z) + (z - loc)/s^2."""
     st = state_at("stl", S=1)
     _, gl, gs = one_gradient(st, seed=5)
-    eps = torch.randn(1, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)[0]
-    loc, s = st.params["continuous"]["loc"].detach(), st.params["continuous"]["log_scale"].detach().exp()
-    z = loc + s * eps
+    eps, loc, s, z = the_draw(st, seed=5)
     g = -PRECISION @ (z - TARGET_MEAN) + (z - loc) / s**2
     torch.testing.assert_close(gl, g, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gs, g * eps * s, rtol=1e-10, atol=1e-12)
