@@ -6,7 +6,8 @@ sticking-the-landing. See DESIGN.md for the public contract. The core imports to
 matplotlib are imported where they are used.
 """
 from . import constraints
-from .errors import BBVIError, ConfigError, FitError, ModelError, SamplerError
+from .convergence import Adaptive
+from .errors import BBVIError, ConfigError, FitError, ModelError, ReliabilityWarning, SamplerError
 from .estimators import CV, EMA, LOO, STL, Auto, Reparam, Score
 from .families import FullRank, LowRank, MeanField
 from .fit import FitState, fit, init, step
@@ -36,4 +37,4 @@ def compare(fit_result, reference, **kwargs):
 
 __all__ = ["Model", "Latent", "fit", "init", "step", "FitState", "Result", "load", "nuts", "compare", "MeanField",
            "FullRank", "LowRank", "Score", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "BBVIError",
-           "ModelError", "ConfigError", "FitError", "SamplerError", "constraints"]
+           "ModelError", "ConfigError", "FitError", "SamplerError", "ReliabilityWarning", "Adaptive", "constraints"]

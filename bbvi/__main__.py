@@ -43,6 +43,7 @@ def demo(out, quick=False):
     pdb = posteriordb_reference(eight_schools.POSTERIOR)
 
     fits = {
+        "defaults: bbvi.fit(model)": bbvi.fit(model, seed=0, max_steps=steps if quick else None),
         "meanfield, score + LOO baseline": bbvi.fit(model, family="meanfield", estimator="score", baseline="loo",
                                                     num_particles=16, steps=steps, lr=0.05, seed=0),
         "fullrank, reparam": bbvi.fit(model, family="fullrank", estimator="reparam", num_particles=16,

@@ -84,6 +84,8 @@ def save_checkpoint(state, path, settings):
         "num_rescaled_steps": state.num_rescaled_steps,
         "consecutive_failures": state.consecutive_failures,
         "num_bad_particles": int(state.num_bad_particles),
+        "num_raised_steps": state.num_raised_steps, "last_exception": state.last_exception,
+        "tracker": state.tracker.state_dict() if state.tracker is not None else {},
     }, path)
 
 
@@ -113,6 +115,9 @@ def restore_checkpoint(state, path, settings):
     state.num_rescaled_steps = ck["num_rescaled_steps"]
     state.consecutive_failures = ck["consecutive_failures"]
     state.num_bad_particles = torch.tensor(ck["num_bad_particles"], dtype=torch.int64, device=ref.device)
+    state.num_raised_steps, state.last_exception = ck["num_raised_steps"], ck["last_exception"]
+    if state.tracker is not None:
+        state.tracker.load_state_dict(ck["tracker"], ref.device)
     return state
 
 

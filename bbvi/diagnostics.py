@@ -8,7 +8,8 @@ import torch
 
 from .errors import ConfigError, FitError
 
-__all__ = ["compare", "reference_warnings", "fit_diagnostics", "psis", "importance_resample", "khat_reading"]
+__all__ = ["compare", "reference_warnings", "fit_diagnostics", "psis", "importance_resample", "khat_reading",
+           "check_reliability"]
 
 RHAT_MAX, ESS_MIN = 1.01, 400
 
@@ -48,6 +49,89 @@ def fit_diagnostics(result, num_draws=4000, seed=0):
             "num_failed_steps": result.num_failed_steps, "num_bad_particles": result.num_bad_particles,
             "num_rescaled_steps": result.num_rescaled_steps,
             "final_elbo": result.final_elbo()}
+
+
+KHAT_MAX, SHIFT_MAX, SD_RATIO_MAX, BAD_PARTICLES_MAX = 0.7, 0.1, 1.2, 0.05
+
+
+def _psis_moments(result, u, k, smoothed):
+    """Per scalar latent (constrained): q's mean and sd from the draws, and the PSIS-weighted mean and sd."""
+    w = np.exp(smoothed - np.logaddexp.reduce(smoothed[np.isfinite(smoothed)]))
+    w = np.where(np.isfinite(w), w, 0.0)
+    with torch.no_grad():
+        z, _ = result.model.constrain(u)
+        z.update(k)
+    rows = []
+    for name in result.model.latents:
+        x = z[name].detach().double().reshape(z[name].shape[0], -1).cpu().numpy()
+        m, sd = x.mean(0), x.std(0)
+        mw = (w[:, None] * x).sum(0)
+        sdw = np.sqrt(np.maximum((w[:, None] * (x - mw) ** 2).sum(0), 0.0))
+        for j, label in enumerate(_labels(name, tuple(z[name].shape[1:]))):
+            rows.append((label, m[j], sd[j], mw[j], sdw[j]))
+    return rows
+
+
+def check_reliability(result, num_draws=4000, seed=0, warn=True):
+    """The end-of-fit check that `bbvi.fit` runs: PSIS k-hat of q (Yao et al. 2018) and, from the same
+    Pareto-smoothed weights, how far importance sampling moves q's mean (in q's sds) and sd (as a ratio) of every
+    scalar latent, with their Monte Carlo errors; plus whether the fit converged, whether its start found a mode,
+    how many particles failed. Stores a dict in `result.reliability` and, when anything fails, issues one
+    bbvi.ReliabilityWarning naming what to try. Returns the dict."""
+    import warnings
+
+    from .errors import ReliabilityWarning
+    u, k, log_w = result.weighted_draws(num_draws, seed)
+    smoothed, khat = psis(log_w.double().cpu().numpy())
+    w = np.exp(smoothed - np.logaddexp.reduce(smoothed[np.isfinite(smoothed)])) if math.isfinite(khat) else None
+    ess = float(1.0 / np.sum(np.where(np.isfinite(w), w, 0.0) ** 2)) if w is not None else float("nan")
+    reasons = []
+    if not khat <= KHAT_MAX:
+        reasons.append(f"PSIS k-hat is {khat:.2f} (> {KHAT_MAX}): q misses posterior mass, its tails and sds "
+                       f"cannot be trusted")
+    worst_shift, worst_ratio = (None, 0.0), (None, 1.0)
+    if w is not None:
+        for label, m, sd, mw, sdw in _psis_moments(result, u, k, smoothed):
+            if sd <= 0:
+                continue
+            shift, ratio = (mw - m) / sd, sdw / sd
+            noise = 3.0 / math.sqrt(max(ess, 1.0))  # ~3 Monte Carlo sds of either in q-sd units
+            if abs(shift) > max(SHIFT_MAX, noise) and abs(shift) > abs(worst_shift[1]):
+                worst_shift = (label, shift)
+            if abs(math.log(max(ratio, 1e-300))) > math.log(SD_RATIO_MAX) + noise and \
+                    abs(math.log(max(ratio, 1e-300))) > abs(math.log(max(worst_ratio[1], 1e-300))):
+                worst_ratio = (label, ratio)
+    if worst_shift[0] is not None:
+        reasons.append(f"importance sampling moves the mean of {worst_shift[0]} by {worst_shift[1]:+.2f} of q's sd "
+                       f"(more than {SHIFT_MAX})")
+    if worst_ratio[0] is not None:
+        reasons.append(f"importance sampling puts the sd of {worst_ratio[0]} at {worst_ratio[1]:.2f} x q's")
+    if result.status == "max_steps":
+        last = result.levels[-1] if result.levels else {}
+        reasons.append(f"the fit did not converge in {result.num_steps} steps (max_steps; last change between "
+                       f"averaged levels {last.get('change', float('nan')):.3g} of q's sd)")
+    start = result.start
+    if start is not None and start.no_mode:
+        reasons.append(f"the log density has no proper mode ({start.note}): a funnel or an improper posterior, "
+                       f"which Gaussian families fit badly; reparameterize (e.g. non-centered)")
+    seen = result.num_steps * int(result.settings["num_particles"])
+    if seen and result.num_bad_particles > BAD_PARTICLES_MAX * seen:
+        reasons.append(f"{result.num_bad_particles} of {seen} particles ({result.num_bad_particles / seen:.0%}) "
+                       f"had a NaN/inf log-joint or raised ({result.last_exception or 'no exception'})"
+                       + ("; the fit ran in float32: try dtype=torch.float64" if "float32" in
+                          result.settings.get("dtype", "") else ""))
+    family = type(result.family).__name__
+    tries = (["family='fullrank'"] if family != "FullRank" else []) + \
+            ["more particles (num_particles=64)", "a larger max_steps" if result.status == "max_steps" else
+             "a richer family, or checking against bbvi.nuts(model)"]
+    info = {"khat": khat, "is_ess": ess, "num_draws": num_draws, "warnings": reasons,
+            "max_psis_shift": worst_shift, "extreme_psis_sd_ratio": worst_ratio,
+            "start": (start.strategy + (f" ({start.note})" if start.note else "")) if start is not None else "?"}
+    result.reliability = info
+    if reasons and warn:
+        warnings.warn(f"bbvi fit of {result.model.name!r} may be unreliable: " + "; ".join(reasons) +
+                      ". Try: " + ", ".join(tries) + ".", ReliabilityWarning, stacklevel=3)
+    return info
 
 
 def importance_resample(result, num_draws=4000, seed=0, num_proposals=None, max_khat=0.7):

@@ -23,3 +23,8 @@ class FitError(BBVIError, RuntimeError):
 
 class SamplerError(BBVIError, RuntimeError):
     """A NUTS reference that cannot be computed (no finite initial point, a failed chain, bad settings)."""
+
+
+class ReliabilityWarning(UserWarning):
+    """A finished fit that should not be trusted as it is: PSIS k-hat > 0.7, a PSIS check that moves q's means
+    or sds, a fit that did not converge, a posterior with no mode. The message names what to try."""

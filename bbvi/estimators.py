@@ -189,10 +189,11 @@ def _cv_carrier(f, mask, n, score_logq, params):
 def estimate(plan, model, family, discrete, params, num_particles, generator, baseline_state):
     """One Monte Carlo estimate at the current q with `num_particles` particles.
 
-    Returns (surrogate, baseline_state, num_bad): `surrogate` is a scalar whose value is an ELBO estimate
+    Returns (surrogate, baseline_state, num_bad, error): `surrogate` is a scalar whose value is an ELBO estimate
     (reparam: mean log p + H(q), with the closed-form entropy; otherwise mean f) and whose gradient in
     `params` is the plan's gradient estimate; `num_bad` (0-dim tensor, or None when every particle was
-    finite) counts particles with a NaN/inf log-joint, which were left out of the averages."""
+    finite) counts particles with a NaN/inf log-joint, which were left out of the averages; `error` is the
+    exception the log-joint raised for some particles (they count as NaN particles), or None."""
     pc, pd = params["continuous"], params["discrete"]
     S = num_particles
     pathwise = plan.path in ("reparam", "stl")
@@ -202,10 +203,10 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
         u = next(iter(pd.values())).new_zeros(S, 0)
     k = discrete.sample(pd, S, generator) if plan.has_discrete else {}
     if pathwise:
-        lp = model.log_density(u, k)
+        lp, error = model.log_density_guarded(u, k)
     else:
         with torch.no_grad():
-            lp = model.log_density(u, k)
+            lp, error = model.log_density_guarded(u, k)
     if lp.dtype != u.dtype:
         lp = lp.to(u.dtype)
     valid = torch.isfinite(lp)
@@ -223,10 +224,10 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
             return (mask * torch.where(valid, x, torch.zeros_like(x))).sum() / n
 
     if plan.path == "reparam" and not plan.has_discrete:
-        return average(lp) + family.entropy(pc), baseline_state, num_bad
+        return average(lp) + family.entropy(pc), baseline_state, num_bad, error
     if plan.path == "stl" and not plan.has_discrete:
         frozen = {name: t.detach() for name, t in pc.items()}
-        return average(lp - family.log_prob(frozen, u)), baseline_state, num_bad
+        return average(lp - family.log_prob(frozen, u)), baseline_state, num_bad, error
 
     # score terms (continuous on the score path, and/or discrete), possibly beside a pathwise part
     carrier = lp.new_zeros(())
@@ -272,4 +273,4 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
         else:
             b = 0.0
         carrier = carrier + average((f - b) * score_logq)
-    return with_gradient(elbo, carrier), baseline_state, num_bad
+    return with_gradient(elbo, carrier), baseline_state, num_bad, error

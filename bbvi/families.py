@@ -8,7 +8,7 @@ owns (no parameter store). Every family has
     sample(params, num, generator) -> (S, D)     no gradient
     log_prob(params, u) -> (S,)                  u: (S, D)
     entropy(params) -> ()                        closed form
-    mean(params) -> (D,), covariance(params) -> (D, D)
+    mean(params) -> (D,), covariance(params) -> (D, D), marginal_sd(params) -> (D,)
 
 Noise is drawn with `torch.randn(..., generator=g)` and transformed, so runs are reproducible without the
 global RNG. Scales start small (init_scale=0.1): a wide initial q throws particles into the tails of the
@@ -81,6 +81,9 @@ class MeanField(_Gaussian):
     def covariance(self, params):
         return torch.diag(torch.exp(2 * params["log_scale"]))
 
+    def marginal_sd(self, params):
+        return params["log_scale"].exp()
+
 
 @dataclasses.dataclass(frozen=True)
 class FullRank(_Gaussian):
@@ -123,6 +126,9 @@ class FullRank(_Gaussian):
     def covariance(self, params):
         L = self.scale_tril(params)
         return L @ L.T
+
+    def marginal_sd(self, params):
+        return self.scale_tril(params).norm(dim=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +188,9 @@ class LowRank(_Gaussian):
     def covariance(self, params):
         w = params["cov_factor"]
         return w @ w.T + torch.diag(torch.exp(2 * params["log_diag"]))
+
+    def marginal_sd(self, params):
+        return torch.sqrt((params["cov_factor"] ** 2).sum(1) + torch.exp(2 * params["log_diag"]))
 
 
 @dataclasses.dataclass(frozen=True)

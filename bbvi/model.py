@@ -244,6 +244,23 @@ class Model:
             z.update(discrete)
         return self.call(z) + ladj
 
+    def log_density_guarded(self, u, discrete=None):
+        """`log_density`, but a log-joint that raises (a Cholesky of one particle's kernel matrix that is not
+        positive definite, a distribution's argument check) does not end the fit: the particles are then
+        evaluated one at a time and those that raise get NaN, so that they are dropped and counted like a NaN
+        particle. Returns (log density (S,), the first exception or None)."""
+        try:
+            return self.log_density(u, discrete), None
+        except Exception as e:  # noqa: BLE001 - any failure of user code at some particles
+            error = e
+        rows = []
+        for s in range(u.shape[0]):
+            try:
+                rows.append(self.log_density(u[s:s + 1], {k: v[s:s + 1] for k, v in (discrete or {}).items()})[0])
+            except Exception:  # noqa: BLE001
+                rows.append(u.new_full((), float("nan")))
+        return torch.stack(rows), error
+
     def call(self, z):
         """The user's log-joint on constrained values z (dict name -> (S, *shape)) -> (S,)."""
         if self.vectorized:
@@ -256,7 +273,10 @@ class Model:
         """Derived quantities for constrained z, each (S, ...); {} when the model has none."""
         if self.derived is None:
             return {}
-        out = self.derived(z, self.data)
+        try:
+            out = self.derived(z, self.data)
+        except Exception as e:  # noqa: BLE001 - e.g. one draw's Cholesky: that draw's quantities become NaN
+            out = self._derive_one_by_one(z, e)
         if not isinstance(out, dict):
             raise ModelError(f"derived must return a dict name -> Tensor (S, ...), got {type(out).__name__}")
         S = next(iter(z.values())).shape[0]
@@ -267,6 +287,21 @@ class Model:
                 raise ModelError(f"derived quantity {k!r} must be a Tensor with leading particle dimension "
                                  f"S={S}, got {getattr(v, 'shape', type(v).__name__)}")
         return out
+
+    def _derive_one_by_one(self, z, error):
+        S = next(iter(z.values())).shape[0]
+        rows = []
+        for s in range(S):
+            try:
+                rows.append(self.derived({k: v[s:s + 1] for k, v in z.items()}, self.data))
+            except Exception:  # noqa: BLE001
+                rows.append(None)
+        good = next((r for r in rows if r is not None), None)
+        if good is None:
+            raise ModelError(f"model {self.name!r}: derived raised {type(error).__name__} for every draw: {error}") \
+                from error
+        return {k: torch.cat([r[k] if r is not None else torch.full_like(good[k], float("nan")) for r in rows])
+                for k in good}
 
     # ---- the first call -----------------------------------------------------------------------------------
     def check(self, u, discrete):

@@ -19,7 +19,9 @@ class Result:
     'completed' | 'converged' | 'interrupted' | 'stopped by callback' | 'failed'; `num_failed_steps`: steps
     skipped for a NaN/inf ELBO or gradient; `num_bad_particles`: particles whose log-joint was NaN/inf;
     `num_rescaled_steps`: steps whose gradient was so large that it was scaled down to keep the optimizer's
-    statistics finite (a sign of a far-off start or a badly scaled model)."""
+    statistics finite (a sign of a far-off start or a badly scaled model); `start`: what the start did
+    (bbvi.start.Start: strategy, note, gradient evaluations); `levels`: the adaptive rule's levels (lr, steps,
+    stationary, change); `reliability`: the end-of-fit check (k-hat, PSIS mean/sd shifts, warnings)."""
 
     model: object
     family: object
@@ -36,9 +38,15 @@ class Result:
     wall_time: float
     num_rescaled_steps: int = 0
     baseline_state: dict = dataclasses.field(default_factory=dict)
+    start: object = None
+    levels: list = dataclasses.field(default_factory=list)
+    start_time: float = 0.0
+    num_raised_steps: int = 0
+    last_exception: str = ""
+    reliability: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_state(cls, state, *, settings, status, wall_time):
+    def from_state(cls, state, *, settings, status, wall_time, start_time=0.0):
         elbo = torch.stack(state.elbo).cpu() if state.elbo else torch.zeros(0)
         return cls(model=state.model, family=state.family, discrete=state.discrete, plan=state.plan,
                    report=state.report,
@@ -46,7 +54,16 @@ class Result:
                    num_steps=state.step, num_failed_steps=state.num_failed_steps,
                    num_bad_particles=int(state.num_bad_particles), wall_time=wall_time,
                    num_rescaled_steps=state.num_rescaled_steps,
-                   baseline_state={k: v.detach().clone() for k, v in state.baseline_state.items()})
+                   baseline_state={k: v.detach().clone() for k, v in state.baseline_state.items()},
+                   start=state.start, levels=state.tracker.report() if state.tracker is not None else [],
+                   start_time=start_time, num_raised_steps=state.num_raised_steps,
+                   last_exception=state.last_exception)
+
+    @property
+    def num_gradient_evals(self):
+        """Log-joint (and gradient) evaluations the fit spent: its start's (L-BFGS, Hessian) and S per step."""
+        return (self.start.num_evals if self.start is not None else 0) + self.num_steps * int(
+            self.settings["num_particles"])
 
     @property
     def interrupted(self):
@@ -62,6 +79,26 @@ class Result:
     def _generator(self, seed):
         ref = self._reference_tensor()
         return torch.Generator(device=ref.device).manual_seed(seed)
+
+    # ---- q on the model's unconstrained scale ----------------------------------------------------------------
+    def unconstrained_mean(self):
+        """(D,) q's mean on the model's unconstrained scale. `params` live in the coordinates of `self.model`,
+        which the MAP start whitens (u = shift + scale * v); this undoes that."""
+        with torch.no_grad():
+            m = self.family.mean(self.params["continuous"])
+            if self.model.preconditioner is None:
+                return m.clone()
+            shift, scale = self.model.preconditioner
+            return shift + scale * m
+
+    def unconstrained_covariance(self):
+        """(D, D) q's covariance on the model's unconstrained scale (the MAP start's whitening undone)."""
+        with torch.no_grad():
+            c = self.family.covariance(self.params["continuous"])
+            if self.model.preconditioner is None:
+                return c.clone()
+            scale = self.model.preconditioner[1]
+            return scale[:, None] * c * scale[None, :]
 
     # ---- draws ----------------------------------------------------------------------------------------------
     def draw(self, num, seed=0):
@@ -89,8 +126,10 @@ class Result:
         """(u, k, log_w): draws from q as in `draw` and their log importance weights log p(x, z) - log q(z),
         shape (num_draws,)."""
         u, k = self.draw(num_draws, seed)
+        chunk = 1024  # bounded memory for big models; a particle whose log-joint raises gets NaN (weight 0)
         with torch.no_grad():
-            lp = self.model.log_density(u, k).to(u.dtype)
+            lp = torch.cat([self.model.log_density_guarded(u[i:i + chunk], {n: v[i:i + chunk] for n, v in k.items()})[0]
+                            for i in range(0, u.shape[0], chunk)]).to(u.dtype)
             lq = self.family.log_prob(self.params["continuous"], u) if self.model.dim else torch.zeros_like(lp)
             if self.model.discrete:
                 lq = lq + self.discrete.log_prob(self.params["discrete"], k)
@@ -142,7 +181,7 @@ class Result:
                   else init_baseline_state(plan, ref.device, ref.dtype))
         out = []
         for _ in range(num_samples):
-            surrogate, bstate, _ = estimate(plan, self.model, self.family, self.discrete, params, num_particles,
+            surrogate, bstate, _, _ = estimate(plan, self.model, self.family, self.discrete, params, num_particles,
                                             g, bstate)
             grads = torch.autograd.grad(surrogate, leaves, allow_unused=True)
             out.append(torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1)
@@ -161,6 +200,7 @@ class Result:
         lines = [f"bbvi fit of {self.model.name!r}: {self.status} after {self.num_steps} steps "
                  f"({self.wall_time:.2f} s), final ELBO {self.final_elbo():.4g}, "
                  f"{self.num_failed_steps} failed steps",
+                 *self._reliability_lines(),
                  f"{'parameter':<24}{'mean':>12}{'sd':>12}{'5%':>12}{'95%':>12}"]
         for name, v in draws.items():
             flat = v.detach().double().reshape(v.shape[0], -1).cpu()
@@ -170,6 +210,16 @@ class Result:
                 lines.append(f"{label:<24}{flat[:, i].mean():>12.4g}{flat[:, i].std():>12.4g}"
                              f"{q[0, i]:>12.4g}{q[1, i]:>12.4g}")
         return "\n".join(lines)
+
+    def _reliability_lines(self):
+        from .diagnostics import khat_reading
+        r = self.reliability
+        if not r:
+            return []
+        lines = [f"PSIS k-hat {r['khat']:.2f} ({khat_reading(r['khat'])}); start: {r['start']}; "
+                 f"{self.num_gradient_evals} log-joint gradient evaluations"]
+        lines += [f"WARNING: {w}" for w in r["warnings"]] or ["no reliability warnings"]
+        return lines
 
     def save(self, path):
         """Write the fitted parameters, ELBO trace, settings and status to `path` (no user code is pickled);

@@ -47,7 +47,8 @@ def bbvi_runner(X, y, estimator, S, lr=0.01, family="meanfield", compiled=False)
     model = bbvi.Model(lj, {"w": bbvi.Latent(shape=(D,))}, data={"X": X, "y": y}, name="logreg",
                        differentiable=True if compiled else None)
     state = bbvi.init(model, family, estimator, "loo" if estimator == "score" else "default",
-                      num_particles=S, lr=lr, schedule=None, seed=0)
+                      num_particles=S, lr=lr, schedule=None, steps=1000, seed=0, init_strategy="zero",
+                      dtype=X.dtype)   # the same start and dtype as the hand-written step
     return lambda: bbvi.step(state)
 
 

@@ -9,12 +9,17 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*Pareto.*")
+# The experiments record accuracy against references themselves (defaults.py records the warnings explicitly).
+warnings.filterwarnings("ignore", message=".*may be unreliable.*")
 
 
-def parse(description, argv=None):
+def parse(description, argv=None, extra=()):
     p = argparse.ArgumentParser(description=description)
+    for flag, text in extra:
+        p.add_argument(flag, default="", help=text)
     p.add_argument("--out", default=os.path.join(ROOT, "results"))
     p.add_argument("--quick", action="store_true", help="a few steps of everything (used by the tests)")
+    p.add_argument("--no-nuts", action="store_true", help="skip timing NUTS where a script does")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

@@ -36,7 +36,8 @@ def test_fuzzed_arguments_fit_or_raise_bbvi_errors(shape, support, family, estim
         latent = bbvi.Latent(shape=shape, support=support)
         model = bbvi.Model(_generic_log_joint, {"x": latent})
         fit = bbvi.fit(model, family=family, estimator=estimator, baseline=baseline, num_particles=num_particles,
-                       steps=min(steps, 5) if isinstance(steps, int) and not isinstance(steps, bool) else steps,
+                       steps=(min(steps, 5) if isinstance(steps, int) and not isinstance(steps, bool) else
+                              5 if steps is None else steps),   # steps=None (adaptive) is tested in test_defaults
                        lr=lr, seed=seed, dtype=torch.float64)
     except bbvi.BBVIError:
         return

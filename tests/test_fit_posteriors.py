@@ -40,9 +40,8 @@ def test_normal_normal_is_recovered_exactly_by_the_baselined_score_path():
     mean, sd = exact["mu"]
     for baseline in ["loo", "cv"]:
         fit = bbvi.fit(model, estimator="score", baseline=baseline, steps=3000, dtype=torch.float64)
-        pc = fit.params["continuous"]
-        assert abs(pc["loc"].item() - mean) < 1e-3 * sd
-        assert abs(pc["log_scale"].exp().item() / sd - 1) < 1e-3
+        assert abs(fit.unconstrained_mean().item() - mean) < 1e-3 * sd
+        assert abs(fit.unconstrained_covariance().sqrt().item() / sd - 1) < 1e-3
 
 
 TARGET_MEAN = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
@@ -57,15 +56,14 @@ def mvn_model(cov):
 
 def test_fullrank_recovers_a_gaussian_mean_and_covariance():
     fit = bbvi.fit(mvn_model(TARGET_COV), family="fullrank", estimator="stl", steps=3000, dtype=torch.float64)
-    fam, pc = fit.family, fit.params["continuous"]
-    torch.testing.assert_close(fam.mean(pc), TARGET_MEAN, atol=0.02, rtol=0)
-    torch.testing.assert_close(fam.covariance(pc), TARGET_COV, atol=0.03, rtol=0.03)
+    torch.testing.assert_close(fit.unconstrained_mean(), TARGET_MEAN, atol=0.02, rtol=0)
+    torch.testing.assert_close(fit.unconstrained_covariance(), TARGET_COV, atol=0.03, rtol=0.03)
 
 
 def test_meanfield_recovers_the_inverse_diagonal_of_the_precision():
     """KL(q||p) for diagonal q and Gaussian p is minimised at var_i = 1 / P_ii (not at Sigma_ii)."""
     fit = bbvi.fit(mvn_model(TARGET_COV), family="meanfield", estimator="stl", steps=3000, dtype=torch.float64)
-    var = fit.family.covariance(fit.params["continuous"]).diagonal()
+    var = fit.unconstrained_covariance().diagonal()
     expected = 1 / torch.linalg.inv(TARGET_COV).diagonal()
     torch.testing.assert_close(var, expected, rtol=0.03, atol=0)
     assert (var < TARGET_COV.diagonal() - 0.05)[:2].all(), "mean-field must under-state the correlated variances"
@@ -76,7 +74,7 @@ def test_lowrank_recovers_a_diagonal_plus_rank_one_covariance():
     cov = torch.diag(torch.tensor([0.3, 0.2, 0.5], dtype=torch.float64)) + torch.outer(v, v)
     fit = bbvi.fit(mvn_model(cov), family=bbvi.LowRank(rank=1), estimator="stl", steps=3000,
                    dtype=torch.float64)
-    torch.testing.assert_close(fit.family.covariance(fit.params["continuous"]), cov, atol=0.03, rtol=0.03)
+    torch.testing.assert_close(fit.unconstrained_covariance(), cov, atol=0.03, rtol=0.03)
 
 
 # ---- discrete latents, exact enumeration -----------------------------------------------------------------
@@ -145,8 +143,8 @@ def test_mixed_model_auto_uses_pathwise_and_score_together():
     model = bbvi.Model(log_joint, {"mu": bbvi.Latent(), "s": bbvi.Latent(support=constraints.boolean)})
     fit = bbvi.fit(model, estimator="auto", steps=3000, dtype=torch.float64)
     assert fit.plan.path == "reparam" and fit.plan.has_discrete
-    pc = fit.params["continuous"]
-    assert abs(pc["loc"].item() - 2.0) < 0.02 and abs(pc["log_scale"].exp().item() - 0.5) < 0.02
+    assert abs(fit.unconstrained_mean().item() - 2.0) < 0.02
+    assert abs(fit.unconstrained_covariance().sqrt().item() - 0.5) < 0.02
     p = fit.discrete.probs(fit.params["discrete"])["s"][1].item()
     assert abs(p - torch.sigmoid(torch.tensor(1.3)).item()) < 0.02
     with pytest.raises(bbvi.ConfigError, match="discrete"):

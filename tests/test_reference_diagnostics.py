@@ -96,7 +96,8 @@ def test_compare_passes_a_good_fit_and_flags_a_wrong_one(nn_reference):
     table = bbvi.compare(good, ref)
     assert list(table.index) == ["mu"] and table.loc["mu", "verdict"] == "good"
     assert abs(table.loc["mu", "mean_err_sd"]) < 0.15 and abs(table.loc["mu", "sd_ratio"] - 1) < 0.1
-    wrong = bbvi.fit(model, estimator="score", baseline="loo", steps=2000, dtype=torch.float64)
+    wrong = bbvi.fit(model, estimator="score", baseline="loo", steps=2000, dtype=torch.float64,
+                     init_strategy="zero")   # the shift below is in the model's own (unwhitened) units
     with torch.no_grad():
         wrong.params["continuous"]["loc"] += 0.5 * exact["mu"][1]
         wrong.params["continuous"]["log_scale"] += 0.7

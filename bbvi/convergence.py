@@ -1,0 +1,280 @@
+"""When to cut the step size and when to stop: the rules of `bbvi.fit`'s loop.
+
+`Adaptive` (steps=None, the default) follows the stationarity-then-average scheme of Dhaka et al. (2020,
+"Robust, accurate stochastic optimization for variational inference") and Welandawe, Andersen, Vehtari and
+Huggins (2024, "A framework for improving the reliability of black-box variational inference", RAABBVI):
+
+    run at a fixed learning rate lr_k in windows of `window` steps;
+    the level is stationary when R-hat of the iterates of its second half, split into 4 segments, is below
+    `rhat` for every coordinate of q's marginals (each mean and log sd), or when it has run `max_level_steps`;
+    its estimate qbar_k is the average of the parameter iterates of that second half (iterate averaging: the
+    reported q is not the last noisy iterate);
+    stop ("converged") when qbar_k differs from qbar_{k-1} (the start, for k = 0) by less than `tol` in q's own
+    units: max_i |mean_k,i - mean_{k-1},i| / sd_k,i and max_i |log sd_k,i - log sd_{k-1},i| (discrete factors:
+    max |change of a probability| < tol / 2), and either the level was stationary or the previous change was
+    below `tol` too (at small step sizes the iterates' autocorrelation outgrows any fixed window, so R-hat stays
+    above its bound; two small changes in a row, each over a level long enough for Adam to move far, say the
+    same: the average has stopped moving);
+    otherwise restart from qbar_k with lr_{k+1} = lr_k * `decay`.
+    A window whose median ELBO estimate falls more than 1 + 3 standard errors below the best level's (the first
+    window's, at first) means the step size diverges: back to the best average, Adam's moments reset, lr cut by
+    decay^2, the reference measured again (at most MAX_RESTARTS times).
+
+The rule stops at `max_steps` otherwise (status "max_steps"), reporting the average of the last level.
+Cost is counted in steps; every step evaluates the log-joint (and its gradient) at num_particles points.
+
+`RelativeTolerance` is Stan ADVI's test (`tol_rel_obj`) on running means of the ELBO, for fixed-step fits.
+"""
+import dataclasses
+import math
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["Adaptive", "RelativeTolerance"]
+
+MAX_RESTARTS = 4
+
+
+def _flat(params):
+    return torch.cat([t.detach().reshape(-1) for g in params.values() for t in g.values()])
+
+
+def _unflat(params, flat):
+    i = 0
+    with torch.no_grad():
+        for g in params.values():
+            for t in g.values():
+                t.copy_(flat[i:i + t.numel()].reshape(t.shape))
+                i += t.numel()
+
+
+def split_rhat(x, chains=4):
+    """R-hat (Gelman et al. 2013) of x (n, C) split into `chains` consecutive segments, per coordinate (C,);
+    coordinates that do not move at all get 1."""
+    n = x.shape[0] // chains
+    seg = x[-n * chains:].reshape(chains, n, -1)
+    within = seg.var(1).mean(0)
+    between = n * seg.mean(1).var(0)
+    var = (n - 1) / n * within + between / n
+    r = torch.sqrt(var / within.clamp_min(1e-300))
+    return torch.where(within > 0, r, torch.ones_like(r))
+
+
+@dataclasses.dataclass(frozen=True)
+class Adaptive:
+    """The default step-size, averaging and stopping rule (see the module docstring). lr: the first level's
+    learning rate (Adam; the MAP start makes it posterior-sd units); decay: factor between levels."""
+
+    lr: float = 0.05
+    decay: float = 0.5
+    window: int = 50
+    min_level_steps: int = 200
+    max_level_steps: int = 2000
+    rhat: float = 1.1
+    tol: float = 0.05
+    max_steps: int = 20000
+
+    def __post_init__(self):
+        for name in ("lr", "tol", "rhat"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"Adaptive {name} must be a positive number, got {v!r}")
+        if not 0 < self.decay < 1:
+            raise ConfigError(f"Adaptive decay must be in (0, 1), got {self.decay!r}")
+        for name in ("window", "min_level_steps", "max_level_steps", "max_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"Adaptive {name} must be a positive int, got {v!r}")
+
+    def tracker(self, state):
+        return _Tracker(self, state)
+
+
+class _Tracker:
+    """The running state of `Adaptive` for one fit: levels, iterates, averages. `state_dict` holds it all, so a
+    checkpoint resumes it exactly."""
+
+    def __init__(self, rule, state):
+        self.rule = rule
+        self.level = 0
+        self.level_start = state.step
+        self.summaries = []          # (C,) marginal summaries of q at every step of this level
+        self.window_sums = []        # flat parameter sums, one per window of this level
+        self.previous = _summary(state)  # summary of the last level's average (the start for level 0)
+        self.previous_probs = _probs(state)
+        self.converged = False
+        self.last_change = float("nan")
+        self.history = []            # one dict per finished level
+        self.best = _flat(state.params).clone()   # the start, then every finished level's average
+        self.ref_elbo, self.ref_se = float("nan"), 0.0   # the ELBO a window must not fall far below
+        self.restarts = 0
+
+    def factor(self, t):
+        return self.rule.decay ** self.level
+
+    @property
+    def lr(self):
+        return self.rule.lr * self.factor(0)
+
+    def observe(self, state):
+        """Call after every step. True when the fit should stop (converged or max_steps)."""
+        rule = self.rule
+        self.summaries.append(_summary(state))
+        n = state.step - self.level_start
+        flat = _flat(state.params)
+        if n % rule.window == 1 or rule.window == 1:
+            self.window_sums.append(flat.clone())
+        else:
+            self.window_sums[-1] += flat
+        if state.step >= rule.max_steps:
+            self._finish_level(state, final=True)
+            return True
+        if n % rule.window:
+            return False
+        mean, se = _window_elbo(state.elbo[-rule.window:])
+        if math.isnan(self.ref_elbo):
+            self.ref_elbo, self.ref_se = mean, se
+        elif not mean >= self.ref_elbo - 1.0 - 3.0 * self.ref_se and self.restarts < MAX_RESTARTS:
+            self._restart(state)
+            return False
+        if n < rule.min_level_steps:
+            return False
+        x = torch.stack(self.summaries[len(self.summaries) // 2:])
+        stationary = bool((split_rhat(x) < rule.rhat).all()) if x.shape[0] >= 8 else False
+        if not stationary and n < rule.max_level_steps:
+            return False
+        small_before = self.last_change < rule.tol
+        change = self._finish_level(state, final=False, stationary=stationary)
+        if change < rule.tol and (stationary or small_before):
+            self.converged = True
+            return True
+        self.best = self.history[-1]["average"]
+        self.ref_elbo, self.ref_se = max((_window_elbo(state.elbo[-(n // 2):]), (self.ref_elbo, self.ref_se)))
+        self._next_level(state, 1)
+        return False
+
+    def _next_level(self, state, levels):
+        self.level += levels
+        self.level_start = state.step
+        self.summaries, self.window_sums = [], []
+
+    def _restart(self, state):
+        """The ELBO fell far below the best so far (a diverging step size, seen with the score path and full
+        rank): back to the best average, Adam's moments forgotten, the step size cut twice."""
+        _unflat(state.params, self.best)
+        state.optimizer.state.clear()
+        self.history.append({"level": self.level, "lr": self.lr, "steps": state.step - self.level_start,
+                             "stationary": False, "change": float("nan"), "restarted": True,
+                             "average": self.best.clone()})
+        self.previous, self.previous_probs, self.last_change = _summary(state), _probs(state), float("nan")
+        self.ref_elbo, self.restarts = float("nan"), self.restarts + 1   # measured again after the restart
+        self._next_level(state, 2)
+
+    def _average(self, steps):
+        complete = self.window_sums[:steps // self.rule.window]   # a final partial window is left out
+        half = complete[len(complete) // 2:]
+        return torch.stack(half).sum(0) / (self.rule.window * len(half))
+
+    def _finish_level(self, state, final, stationary=False):
+        """Set params to the level's iterate average; record and return its change from the previous level."""
+        if not self.window_sums:
+            return float("nan")
+        if final and state.step - self.level_start < self.rule.window * 2:
+            if self.history:  # too short to average: the last finished level's average stands
+                _unflat(state.params, self.history[-1]["average"])
+            return float("nan")
+        _unflat(state.params, self._average(state.step - self.level_start))
+        now, probs = _summary(state), _probs(state)
+        d = now.shape[0] // 2
+        change = 0.0
+        if d:
+            sd = now[d:].exp()
+            change = max((now[:d] - self.previous[:d]).abs().div(sd).max().item(),
+                         (now[d:] - self.previous[d:]).abs().max().item())
+        if probs is not None:
+            change = max(change, 2 * (probs - self.previous_probs).abs().max().item())
+        self.history.append({"level": self.level, "lr": self.lr, "steps": state.step - self.level_start,
+                             "stationary": stationary, "change": change, "restarted": False,
+                             "average": _flat(state.params)})
+        self.previous, self.previous_probs, self.last_change = now, probs, change
+        return change
+
+    def report(self):
+        return [{k: v for k, v in h.items() if k != "average"} for h in self.history]
+
+    def state_dict(self):
+        return {"level": self.level, "level_start": self.level_start,
+                "summaries": torch.stack(self.summaries) if self.summaries else torch.zeros(0),
+                "window_sums": torch.stack(self.window_sums) if self.window_sums else torch.zeros(0),
+                "previous": self.previous,
+                "previous_probs": self.previous_probs if self.previous_probs is not None else torch.zeros(0),
+                "converged": self.converged, "last_change": self.last_change, "best": self.best,
+                "ref": torch.tensor([self.ref_elbo, self.ref_se]), "restarts": self.restarts,
+                "history": [{k: (v if torch.is_tensor(v) else torch.tensor(float(v))) for k, v in h.items()}
+                            for h in self.history]}
+
+    def load_state_dict(self, sd, device):
+        self.level, self.level_start = int(sd["level"]), int(sd["level_start"])
+        self.summaries = [t.to(device) for t in sd["summaries"]]
+        self.window_sums = [t.to(device) for t in sd["window_sums"]]
+        self.previous = sd["previous"].to(device)
+        self.previous_probs = sd["previous_probs"].to(device) if sd["previous_probs"].numel() else None
+        self.converged, self.last_change = bool(sd["converged"]), float(sd["last_change"])
+        self.best = sd["best"].to(device)
+        self.ref_elbo, self.ref_se = (float(v) for v in sd["ref"])
+        self.restarts = int(sd["restarts"])
+        self.history = [{"level": int(h["level"]), "lr": float(h["lr"]), "steps": int(h["steps"]),
+                         "stationary": bool(h["stationary"]), "change": float(h["change"]),
+                         "restarted": bool(h["restarted"]), "average": h["average"].to(device)} for h in sd["history"]]
+
+
+def _window_elbo(elbo):
+    """(median, its standard error from the interquartile range) of the finite per-step ELBO estimates in
+    `elbo` (a list of 0-dim tensors): robust to the heavy tails of score-path estimates."""
+    w = torch.stack(elbo)
+    w = w[torch.isfinite(w)]
+    if w.numel() < 4:
+        return float("-inf"), 0.0
+    q1, med, q3 = torch.quantile(w.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return med, 1.253 * (q3 - q1) / 1.349 / w.numel() ** 0.5
+
+
+def _summary(state):
+    """(2D,) q's marginal means and log sds on the unconstrained scale (empty without continuous latents)."""
+    pc = state.params["continuous"]
+    if not pc:
+        return torch.zeros(0)
+    with torch.no_grad():
+        return torch.cat([state.family.mean(pc), state.family.marginal_sd(pc).log()])
+
+
+def _probs(state):
+    pd = state.params["discrete"]
+    if not pd:
+        return None
+    with torch.no_grad():
+        return torch.cat([p.reshape(-1) for p in state.discrete.probs(pd).values()])
+
+
+class RelativeTolerance:
+    """Stan ADVI's relative-tolerance test, applied to running means of the per-step ELBO estimates."""
+
+    def __init__(self, tol, every, steps):
+        self.tol, self.every = tol, every
+        self.buffer_size = max(int(0.1 * steps / every), 2)
+        self.previous, self.rel = None, []
+
+    def __call__(self, elbo):
+        if self.tol is None or len(elbo) % self.every:
+            return False
+        window = torch.stack(elbo[-self.every:])
+        current = window[torch.isfinite(window)].mean().item()
+        if self.previous is not None and math.isfinite(current):
+            self.rel = (self.rel + [abs(current - self.previous) / max(abs(current), 1e-12)])[-self.buffer_size:]
+        self.previous = current
+        if len(self.rel) < 2:
+            return False
+        rel = torch.tensor(self.rel)
+        return bool(rel.mean() < self.tol or rel.median() < self.tol)

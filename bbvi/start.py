@@ -1,0 +1,137 @@
+"""Where q starts, kept out of the loop and out of the user's Model.
+
+    zero  q at unconstrained 0 (or `init_values`), scales `init_scale`.
+    map   the MAP of the unconstrained density (L-BFGS with a strong-Wolfe line search) and the Hessian H there
+          (Laplace): q starts at N(MAP, H^-1) in the family's nearest form, and the model is whitened,
+          u_model = MAP + H_ii^-1/2 u, so that the optimiser's step size is in posterior-sd units.
+    auto  (the default) 'map' where torch can differentiate the log-joint and the density has a proper mode;
+          otherwise 'zero', with the reason kept in `Start.note` (a log density that grows without bound, a
+          funnel such as the centered eight schools, has no mode, which is itself worth a warning).
+
+A log-joint that raises for a point the line search tries (a Cholesky of a kernel matrix that is not positive
+definite) counts as -inf there: the line search backs off instead of the fit dying.
+"""
+import dataclasses
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["Start", "initial_loc", "laplace_start", "STRATEGIES"]
+
+STRATEGIES = ("auto", "map", "zero")
+
+
+@dataclasses.dataclass
+class Start:
+    """What the start did: `strategy` used ('map' | 'zero'), `note` (why 'auto' fell back to 'zero'; '' when
+    it did not), `no_mode` (True when the fallback was because the density has no proper mode), and
+    `num_evals`: log-joint gradient evaluations it spent (L-BFGS calls and the Hessian's D rows)."""
+
+    strategy: str
+    note: str = ""
+    no_mode: bool = False
+    num_evals: int = 0
+
+
+class _NoMode(ConfigError):
+    """The density has no proper mode at the end of L-BFGS (unbounded, or a Hessian that is not positive definite)."""
+
+
+def initial_loc(model, init_values, loc):
+    """loc (D,) with the unconstrained values of the latents named in `init_values` (constrained values)."""
+    unknown = set(init_values) - {b.name for b in model.blocks}
+    if unknown:
+        raise ConfigError(f"init_values names {sorted(unknown)}, which are not continuous latents of "
+                          f"model {model.name!r}")
+    loc = loc.clone()
+    for b in model.blocks:
+        if b.name in init_values:
+            v = torch.as_tensor(init_values[b.name], device=loc.device, dtype=loc.dtype)
+            if tuple(v.shape) != b.shape:
+                raise ConfigError(f"init_values[{b.name!r}] has shape {tuple(v.shape)}, latent has {b.shape}")
+            uv = b.transform.inv(v[None]).reshape(-1)
+            if not torch.isfinite(uv).all():
+                raise ConfigError(f"init_values[{b.name!r}] = {v.tolist()} is outside the support "
+                                  f"{model.latents[b.name].support}")
+            loc[b.start:b.stop] = uv
+    return loc
+
+
+def choose(strategy, model, family, params, report, discrete_draw):
+    """Apply the start `strategy` to `params` (in place). Returns (model, Start); the model is the whitened copy
+    after a MAP start. 'map' raises ConfigError when it cannot work; 'auto' falls back to 'zero' with a note."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"init_strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    if strategy == "zero" or (strategy == "auto" and (model.dim == 0 or not report.differentiable)):
+        note = ""
+        if strategy == "auto" and model.dim:
+            note = (f"zero start: torch cannot differentiate the log-joint in {list(report.nondifferentiable)}, "
+                    f"so no MAP/Laplace start")
+        return model, Start("zero", note)
+    try:
+        model, evals = laplace_start(model, family, params, report, discrete_draw)
+    except ConfigError as e:
+        if strategy == "map":
+            raise
+        return model, Start("zero", f"zero start: the MAP start failed ({e})", no_mode=isinstance(e, _NoMode))
+    return model, Start("map", num_evals=evals)
+
+
+def laplace_start(model, family, params, report, discrete_draw, max_iter=500):
+    """The MAP of the unconstrained density (discrete latents held at one draw, L-BFGS) and its Hessian H.
+    Sets params to the Laplace start and returns (the model preconditioned by (MAP, 1/sqrt(H_ii)), number of
+    gradient evaluations). ConfigError where the log-joint is not differentiable, _NoMode where the density has
+    no proper mode."""
+    if not report.differentiable or model.dim == 0:
+        raise ConfigError(f"init_strategy='map' needs a log-joint torch can differentiate in every continuous latent "
+                          f"(model {model.name!r}: {list(report.nondifferentiable) or 'no continuous latents'})")
+    k1 = {name: v[:1] for name, v in discrete_draw.items()}
+    loc0 = params["continuous"]["loc"].detach().clone()
+    u = loc0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([u], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+    calls = [0]
+
+    def closure():
+        opt.zero_grad()
+        calls[0] += 1
+        try:
+            loss = -model.log_density(u[None], k1)[0]
+        except Exception:  # e.g. a Cholesky that fails at this point: treat as outside the support
+            loss = None
+        if loss is None or not torch.isfinite(loss):
+            u.grad = torch.zeros_like(u)
+            return torch.tensor(float("inf"), dtype=u.dtype, device=u.device)
+        loss.backward()
+        return loss.detach()
+
+    try:
+        opt.step(closure)
+    except Exception as e:
+        raise ConfigError(f"init_strategy='map': L-BFGS failed on model {model.name!r} ({type(e).__name__}: {e})") \
+            from e
+    u = u.detach()
+    try:
+        value = model.log_density(u[None], k1)[0]
+    except Exception as e:
+        raise ConfigError(f"init_strategy='map': the log-joint raised {type(e).__name__} at the optimum") from e
+    if not torch.isfinite(u).all() or not torch.isfinite(value):
+        raise _NoMode(f"init_strategy='map': the optimiser left the support of model {model.name!r} or the log "
+                      f"density grew without bound (no mode)")
+    hess = torch.autograd.functional.hessian(lambda v: -model.log_density(v[None], k1)[0], u)
+    hess = 0.5 * (hess + hess.T)
+    if not bool(torch.isfinite(hess).all()) or torch.linalg.eigvalsh(hess).min() <= 0:
+        raise _NoMode(f"init_strategy='map': the Hessian at the end of L-BFGS on model {model.name!r} is not "
+                      f"positive definite: the density has no proper mode there (a funnel, an improper "
+                      f"posterior or a saddle); use init_strategy='zero'")
+    scale = hess.diagonal().rsqrt()
+    whitened = hess * scale[:, None] * scale[None, :]
+    pc = params["continuous"]
+    with torch.no_grad():
+        new = family.init_from_precision({name: t.detach().clone() for name, t in pc.items()}, whitened)
+        pc["loc"].zero_()
+        for name, t in new.items():
+            if name != "loc":
+                pc[name].copy_(t)
+    return model.preconditioned(u, scale), calls[0] + model.dim
