@@ -84,7 +84,10 @@ def check_reliability(result, num_draws=4000, seed=0, warn=True):
     u, k, log_w = result.weighted_draws(num_draws, seed)
     smoothed, khat = psis(log_w.double().cpu().numpy())
     w = np.exp(smoothed - np.logaddexp.reduce(smoothed[np.isfinite(smoothed)])) if math.isfinite(khat) else None
-    ess = float(1.0 / np.sum(np.where(np.isfinite(w), w, 0.0) ** 2)) if w is not None else float("nan")
+    w2 = np.sum(np.where(np.isfinite(w), w, 0.0) ** 2) if w is not None else 0.0
+    ess = float(1.0 / w2) if w2 > 0 else float("nan")
+    if not math.isfinite(ess):
+        w = None
     reasons = []
     if not khat <= KHAT_MAX:
         reasons.append(f"PSIS k-hat is {khat:.2f} (> {KHAT_MAX}): q misses posterior mass, its tails and sds "
