@@ -1,4 +1,4 @@
-"""Every experiment, in one command (`make experiments`): accuracy on posteriordb, gradient variance,
+"""Every experiment, in one command (`make experiments`): the defaults on posteriordb, accuracy on posteriordb, gradient variance,
 convergence, discrete models; then the README's results section is regenerated from their tables, and the
 headline figures are copied to docs/figures/."""
 import os
@@ -10,6 +10,7 @@ from common import ROOT, parse, replace_readme_block
 
 import accuracy
 import convergence
+import defaults
 import discrete
 import gradient_variance
 
@@ -17,13 +18,13 @@ def main(argv=None):
     args = parse(__doc__.splitlines()[0], argv)
     passthrough = ["--out", args.out, "--jobs", str(args.jobs)] + (["--quick"] if args.quick else [])
     times = {}
-    for mod in (accuracy, gradient_variance, convergence, discrete):
+    for mod in (defaults, accuracy, gradient_variance, convergence, discrete):
         t = time.perf_counter()
         print(f"== {mod.__name__}", flush=True)
         mod.main(passthrough)
         times[mod.__name__] = time.perf_counter() - t
     parts = [open(os.path.join(args.out, f"{s}.md")).read() for s in
-             ("accuracy", "convergence", "discrete")]
+             ("defaults", "accuracy", "convergence", "discrete")]
     summary = "\n".join(parts) + "\n" + "Run times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n"
     with open(os.path.join(args.out, "experiments.md"), "w") as f:
         f.write(summary)
@@ -52,6 +53,7 @@ def _update_readme(out):
         "![convergence](docs/figures/convergence.png)", "", "![gradient variance](docs/figures/gradient_variance.png)",
         "", disc])
     replace_readme_block("experiments", "Experiments", block)
+    replace_readme_block("defaults", "Right by default", defaults.readme_block(pd.read_csv(os.path.join(out, "defaults.csv"))))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 def test_run_all_quick(tmp_path):
     import run_all
     run_all.main(["--out", str(tmp_path), "--quick", "--jobs", "1"])
-    for stem in ("accuracy", "gradient_variance", "convergence", "discrete"):
+    for stem in ("defaults", "accuracy", "gradient_variance", "convergence", "discrete"):
         assert (tmp_path / f"{stem}.csv").stat().st_size > 100
         assert (tmp_path / f"{stem}.md").read_text().count("|") > 10
     for fig in ("accuracy.png", "gradient_variance.png", "convergence.png"):
