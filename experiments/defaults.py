@@ -118,7 +118,8 @@ def readme_block(frame):
     f["cost"] = f.apply(lambda r: f"{r.steps:.0f} / {r.grad_evals / 1e3:.0f}k / {r.wall_s:.1f} s", axis=1)
     cost = f.pivot(index="posterior", columns="config", values="cost")[[c for c in CONFIGS if c in set(f.config)]]
     if "nuts_s" in f:
-        cost["NUTS 4x(1000+1000), s"] = f.groupby("posterior").nuts_s.first().map(lambda v: f"{v:.1f}")
+        cost["NUTS 4x(1000+1000), s"] = f.groupby("posterior").nuts_s.first().map(
+            lambda v: f"{v:.1f}" if v == v else "not measured")
     n = f.groupby("config").agg(right=("means_ok", "sum"), silent=("silent_miss", "sum"), total=("means_ok", "size"))
     lines = [f"- `{c}`: means within 0.1 sd on {int(n.right[c])}/{int(n.total[c])}, silent misses "
              f"{int(n.silent[c])}" for c in acc.columns]
