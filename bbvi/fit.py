@@ -201,7 +201,8 @@ def step(state):
     surrogate, baseline_state, num_bad, error = estimate(state.plan, state.model, state.family, state.discrete,
                                                          state.params, state.num_particles, state.generator,
                                                          state.baseline_state)
-    if error is not None:
+    raised = error is not None
+    if raised:
         state.num_raised_steps += 1
         state.last_exception = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     leaves = state.leaves()
@@ -210,6 +211,7 @@ def step(state):
     except Exception as e:  # noqa: BLE001 - e.g. the backward of a Cholesky at an ill-conditioned particle
         opt.zero_grad(set_to_none=True)
         surrogate = surrogate.detach() * float("nan")
+        raised = True
         state.last_exception = f"{type(e).__name__} in the gradient: {str(e).splitlines()[0] if str(e) else ''}"
     grads = [p.grad for p in leaves if p.grad is not None] or [surrogate.detach().reshape(1) * 0]
     if state.clip_grad is not None:
@@ -234,7 +236,7 @@ def step(state):
         state.consecutive_failures += 1
         state.last_failure = ("the ELBO estimate is " + str(surrogate.item()) +
                               f" ({int(num_bad or 0)} of {state.num_particles} particles had a NaN/inf log-joint"
-                              + (f"; the log-joint raised {state.last_exception}" if state.last_exception else "")
+                              + (f"; the log-joint raised {state.last_exception}" if raised else "")
                               + ")"
                               if not torch.isfinite(surrogate) else
                               "the ELBO gradient is NaN/inf (the log-joint's gradient overflows or is undefined "
