@@ -17,10 +17,10 @@ from .result import Result
 __version__ = "0.1.0"
 
 
-def load(path, model, device="cpu"):
+def load(path, model, device="cpu", family=None):
     """A fitted Result saved with `fit.save(path)`, attached to `model` (pass the model again)."""
-    from .checkpoint import load_result
-    return load_result(path, model, device=device)
+    from .result import load_result
+    return load_result(path, model, device=device, family=family)
 
 
 def nuts(model, **kwargs):

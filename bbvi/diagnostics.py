@@ -58,9 +58,7 @@ def _psis_moments(result, u, k, smoothed):
     """Per scalar latent (constrained): q's mean and sd from the draws, and the PSIS-weighted mean and sd."""
     w = np.exp(smoothed - np.logaddexp.reduce(smoothed[np.isfinite(smoothed)]))
     w = np.where(np.isfinite(w), w, 0.0)
-    with torch.no_grad():
-        z, _ = result.model.constrain(u)
-        z.update(k)
+    z = result.model.named_draws(u, k, derived=False)
     rows = []
     for name in result.model.latents:
         x = z[name].detach().double().reshape(z[name].shape[0], -1).cpu().numpy()
@@ -149,12 +147,7 @@ def importance_resample(result, num_draws=4000, seed=0, num_proposals=None, max_
     probs = torch.from_numpy(np.exp(smoothed - np.logaddexp.reduce(smoothed)))
     g = torch.Generator().manual_seed(seed + 1)
     idx = torch.multinomial(probs, num_draws, replacement=True, generator=g).to(u.device)
-    with torch.no_grad():
-        z, _ = result.model.constrain(u[idx])
-        z.update({name: v[idx] for name, v in k.items()})
-        out = {name: z[name] for name in result.model.latents}
-        out.update(result.model.derive(z))
-    return out
+    return result.model.named_draws(u[idx], {name: v[idx] for name, v in k.items()})
 
 
 # ---- references ---------------------------------------------------------------------------------------------

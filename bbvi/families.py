@@ -9,6 +9,10 @@ owns (no parameter store). Every family has
     log_prob(params, u) -> (S,)                  u: (S, D)
     entropy(params) -> ()                        closed form
     mean(params) -> (D,), covariance(params) -> (D, D), marginal_sd(params) -> (D,)
+    init_from_precision(params, H) -> params     optional: the MAP start's q from a Hessian (needs params["loc"])
+
+Any object with these methods is a family (`resolve_family` checks them): a new family is one class, in a file
+of its own or here. A dataclass family can be saved and loaded by class name and fields.
 
 Noise is drawn with `torch.randn(..., generator=g)` and transformed, so runs are reproducible without the
 global RNG. Scales start small (init_scale=0.1): a wide initial q throws particles into the tails of the
@@ -239,11 +243,18 @@ class Discrete:
 _FAMILIES = {"meanfield": MeanField, "fullrank": FullRank, "lowrank": LowRank}
 
 
+PROTOCOL = ("init", "rsample", "sample", "log_prob", "entropy", "mean", "covariance", "marginal_sd")
+
+
 def resolve_family(family):
-    """'meanfield' | 'fullrank' | 'lowrank' | a family object -> a family object."""
-    if isinstance(family, (MeanField, FullRank, LowRank)):
-        return family
+    """'meanfield' | 'fullrank' | 'lowrank' | any object with the family protocol -> a family object."""
     if isinstance(family, str) and family in _FAMILIES:
         return _FAMILIES[family]()
+    if not isinstance(family, (str, type)) and family is not None:
+        missing = [m for m in PROTOCOL if not callable(getattr(family, m, None))]
+        if not missing:
+            return family
+        raise ConfigError(f"family {family!r} lacks {missing} of the family protocol {list(PROTOCOL)} "
+                          f"(see bbvi/families.py)")
     raise ConfigError(f"family must be one of {sorted(_FAMILIES)} or a bbvi.MeanField/FullRank/LowRank object, "
                       f"got {family!r}")

@@ -22,9 +22,10 @@ import torch
 from .checkpoint import restore_checkpoint, save_checkpoint
 from .errors import ConfigError, FitError
 from .convergence import Adaptive, RelativeTolerance
-from .estimators import DEFAULT, estimate, init_baseline_state, plan_for, resolve_estimator
+from .estimators import DEFAULT, draw, estimate, init_baseline_state, plan_for, resolve_estimator
 from .families import Discrete, resolve_family
 from .result import Result
+from .saving import describe
 from .start import choose as choose_start
 from .start import initial_loc
 
@@ -155,9 +156,8 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
 
     with torch.no_grad():
         probe = 3
-        u = family.sample(params["continuous"], probe, generator) if model.dim else loc.new_zeros(probe, 0)
+        u, k = draw(model, family, discrete, params, probe, generator)
         u[0] = loc
-        k = discrete.sample(params["discrete"], probe, generator)
     report = model.check(u, k)
     plan = plan_for(estimator, model, report, num_particles)
     model, start_info = choose_start(init_strategy, model, family, params, report, k)
@@ -291,7 +291,7 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     callbacks = tuple(callbacks)
     if not all(callable(c) for c in callbacks):
         raise ConfigError("callbacks must be callables (state) -> bool")
-    settings = dict(model=model.name, family=repr(resolve_family(family)), num_particles=num_particles,
+    settings = dict(model=model.name, family=describe(resolve_family(family)), num_particles=num_particles,
                     steps=steps, lr=lr, optimizer=str(optimizer), schedule=str(schedule), clip_grad=clip_grad,
                     tol_rel_obj=tol_rel_obj, seed=seed, device=str(device), init_strategy=init_strategy,
                     max_steps=max_steps)
@@ -300,7 +300,7 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
                  schedule=schedule, steps=steps, clip_grad=clip_grad, seed=seed, device=device, dtype=dtype,
                  init_values=init_values, init_strategy=init_strategy, max_steps=max_steps)
     start_s = time.perf_counter() - began
-    settings.update(estimator=repr(resolve_estimator(estimator, baseline)), plan=repr(state.plan),
+    settings.update(estimator=describe(resolve_estimator(estimator, baseline)), plan=repr(state.plan),
                     dtype=str(next(iter(state.leaves())).dtype), start=state.start.strategy)
     tracker = state.tracker
     cap = tracker.rule.max_steps if tracker is not None else steps

@@ -288,6 +288,17 @@ class Model:
                                  f"S={S}, got {getattr(v, 'shape', type(v).__name__)}")
         return out
 
+    def named_draws(self, u, discrete=None, derived=True):
+        """Draws as the user names them: u (S, D) unconstrained and discrete dict -> dict name -> (S, *shape) of
+        constrained values, every latent in declaration order, then the derived quantities (when `derived`)."""
+        with torch.no_grad():
+            z, _ = self.constrain(u)
+            z.update(discrete or {})
+            out = {name: z[name] for name in self.latents}
+            if derived:
+                out.update(self.derive(z))
+        return out
+
     def _derive_one_by_one(self, z, error):
         S = next(iter(z.values())).shape[0]
         rows = []

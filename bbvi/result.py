@@ -4,9 +4,11 @@ import dataclasses
 import torch
 
 from .errors import ConfigError
-from .estimators import DEFAULT, estimate, init_baseline_state, plan_for, resolve_estimator
+from .estimators import DEFAULT, draw, estimate, init_baseline_state, log_q, plan_for, resolve_estimator
+from .saving import FORMAT, atomic_save, check_signature, config_of, model_signature, object_from, plan_config, \
+    plan_from, read
 
-__all__ = ["Result"]
+__all__ = ["Result", "load_result"]
 
 
 def _detached(params):
@@ -103,24 +105,13 @@ class Result:
     # ---- draws ----------------------------------------------------------------------------------------------
     def draw(self, num, seed=0):
         """(u (num, D) unconstrained continuous draws, dict of discrete draws) from q."""
-        g = self._generator(seed)
-        pc, pd = self.params["continuous"], self.params["discrete"]
-        ref = self._reference_tensor()
-        u = self.family.sample(pc, num, g) if self.model.dim else ref.new_zeros(num, 0)
-        k = self.discrete.sample(pd, num, g) if self.model.discrete else {}
-        return u, k
+        return draw(self.model, self.family, self.discrete, self.params, num, self._generator(seed))
 
     def sample(self, num_draws=4000, seed=0):
         """dict name -> Tensor (num_draws, *shape) of draws from q in constrained space, derived included."""
         if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
             raise ConfigError(f"num_draws must be a positive int, got {num_draws!r}")
-        u, k = self.draw(num_draws, seed)
-        with torch.no_grad():
-            z, _ = self.model.constrain(u)
-            z.update(k)
-            out = {name: z[name] for name in self.model.latents}
-            out.update(self.model.derive(z))
-        return out
+        return self.model.named_draws(*self.draw(num_draws, seed))
 
     def weighted_draws(self, num_draws=4000, seed=0):
         """(u, k, log_w): draws from q as in `draw` and their log importance weights log p(x, z) - log q(z),
@@ -130,9 +121,10 @@ class Result:
         with torch.no_grad():
             lp = torch.cat([self.model.log_density_guarded(u[i:i + chunk], {n: v[i:i + chunk] for n, v in k.items()})[0]
                             for i in range(0, u.shape[0], chunk)]).to(u.dtype)
-            lq = self.family.log_prob(self.params["continuous"], u) if self.model.dim else torch.zeros_like(lp)
-            if self.model.discrete:
-                lq = lq + self.discrete.log_prob(self.params["discrete"], k)
+            lq_c, lq_d = log_q(self.model, self.family, self.discrete, self.params, u, k)
+            lq = torch.zeros_like(lp) if lq_c is None else lq_c
+            if lq_d is not None:
+                lq = lq + lq_d
         return u, k, lp - lq
 
     def log_weights(self, num_draws=4000, seed=0):
@@ -224,9 +216,43 @@ class Result:
     def save(self, path):
         """Write the fitted parameters, ELBO trace, settings and status to `path` (no user code is pickled);
         `bbvi.load(path, model)` reads it back."""
-        from .checkpoint import save_result
-        save_result(self, path)
+        atomic_save({
+            "bbvi_format": FORMAT, "kind": "result", "model": model_signature(self.model),
+            "family": config_of(self.family), "plan": plan_config(self.plan),
+            "report": {"differentiable": self.report.differentiable,
+                       "nondifferentiable": list(self.report.nondifferentiable)},
+            "params": {g: {k: t.detach().cpu() for k, t in grp.items()} for g, grp in self.params.items()},
+            "elbo": self.elbo.cpu(), "settings": {k: str(v) for k, v in self.settings.items()},
+            "status": self.status, "num_steps": self.num_steps, "num_failed_steps": self.num_failed_steps,
+            "num_bad_particles": self.num_bad_particles, "wall_time": self.wall_time,
+            "num_rescaled_steps": self.num_rescaled_steps,
+            "baseline_state": {k: v.detach().cpu() for k, v in self.baseline_state.items()},
+            "preconditioner": [t.cpu() for t in self.model.preconditioner] if self.model.preconditioner else [],
+        }, path)
 
     def __repr__(self):
         return (f"<bbvi.Result {self.model.name!r} {self.status}, {self.num_steps} steps, "
                 f"final ELBO {self.final_elbo():.4g}>")
+
+
+def load_result(path, model, device="cpu", family=None):
+    """A Result saved by `Result.save`, attached to `model` (the same latents; its data may be new). `family`:
+    the family object, needed only when the saved one is a class bbvi cannot rebuild from the file."""
+    from . import families
+    from .families import Discrete, resolve_family
+    from .model import CheckReport
+    saved = read(path, "result")
+    check_signature(saved["model"], model, path)
+    params = {g: {k: t.to(device) for k, t in grp.items()} for g, grp in saved["params"].items()}
+    dtype = next(t for grp in params.values() for t in grp.values()).dtype
+    if saved["preconditioner"]:
+        model = model.preconditioned(*saved["preconditioner"])
+    model = model.to(device, dtype)
+    family = resolve_family(family) if family is not None else object_from(saved["family"], families, "family")
+    return Result(model=model, family=family, discrete=Discrete.for_model(model), plan=plan_from(saved["plan"]),
+                  report=CheckReport(saved["report"]["differentiable"], tuple(saved["report"]["nondifferentiable"])),
+                  params=params, elbo=saved["elbo"], settings=dict(saved["settings"]), status=saved["status"],
+                  num_steps=saved["num_steps"], num_failed_steps=saved["num_failed_steps"],
+                  num_bad_particles=saved["num_bad_particles"], wall_time=saved["wall_time"],
+                  num_rescaled_steps=saved["num_rescaled_steps"],
+                  baseline_state={k: v.to(device) for k, v in saved["baseline_state"].items()})

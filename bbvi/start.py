@@ -86,6 +86,9 @@ def laplace_start(model, family, params, report, discrete_draw, max_iter=500):
     if not report.differentiable or model.dim == 0:
         raise ConfigError(f"init_strategy='map' needs a log-joint torch can differentiate in every continuous latent "
                           f"(model {model.name!r}: {list(report.nondifferentiable) or 'no continuous latents'})")
+    if not callable(getattr(family, "init_from_precision", None)) or "loc" not in params["continuous"]:
+        raise ConfigError(f"init_strategy='map' needs a family with init_from_precision and a 'loc' parameter; "
+                          f"{family!r} has not")
     k1 = {name: v[:1] for name, v in discrete_draw.items()}
     loc0 = params["continuous"]["loc"].detach().clone()
     u = loc0.clone().requires_grad_(True)

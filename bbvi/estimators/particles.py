@@ -1,0 +1,80 @@
+"""One draw of S particles from q over both blocks, and its evaluation: the record every estimator reads.
+
+q is a product q_c(u) q_d(k) of a continuous family over the unconstrained vector u (S, D) and mean-field
+Categorical factors over the discrete latents k (dict name -> (S, *shape)). `draw` is the one place that draws
+from it (the fit's steps, its first check, the result's draws); `log_q` the one place that evaluates it.
+"""
+import dataclasses
+
+import torch
+
+__all__ = ["Particles", "draw", "evaluate", "log_q"]
+
+
+def _any_tensor(params):
+    return next(t for group in params.values() for t in group.values())
+
+
+def draw(model, family, discrete, params, num, generator, *, pathwise=False):
+    """(u (num, D), k dict name -> (num, *shape)) from q; u differentiable in the family's parameters when
+    `pathwise` (rsample), else drawn without gradient. The generator is consumed continuous block first."""
+    pc, pd = params["continuous"], params["discrete"]
+    if model.dim > 0:
+        u = family.rsample(pc, num, generator) if pathwise else family.sample(pc, num, generator)
+    else:
+        u = _any_tensor(params).new_zeros(num, 0)
+    k = discrete.sample(pd, num, generator) if discrete.spec else {}
+    return u, k
+
+
+def log_q(model, family, discrete, params, u, k):
+    """(log q_c(u), log q_d(k)), each (S,); zeros for an empty block."""
+    lq_c = family.log_prob(params["continuous"], u) if model.dim > 0 else None
+    lq_d = discrete.log_prob(params["discrete"], k) if discrete.spec else None
+    return lq_c, lq_d
+
+
+@dataclasses.dataclass
+class Particles:
+    """S evaluated particles. u (S, D), k dict name -> (S, *shape); log_p (S,) the unconstrained log density,
+    zero where not finite; valid (S,) bool, finite log_p; mask (S,) float 0/1 or None when every particle is
+    valid; n the number of valid particles (a float, or a 0-dim tensor under a mask); num_bad (0-dim int tensor)
+    or None; error: the exception the log-joint raised at some particles, or None."""
+
+    u: torch.Tensor
+    k: dict
+    log_p: torch.Tensor
+    valid: torch.Tensor
+    mask: object
+    n: object
+    num_bad: object
+    error: object
+
+    @property
+    def num(self):
+        return self.log_p.shape[0]
+
+    def average(self, x):
+        """Mean of x (S,) over the valid particles."""
+        if self.mask is None:
+            return torch.mean(x)
+        return (self.mask * torch.where(self.valid, x, torch.zeros_like(x))).sum() / self.n
+
+
+def evaluate(model, u, k, *, grad):
+    """Particles for draws (u, k): the log density, with gradient when `grad` (pathwise estimators), and which
+    particles are valid. A particle whose log-joint is NaN/inf, or raises, is invalid: its weight is zero."""
+    if grad:
+        lp, error = model.log_density_guarded(u, k)
+    else:
+        with torch.no_grad():
+            lp, error = model.log_density_guarded(u, k)
+    if lp.dtype != u.dtype:
+        lp = lp.to(u.dtype)
+    valid = torch.isfinite(lp)
+    S = lp.shape[0]
+    if bool(valid.all()):  # the common case: plain means, no masking
+        return Particles(u, k, lp, valid, None, float(S), None, error)
+    mask = valid.to(lp.dtype)
+    lp = torch.where(valid, lp, torch.zeros_like(lp))
+    return Particles(u, k, lp, valid, mask, mask.sum(), S - valid.sum(), error)

@@ -1,0 +1,56 @@
+"""Pathwise estimators of the continuous block: u = T_theta(eps) drawn differentiably (rsample).
+
+    reparam  (Kingma & Welling 2014; Titsias & Lazaro-Gredilla 2014)
+             g = grad [ mean_s log p(u_s(theta)) + H(q) ]    closed-form Gaussian entropy H
+    stl      (sticking the landing, Roeder et al. 2017)
+             g = grad mean_s [ log p(u_s(theta)) - log q_{stop(theta)}(u_s(theta)) ]   zero variance when q = p
+
+Both need every latent continuous and a log-joint torch can differentiate (`requires`), or the plan says
+why not. Reparam also serves as the continuous path of a mixed model (`terms`), beside score terms for the
+discrete latents (estimator='auto'); STL has no such form (its score-free value needs all of q pathwise).
+"""
+import dataclasses
+
+__all__ = ["Reparam", "STL"]
+
+
+class _Pathwise:
+    pathwise = True
+
+    def plan(self, model, report, num_particles):
+        from ..errors import ConfigError
+        from .plan import Plan
+        if model.discrete:
+            raise ConfigError(f"estimator={self.name!r} needs every latent continuous, but {sorted(model.discrete)} "
+                              f"are discrete; use estimator='auto' (pathwise for continuous, score for discrete) "
+                              f"or 'score'")
+        if not report.differentiable:
+            raise ConfigError(f"estimator={self.name!r} needs gradients of the log-joint, but torch cannot "
+                              f"differentiate model {model.name!r} in latent(s) {list(report.nondifferentiable)}; "
+                              f"use estimator='score' (it needs only log-joint values) or 'auto'")
+        return Plan(self, None, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reparam(_Pathwise):
+    """The reparameterization (pathwise) gradient with the closed-form entropy."""
+
+    name = "reparam"
+
+    def alone(self, particles, family, params):
+        return particles.average(particles.log_p) + family.entropy(params)
+
+    def terms(self, particles, family, params):
+        lq_c = family.log_prob(params, particles.u.detach())
+        return particles.average(particles.log_p) + family.entropy(params), lq_c, None, []
+
+
+@dataclasses.dataclass(frozen=True)
+class STL(_Pathwise):
+    """Sticking the landing: the pathwise gradient of log p - log q with q's parameters stopped in log q."""
+
+    name = "stl"
+
+    def alone(self, particles, family, params):
+        frozen = {name: t.detach() for name, t in params.items()}
+        return particles.average(particles.log_p - family.log_prob(frozen, particles.u))

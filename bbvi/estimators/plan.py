@@ -1,0 +1,155 @@
+"""From what the user asked for to one step's surrogate.
+
+`resolve_estimator` turns strings into estimator objects; an estimator's `plan(model, report, num_particles)`
+decides, for one model, the `Plan`: the path of the continuous block (an object with the continuous-path
+protocol of score.py, or None when there are no continuous latents), the baseline of the score terms, and
+whether discrete latents are present (they always go through score terms). `estimate` runs a plan once.
+"""
+import dataclasses
+
+
+from ..errors import ConfigError
+from .auto import Auto
+from .baselines import LOO, NoBaseline, resolve_baseline
+from .particles import draw, evaluate
+from .pathwise import STL, Reparam
+from .score import Score
+
+__all__ = ["Plan", "plan_for", "estimate", "resolve_estimator", "init_baseline_state", "with_gradient", "DEFAULT"]
+
+
+class _Default:
+    """The `baseline` argument left out: LOO for score terms, none for pathwise estimators."""
+
+    def __repr__(self):
+        return "DEFAULT"
+
+
+DEFAULT = _Default()
+_ESTIMATORS = {"score": Score, "reparam": Reparam, "stl": STL, "auto": Auto}
+_NO_BASELINE = NoBaseline()
+
+
+def _is_default(baseline):
+    return baseline is DEFAULT or (isinstance(baseline, str) and baseline == "default")
+
+
+def resolve_estimator(estimator, baseline=DEFAULT):
+    """(estimator, baseline) as a user writes them -> an estimator object. baseline=DEFAULT picks LOO for the
+    score terms; an explicit baseline with 'reparam'/'stl' is an error (they have no score term). Any object
+    with a `plan(model, report, num_particles) -> Plan` method is an estimator."""
+    if isinstance(estimator, str):
+        if estimator.lower() not in _ESTIMATORS:
+            raise ConfigError(f"estimator must be one of {sorted(_ESTIMATORS)} or a bbvi.Score/Reparam/STL/Auto "
+                              f"object, got {estimator!r}")
+        cls = _ESTIMATORS[estimator.lower()]
+        if cls in (Reparam, STL):
+            if not (_is_default(baseline) or baseline in (None, "none")):
+                raise ConfigError(f"baseline={baseline!r} applies to score-function terms only; "
+                                  f"estimator={estimator!r} is pathwise. Use estimator='score' or 'auto'.")
+            return cls()
+        return cls(baseline=LOO() if _is_default(baseline) else resolve_baseline(baseline))
+    if isinstance(estimator, (Score, Auto)):
+        if not _is_default(baseline):
+            raise ConfigError("pass the baseline inside the estimator object (bbvi.Score(baseline=...)), not both")
+        return dataclasses.replace(estimator, baseline=resolve_baseline(estimator.baseline))
+    if isinstance(estimator, (Reparam, STL)):
+        if not (_is_default(baseline) or baseline is None):
+            raise ConfigError(f"baseline={baseline!r} applies to score-function terms only; {estimator} is pathwise")
+        return estimator
+    if not isinstance(estimator, (type, str)) and callable(getattr(estimator, "plan", None)):
+        if not _is_default(baseline):
+            raise ConfigError(f"pass the baseline inside the estimator object {estimator!r}, not both")
+        return estimator
+    raise ConfigError(f"estimator must be one of {sorted(_ESTIMATORS)} or a bbvi.Score/Reparam/STL/Auto object, "
+                      f"got {estimator!r}")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Plan:
+    """What one step computes: `continuous`, the continuous block's path (ScorePath, Reparam, STL or any object
+    with the continuous-path protocol; None when there are no continuous latents), the `baseline` of the score
+    terms (None: no baseline), and whether there are discrete latents (always through score terms). `path` is
+    the continuous path's name: 'score' | 'reparam' | 'stl' | None."""
+
+    continuous: object
+    baseline: object
+    has_discrete: bool
+
+    @property
+    def path(self):
+        return None if self.continuous is None else self.continuous.name
+
+    @property
+    def has_score_terms(self):
+        return self.has_discrete or (self.continuous is not None and not self.continuous.pathwise)
+
+    def __repr__(self):
+        from ..saving import describe
+        return f"Plan(path={self.path!r}, baseline={describe(self.baseline)}, has_discrete={self.has_discrete!r})"
+
+
+def plan_for(estimator, model, report, num_particles):
+    """Decide the plan for `model` given its CheckReport, or raise ConfigError when the request cannot work."""
+    plan = estimator.plan(model, report, num_particles)
+    need = getattr(plan.baseline, "min_particles", 1)
+    if plan.has_score_terms and num_particles < need:
+        if isinstance(plan.baseline, LOO):
+            raise ConfigError(f"baseline='loo' needs num_particles >= 2 (got {num_particles}): the baseline of "
+                              f"each particle is the mean of the others")
+        raise ConfigError(f"baseline {plan.baseline!r} needs num_particles >= {need} (got {num_particles})")
+    if plan.has_discrete and plan.continuous is not None and not hasattr(plan.continuous, "terms"):
+        raise ConfigError(f"the {plan.path!r} path cannot be combined with score terms for discrete latents")
+    return plan
+
+
+def init_baseline_state(plan, device, dtype):
+    return (plan.baseline or _NO_BASELINE).init_state(device, dtype)
+
+
+def with_gradient(value, carrier):
+    """The stop-gradient trick, in one place: a scalar whose value is `value` and whose gradient is the
+    gradient of `carrier` (value + carrier - stop(carrier))."""
+    return value.detach() + carrier - carrier.detach()
+
+
+def estimate(plan, model, family, discrete, params, num_particles, generator, baseline_state):
+    """One Monte Carlo estimate at the current q with `num_particles` particles.
+
+    Returns (surrogate, baseline_state, num_bad, error): `surrogate` is a scalar whose value is an ELBO estimate
+    (reparam: mean log p + H(q), with the closed-form entropy; otherwise mean f) and whose gradient in
+    `params` is the plan's gradient estimate; `num_bad` (0-dim tensor, or None when every particle was
+    finite) counts particles with a NaN/inf log-joint, which were left out of the averages; `error` is the
+    exception the log-joint raised for some particles (they count as NaN particles), or None."""
+    pc, pd = params["continuous"], params["discrete"]
+    path = plan.continuous
+    pathwise = path is not None and path.pathwise
+    u, k = draw(model, family, discrete, params, num_particles, generator, pathwise=pathwise)
+    p = evaluate(model, u, k, grad=pathwise)
+    if path is not None and not plan.has_discrete:
+        alone = path.alone(p, family, pc)
+        if alone is not None:
+            return alone, baseline_state, p.num_bad, p.error
+
+    # score terms (continuous on the score path, and/or discrete), possibly beside a pathwise part
+    carrier = p.log_p.new_zeros(())
+    score_logq, score_params = None, []
+    lq_c = None
+    if path is not None:
+        extra, lq_c, score_logq, score_params = path.terms(p, family, pc)
+        if extra is not None:
+            carrier = carrier + extra
+    f = p.log_p.detach() if lq_c is None else p.log_p.detach() - lq_c.detach()
+    if plan.has_discrete:
+        lq_d = discrete.log_prob(pd, k)
+        score_logq = lq_d if score_logq is None else score_logq + lq_d
+        score_params = score_params + list(pd.values())
+        f = f - lq_d.detach()
+    if p.mask is not None:
+        f = f * p.mask
+        score_logq = score_logq * p.mask
+    elbo = p.average(f)
+    term, baseline_state = (plan.baseline or _NO_BASELINE).score_term(f, score_logq, score_params, p, elbo,
+                                                                      baseline_state)
+    carrier = carrier + term
+    return with_gradient(elbo, carrier), baseline_state, p.num_bad, p.error
