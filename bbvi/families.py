@@ -75,6 +75,13 @@ class MeanField(_Gaussian):
         x = (u - params["loc"]) * torch.exp(-log_scale)
         return -0.5 * (x * x).sum(-1) - log_scale.sum() - 0.5 * u.shape[-1] * _LOG_2PI
 
+    def coordinate_log_prob(self, params, u):
+        """(S, D): log q of each coordinate (q factorizes; their sum is log_prob). Families that factorize over
+        coordinates have this; the Rao-Blackwellized score terms use it."""
+        log_scale = params["log_scale"]
+        x = (u - params["loc"]) * torch.exp(-log_scale)
+        return -0.5 * x * x - log_scale - 0.5 * _LOG_2PI
+
     def entropy(self, params):
         d = params["loc"].shape[0]
         return params["log_scale"].sum() + 0.5 * d * (1 + _LOG_2PI)
@@ -235,6 +242,16 @@ class Discrete:
             picked = torch.gather(logp.expand(idx.shape + (k,)), -1, idx.unsqueeze(-1)).squeeze(-1)
             total = total + picked.reshape(idx.shape[0], -1).sum(-1)
         return total
+
+    def entry_log_prob(self, params, values):
+        """(S, Ed): log q of every discrete entry, latents in spec order, entries flattened."""
+        cols = []
+        for name, _shape, low, k, boolean in self.spec:
+            logp = torch.log_softmax(params[name], -1)
+            idx = values[name].long() - (0 if boolean else low)
+            picked = torch.gather(logp.expand(idx.shape + (k,)), -1, idx.unsqueeze(-1)).squeeze(-1)
+            cols.append(picked.reshape(idx.shape[0], -1))
+        return torch.cat(cols, -1)
 
     def probs(self, params):
         return {name: torch.softmax(params[name], -1) for name, *_ in self.spec}

@@ -23,6 +23,7 @@ from .checkpoint import restore_checkpoint, save_checkpoint
 from .errors import ConfigError, FitError
 from .convergence import Adaptive, RelativeTolerance
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, plan_for, resolve_estimator
+from .estimators.rao_blackwell import check_baseline, discover
 from .families import Discrete, resolve_family
 from .result import Result
 from .saving import describe
@@ -79,6 +80,7 @@ class FitState:
     tracker: object = None
     num_raised_steps: int = 0
     last_exception: str = ""
+    structure: object = None
 
     def leaves(self):
         return list(self.params["continuous"].values()) + list(self.params["discrete"].values())
@@ -160,6 +162,11 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         u[0] = loc
     report = model.check(u, k)
     plan = plan_for(estimator, model, report, num_particles)
+    structure = None
+    if report.factors is not None and plan.has_score_terms:  # Rao-Blackwellized score terms
+        check_baseline(plan.baseline)
+        structure = discover(model, discrete, report, u.detach()[:2], {n: v[:2] for n, v in k.items()},
+                             report.differentiable)
     model, start_info = choose_start(init_strategy, model, family, params, report, k)
     leaves = [t for g in params.values() for t in g.values()]
     base_lr = rule.lr if rule is not None else (0.05 if lr is None else lr)
@@ -168,7 +175,7 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
                      optimizer=opt, lr=float(base_lr), schedule=factor, generator=generator,
                      baseline_state=init_baseline_state(plan, device, dtype), num_particles=num_particles,
                      clip_grad=clip_grad, num_bad_particles=torch.zeros((), dtype=torch.int64, device=device),
-                     start=start_info)
+                     start=start_info, structure=structure)
     if rule is not None:
         state.tracker = rule.tracker(state)
         state.schedule = state.tracker.factor
@@ -200,7 +207,7 @@ def step(state):
     opt.zero_grad(set_to_none=True)
     surrogate, baseline_state, num_bad, error = estimate(state.plan, state.model, state.family, state.discrete,
                                                          state.params, state.num_particles, state.generator,
-                                                         state.baseline_state)
+                                                         state.baseline_state, state.structure)
     raised = error is not None
     if raised:
         state.num_raised_steps += 1

@@ -122,12 +122,17 @@ class CheckReport:
 
     differentiable: bool
     nondifferentiable: tuple
+    factors: tuple = None   # ((name, number of elements), ...) when the log-joint returns factor terms
 
 
 class Model:
     """A Bayesian model given by its log-joint.
 
-    log_joint(z, data) -> Tensor (S,): z maps every latent name to its constrained values (S, *shape).
+    log_joint(z, data) -> Tensor (S,): z maps every latent name to its constrained values (S, *shape). It may
+    instead return a dict of named factor terms, each (S,) or (S, n) (n terms along an axis: one per observation
+    or per latent element); the log-joint is then the sum of everything, and the score terms are
+    Rao-Blackwellized: each latent coordinate's score is weighted only by the terms that depend on it (found on
+    the first call by autograd and a perturbation probe, or declared: dependencies={factor: [latent names]}).
     latents: dict name -> Latent. data: passed back as the second argument (any object; tensors inside dicts,
     lists and tuples are moved to the fit's device and dtype). derived(z, data) -> dict name -> (S, ...):
     optional derived quantities (Stan's transformed parameters) reported with the samples.
@@ -137,7 +142,7 @@ class Model:
     """
 
     def __init__(self, log_joint, latents, data=None, name=None, derived=None, *, vectorized=True,
-                 differentiable=None):
+                 differentiable=None, dependencies=None):
         if not callable(log_joint):
             raise ModelError(f"log_joint must be callable (z, data) -> Tensor (S,), got {type(log_joint)}")
         if not isinstance(latents, dict) or not latents:
@@ -151,6 +156,16 @@ class Model:
             raise ModelError("derived must be a callable (z, data) -> dict name -> Tensor (S, ...)")
         if differentiable not in (None, True, False):
             raise ModelError(f"differentiable must be None (detect), True or False, got {differentiable!r}")
+        if dependencies is not None:
+            if not isinstance(dependencies, dict):
+                raise ModelError("dependencies must be a dict factor name -> list of latent names")
+            for term, names in dependencies.items():
+                bad = [n for n in ([names] if isinstance(names, str) else names) if n not in latents]
+                if bad:
+                    raise ModelError(f"dependencies[{term!r}] names latent(s) {bad}, which are not declared; "
+                                     f"declared latents: {sorted(latents)}")
+            dependencies = {t: tuple([n] if isinstance(n, str) else n) for t, n in dependencies.items()}
+        self.dependencies = dependencies
         self.log_joint = log_joint
         self.latents = dict(latents)
         self.data = data
@@ -192,11 +207,14 @@ class Model:
         return tuple(blocks)
 
     # ---- unconstrained <-> constrained -------------------------------------------------------------------
-    def constrain(self, u):
+    def constrain(self, u, per_element=False):
         """u: (S, D) unconstrained -> (dict name -> (S, *shape) constrained, log|det J| (S,)). With a
-        preconditioner (shift, scale), u is first mapped to shift + scale * u (its log-Jacobian included)."""
+        preconditioner (shift, scale), u is first mapped to shift + scale * u (its log-Jacobian included).
+        per_element=True: the log|det J| as a list of (S, m) pieces, one column per transformed latent element
+        (one per latent for a transform that couples its elements), without the preconditioner's constant
+        (`preconditioner_log_det`)."""
         S = u.shape[0]
-        z, ladj = {}, None
+        z, ladj, parts = {}, None, []
         if self.preconditioner is not None:
             shift, scale = self.preconditioner
             u = shift + scale * u
@@ -213,8 +231,12 @@ class Model:
             piece = piece.clamp(-limit, limit)
             value = b.transform(piece)
             z[b.name] = value
-            lad = b.transform.log_abs_det_jacobian(piece, value).reshape(S, -1).sum(-1)
+            lad = b.transform.log_abs_det_jacobian(piece, value).reshape(S, -1)
+            parts.append(lad)
+            lad = lad.sum(-1)
             ladj = lad if ladj is None else ladj + lad
+        if per_element:
+            return z, parts
         return z, (u.new_zeros(S) if ladj is None else ladj)
 
     def unconstrain(self, z):
@@ -262,12 +284,50 @@ class Model:
         return torch.stack(rows), error
 
     def call(self, z):
-        """The user's log-joint on constrained values z (dict name -> (S, *shape)) -> (S,)."""
+        """The user's log-joint on constrained values z (dict name -> (S, *shape)) -> (S,); a dict of factor
+        terms is summed (`terms_matrix(...).sum(-1)`)."""
+        out = self.call_raw(z)
+        return terms_matrix(out).sum(-1) if isinstance(out, dict) else out
+
+    def call_raw(self, z):
+        """The user's log-joint as it returns: a Tensor (S,) or a dict of factor terms (S,) / (S, n)."""
         if self.vectorized:
             return self.log_joint(z, self.data)
         S = next(iter(z.values())).shape[0]
-        return torch.stack([torch.as_tensor(self.log_joint({k: v[s] for k, v in z.items()}, self.data))
-                            for s in range(S)])
+        rows = [self.log_joint({k: v[s] for k, v in z.items()}, self.data) for s in range(S)]
+        if isinstance(rows[0], dict):
+            return {name: torch.stack([torch.as_tensor(r[name]) for r in rows]) for name in rows[0]}
+        return torch.stack([torch.as_tensor(r) for r in rows])
+
+    def log_density_terms(self, u, discrete=None):
+        """For a log-joint that returns factor terms: (S, E) every term element of the unconstrained log density,
+        the user's factor terms (in order, each flattened) then the log-det-Jacobian of every latent element; its
+        row sums plus `preconditioner_log_det()` are the log density."""
+        z, ladj_parts = self.constrain(u, per_element=True)
+        if discrete:
+            z.update(discrete)
+        return torch.cat([terms_matrix(self.call_raw(z))] + ladj_parts, -1)
+
+    def preconditioner_log_det(self):
+        """The constant log-Jacobian of the whitening u_model = shift + scale * u (0 without one)."""
+        return 0.0 if self.preconditioner is None else torch.log(self.preconditioner[1]).sum()
+
+    def log_density_terms_guarded(self, u, discrete=None):
+        """`log_density_terms` with the guard of `log_density_guarded`: rows of particles that raise are NaN."""
+        try:
+            return self.log_density_terms(u, discrete), None
+        except Exception as e:  # noqa: BLE001 - any failure of user code at some particles
+            error = e
+        rows, width = [], None
+        for s in range(u.shape[0]):
+            try:
+                rows.append(self.log_density_terms(u[s:s + 1], {k: v[s:s + 1] for k, v in (discrete or {}).items()}))
+                width = rows[-1].shape[1]
+            except Exception:  # noqa: BLE001
+                rows.append(None)
+        if width is None:
+            raise error
+        return torch.cat([r if r is not None else u.new_full((1, width), float("nan")) for r in rows]), error
 
     def derive(self, z):
         """Derived quantities for constrained z, each (S, ...); {} when the model has none."""
@@ -325,7 +385,7 @@ class Model:
         z.update(discrete)
         tracked = _ReadTracker(z)
         try:
-            out = self.call(tracked) if self.vectorized else self.call(z)
+            out = self.call_raw(tracked) if self.vectorized else self.call_raw(z)
         except KeyError as e:
             if e.args and isinstance(e.args[0], str) and e.args[0] not in self.latents:
                 raise ModelError(f"model {self.name!r}: log_joint reads latent {e.args[0]!r}, which is not "
@@ -335,6 +395,10 @@ class Model:
             shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in z.items())
             raise ModelError(f"model {self.name!r}: log_joint raised {type(e).__name__} on its first call, with S={S} "
                              f"particles and z shapes {{{shapes}}} (particles first): {e}") from e
+        factors = None
+        if isinstance(out, dict):
+            factors = self._check_terms(out, S)
+            out = terms_matrix(out).sum(-1)
         if not torch.is_tensor(out):
             raise ModelError(f"model {self.name!r}: log_joint must return a torch.Tensor of shape (S,) = ({S},), "
                              f"got {type(out).__name__} {out!r:.60}")
@@ -356,16 +420,35 @@ class Model:
             raise ModelError(f"model {self.name!r}: log_joint is {out[0].item()} at the initial point {at}; "
                              f"it must be finite there (check the supports of the latents, or start elsewhere with bbvi.fit(..., init_values={{...}}))")
         if self.differentiable is False or self.dim == 0:
-            return CheckReport(self.differentiable is not False, ())
+            return CheckReport(self.differentiable is not False, (), factors)
         if not out.requires_grad:
-            return CheckReport(False, tuple(b.name for b in self.blocks))
+            return CheckReport(False, tuple(b.name for b in self.blocks), factors)
         grads = torch.autograd.grad(out.sum() + ladj.sum() * 0, [z[b.name] for b in self.blocks],
                                     allow_unused=True)
         dead = tuple(b.name for b, g in zip(self.blocks, grads) if g is None)
         if self.differentiable is True and dead:
             raise ModelError(f"model {self.name!r} is declared differentiable, but torch gets no gradient of "
                              f"log_joint in latent(s) {list(dead)}")
-        return CheckReport(not dead, dead)
+        return CheckReport(not dead, dead, factors)
+
+    def _check_terms(self, out, S):
+        """Validate a dict of factor terms; -> tuple of (name, number of elements)."""
+        if not out:
+            raise ModelError(f"model {self.name!r}: log_joint returned an empty dict of factor terms")
+        factors = []
+        for name, v in out.items():
+            if not torch.is_tensor(v) or not v.is_floating_point():
+                raise ModelError(f"model {self.name!r}: factor term {name!r} must be a floating torch.Tensor of "
+                                 f"shape (S,) or (S, n) with S={S}, got {type(v).__name__} {v!r:.60}")
+            if v.dim() == 0 or v.shape[0] != S:
+                raise ModelError(f"model {self.name!r}: factor term {name!r} has shape {tuple(v.shape)}; expected "
+                                 f"(S,) or (S, n) with S={S} particles first")
+            factors.append((str(name), int(v[0].numel())))
+        for term in self.dependencies or {}:
+            if term not in out:
+                raise ModelError(f"model {self.name!r}: dependencies names factor term {term!r}, but log_joint "
+                                 f"returns terms {list(out)}")
+        return tuple(factors)
 
     # ---- device / dtype -----------------------------------------------------------------------------------
     def to(self, device=None, dtype=None):
@@ -381,6 +464,11 @@ class Model:
     def __repr__(self):
         lat = ", ".join(f"{k}: {tuple(v.shape)} {v.support}" for k, v in self.latents.items())
         return f"Model({self.name!r}, latents={{{lat}}}, unconstrained dim={self.dim})"
+
+
+def terms_matrix(terms):
+    """dict of factor terms, each (S,) or (S, n, ...) -> (S, E): every term element, in order, one column each."""
+    return torch.cat([v.reshape(v.shape[0], -1) for v in terms.values()], -1)
 
 
 def _clamp_limit(dtype):

@@ -46,6 +46,7 @@ class Result:
     num_raised_steps: int = 0
     last_exception: str = ""
     reliability: dict = dataclasses.field(default_factory=dict)
+    structure: object = None
 
     @classmethod
     def from_state(cls, state, *, settings, status, wall_time, start_time=0.0):
@@ -59,7 +60,7 @@ class Result:
                    baseline_state={k: v.detach().clone() for k, v in state.baseline_state.items()},
                    start=state.start, levels=state.tracker.report() if state.tracker is not None else [],
                    start_time=start_time, num_raised_steps=state.num_raised_steps,
-                   last_exception=state.last_exception)
+                   last_exception=state.last_exception, structure=state.structure)
 
     @property
     def num_gradient_evals(self):
@@ -174,7 +175,7 @@ class Result:
         out = []
         for _ in range(num_samples):
             surrogate, bstate, _, _ = estimate(plan, self.model, self.family, self.discrete, params, num_particles,
-                                            g, bstate)
+                                               g, bstate, self.structure)
             grads = torch.autograd.grad(surrogate, leaves, allow_unused=True)
             out.append(torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1)
                                   for gr, p in zip(grads, leaves)]))

@@ -19,7 +19,8 @@ from torch.distributions import Bernoulli, Gamma, Normal, Poisson, constraints
 
 import bbvi
 
-__all__ = ["mixture", "latent_features", "changepoint", "exact", "meanfield_optimum", "MODELS"]
+__all__ = ["mixture", "latent_features", "changepoint", "mixture_factors", "latent_features_factors", "exact",
+           "meanfield_optimum", "MODELS", "FACTOR_MODELS"]
 
 _G = torch.Generator().manual_seed(7)
 
@@ -39,6 +40,17 @@ def _mixture_log_joint(z, y):
 mixture = bbvi.Model(_mixture_log_joint, {"mu": bbvi.Latent(shape=(2,)),
                                           "z": bbvi.Latent(shape=(len(MIX_Y),), support=constraints.boolean)},
                      data=MIX_Y, name="mixture_assignments")
+
+
+def _mixture_factors(z, y):
+    """The same joint as factor terms: each assignment z_n appears only in its own term (Rao-Blackwellized)."""
+    mu, assign = z["mu"], z["z"].long()
+    loc = torch.gather(mu, 1, assign)
+    return {"prior_mu": Normal(MIX_PRIOR_MEANS.to(mu), MIX_PRIOR_SD).log_prob(mu),
+            "obs": Normal(loc, 1.0).log_prob(y) + math.log(0.5)}
+
+
+mixture_factors = bbvi.Model(_mixture_factors, dict(mixture.latents), data=MIX_Y, name="mixture_assignments_factors")
 
 
 def _mixture_exact():
@@ -103,6 +115,17 @@ latent_features = bbvi.Model(_features_log_joint,
                              data=FEAT_X, name="latent_features")
 
 
+def _features_factors(z, x):
+    """Factor terms: one prior term per feature indicator, one likelihood term per data row (s[n] only)."""
+    s = z["s"]
+    return {"prior": Bernoulli(probs=torch.tensor(FEAT_PRIOR, dtype=s.dtype)).log_prob(s).reshape(s.shape[0], -1),
+            "obs": Normal(s @ FEAT_W.to(s), FEAT_NOISE).log_prob(x).sum(-1)}
+
+
+latent_features_factors = bbvi.Model(_features_factors, dict(latent_features.latents), data=FEAT_X,
+                                     name="latent_features_factors")
+
+
 def _features_exact():
     states = torch.tensor(list(itertools.product([0, 1], repeat=3)), dtype=torch.float64)   # (8, K)
     p = []
@@ -163,6 +186,7 @@ def _changepoint_exact():
 
 
 MODELS = {"mixture": mixture, "latent_features": latent_features, "changepoint": changepoint}
+FACTOR_MODELS = {"mixture": mixture_factors, "latent_features": latent_features_factors}
 _EXACT = {"mixture": _mixture_exact, "latent_features": _features_exact, "changepoint": _changepoint_exact}
 
 

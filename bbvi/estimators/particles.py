@@ -69,6 +69,11 @@ def evaluate(model, u, k, *, grad):
     else:
         with torch.no_grad():
             lp, error = model.log_density_guarded(u, k)
+    return from_log_p(u, k, lp, error)
+
+
+def from_log_p(u, k, lp, error=None):
+    """Particles from draws and their log density lp (S,)."""
     if lp.dtype != u.dtype:
         lp = lp.to(u.dtype)
     valid = torch.isfinite(lp)

@@ -7,11 +7,14 @@ whether discrete latents are present (they always go through score terms). `esti
 """
 import dataclasses
 
+import torch
+
 
 from ..errors import ConfigError
 from .auto import Auto
 from .baselines import LOO, NoBaseline, resolve_baseline
-from .particles import draw, evaluate
+from .particles import draw, evaluate, from_log_p
+from .rao_blackwell import score_terms
 from .pathwise import STL, Reparam
 from .score import Score
 
@@ -113,14 +116,18 @@ def with_gradient(value, carrier):
     return value.detach() + carrier - carrier.detach()
 
 
-def estimate(plan, model, family, discrete, params, num_particles, generator, baseline_state):
+def estimate(plan, model, family, discrete, params, num_particles, generator, baseline_state, structure=None):
     """One Monte Carlo estimate at the current q with `num_particles` particles.
 
     Returns (surrogate, baseline_state, num_bad, error): `surrogate` is a scalar whose value is an ELBO estimate
     (reparam: mean log p + H(q), with the closed-form entropy; otherwise mean f) and whose gradient in
     `params` is the plan's gradient estimate; `num_bad` (0-dim tensor, or None when every particle was
     finite) counts particles with a NaN/inf log-joint, which were left out of the averages; `error` is the
-    exception the log-joint raised for some particles (they count as NaN particles), or None."""
+    exception the log-joint raised for some particles (they count as NaN particles), or None. With a
+    `structure` (a log-joint of factor terms; rao_blackwell.py) the score terms are Rao-Blackwellized."""
+    if structure is not None and plan.has_score_terms:
+        return _estimate_rao_blackwell(plan, model, family, discrete, params, num_particles, generator,
+                                       baseline_state, structure)
     pc, pd = params["continuous"], params["discrete"]
     path = plan.continuous
     pathwise = path is not None and path.pathwise
@@ -153,3 +160,41 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
                                                                       baseline_state)
     carrier = carrier + term
     return with_gradient(elbo, carrier), baseline_state, p.num_bad, p.error
+
+
+def _estimate_rao_blackwell(plan, model, family, discrete, params, num_particles, generator, baseline_state,
+                            structure):
+    """`estimate` for a log-joint of factor terms: each coordinate's score term sees only its Markov blanket."""
+    pc, pd = params["continuous"], params["discrete"]
+    path = plan.continuous
+    pathwise = path is not None and path.pathwise
+    u, k = draw(model, family, discrete, params, num_particles, generator, pathwise=pathwise)
+    if pathwise:
+        terms, error = model.log_density_terms_guarded(u, k)
+    else:
+        with torch.no_grad():
+            terms, error = model.log_density_terms_guarded(u, k)
+    terms = terms.to(u.dtype)
+    p = from_log_p(u, k, terms.sum(-1) + model.preconditioner_log_det(), error)
+    terms = torch.where(p.valid[:, None], terms, torch.zeros_like(terms)).detach()
+    carrier = p.log_p.new_zeros(())
+    columns, f = [], p.log_p.detach()
+    score_continuous = path is not None and not path.pathwise
+    if path is not None:
+        extra, lq_c, _, _ = path.terms(p, family, pc)
+        if extra is not None:
+            carrier = carrier + extra
+        f = f - lq_c.detach()
+        if score_continuous:
+            per_coord = getattr(family, "coordinate_log_prob", None)
+            columns.append(per_coord(pc, u) if per_coord is not None else lq_c[:, None])
+    if plan.has_discrete:
+        lq_d = discrete.entry_log_prob(pd, k)
+        columns.append(lq_d)
+        f = f - lq_d.detach().sum(-1)
+    if p.mask is not None:
+        f = f * p.mask
+    elbo = p.average(f)
+    term, baseline_state = score_terms(structure, p, terms, torch.cat(columns, 1), score_continuous,
+                                       plan.baseline, baseline_state)
+    return with_gradient(elbo, carrier + term), baseline_state, p.num_bad, p.error
