@@ -13,18 +13,19 @@ import convergence
 import defaults
 import discrete
 import gradient_variance
+import rao_blackwell
 
 def main(argv=None):
     args = parse(__doc__.splitlines()[0], argv)
     passthrough = ["--out", args.out, "--jobs", str(args.jobs)] + (["--quick"] if args.quick else [])
     times = {}
-    for mod in (defaults, accuracy, gradient_variance, convergence, discrete):
+    for mod in (defaults, accuracy, gradient_variance, convergence, discrete, rao_blackwell):
         t = time.perf_counter()
         print(f"== {mod.__name__}", flush=True)
         mod.main(passthrough)
         times[mod.__name__] = time.perf_counter() - t
     parts = [open(os.path.join(args.out, f"{s}.md")).read() for s in
-             ("defaults", "accuracy", "convergence", "discrete")]
+             ("defaults", "accuracy", "convergence", "discrete", "rao_blackwell")]
     summary = "\n".join(parts) + "\n" + "Run times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n"
     with open(os.path.join(args.out, "experiments.md"), "w") as f:
         f.write(summary)
@@ -36,7 +37,7 @@ def main(argv=None):
 def _update_readme(out):
     figures = os.path.join(ROOT, "docs", "figures")
     os.makedirs(figures, exist_ok=True)
-    for name in ("accuracy.png", "gradient_variance.png", "convergence.png"):
+    for name in ("accuracy.png", "gradient_variance.png", "convergence.png", "rao_blackwell.png"):
         shutil.copy(os.path.join(out, name), os.path.join(figures, name))
     import pandas as pd
     acc = pd.read_csv(os.path.join(out, "accuracy.csv"))
@@ -53,6 +54,9 @@ def _update_readme(out):
         "![convergence](docs/figures/convergence.png)", "", "![gradient variance](docs/figures/gradient_variance.png)",
         "", disc])
     replace_readme_block("experiments", "Experiments", block)
+    replace_readme_block("rao_blackwell", "Rao-Blackwellized score terms",
+                         open(os.path.join(out, "rao_blackwell.md")).read()
+                         + "\n![Rao-Blackwellization](docs/figures/rao_blackwell.png)\n")
     replace_readme_block("defaults", "Right by default", defaults.readme_block(pd.read_csv(os.path.join(out, "defaults.csv"))))
 
 

@@ -53,4 +53,15 @@ centered = bbvi.Model(centered_log_joint, latents={"theta": bbvi.Latent(shape=(8
                                                    "tau": bbvi.Latent(support=constraints.positive)},
                       data=DATA, name="eight_schools_centered")
 
-__all__ = ["model", "model_factors", "centered", "POSTERIOR"]
+def centered_factors_log_joint(z, data):
+    """The centered joint as factor terms: theta[j] appears only in its prior term and school j's term."""
+    mu, tau, theta = z["mu"], z["tau"], z["theta"]
+    return {"prior_mu": Normal(0.0, 5.0).log_prob(mu), "prior_tau": Cauchy(0.0, 5.0).log_prob(tau),
+            "prior_theta": Normal(mu[:, None], tau[:, None]).log_prob(theta),
+            "obs": Normal(theta, data["sigma"]).log_prob(data["y"])}
+
+
+centered_factors = bbvi.Model(centered_factors_log_joint, latents=dict(centered.latents), data=DATA,
+                              name="eight_schools_centered_factors")
+
+__all__ = ["model", "model_factors", "centered", "centered_factors", "POSTERIOR"]
