@@ -233,25 +233,24 @@ class Discrete:
                 out[name] = idx.to(logits.dtype) if boolean else idx + low
         return out
 
-    def log_prob(self, params, values):
-        """sum over every discrete entry of log q(value), shape (S,)."""
-        total = 0
+    def _picked(self, params, values):
+        """For each discrete latent: (S, n) log q of the value drawn for each of its n entries."""
         for name, _shape, low, k, boolean in self.spec:
             logp = torch.log_softmax(params[name], -1)
             idx = values[name].long() - (0 if boolean else low)
             picked = torch.gather(logp.expand(idx.shape + (k,)), -1, idx.unsqueeze(-1)).squeeze(-1)
-            total = total + picked.reshape(idx.shape[0], -1).sum(-1)
+            yield picked.reshape(idx.shape[0], -1)
+
+    def log_prob(self, params, values):
+        """sum over every discrete entry of log q(value), shape (S,)."""
+        total = 0
+        for picked in self._picked(params, values):
+            total = total + picked.sum(-1)
         return total
 
     def entry_log_prob(self, params, values):
         """(S, Ed): log q of every discrete entry, latents in spec order, entries flattened."""
-        cols = []
-        for name, _shape, low, k, boolean in self.spec:
-            logp = torch.log_softmax(params[name], -1)
-            idx = values[name].long() - (0 if boolean else low)
-            picked = torch.gather(logp.expand(idx.shape + (k,)), -1, idx.unsqueeze(-1)).squeeze(-1)
-            cols.append(picked.reshape(idx.shape[0], -1))
-        return torch.cat(cols, -1)
+        return torch.cat(list(self._picked(params, values)), -1)
 
     def probs(self, params):
         return {name: torch.softmax(params[name], -1) for name, *_ in self.spec}
