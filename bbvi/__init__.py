@@ -9,6 +9,7 @@ from . import constraints
 from .convergence import Adaptive
 from .errors import BBVIError, ConfigError, FitError, ModelError, ReliabilityWarning, SamplerError
 from .estimators import CV, EMA, LOO, STL, Auto, Reparam, Score
+from .estimators.expectation import expectation
 from .families import FullRank, LowRank, MeanField
 from .fit import FitState, fit, init, step
 from .model import Latent, Model
@@ -37,4 +38,4 @@ def compare(fit_result, reference, **kwargs):
 
 __all__ = ["Model", "Latent", "fit", "init", "step", "FitState", "Result", "load", "nuts", "compare", "MeanField",
            "FullRank", "LowRank", "Score", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "BBVIError",
-           "ModelError", "ConfigError", "FitError", "SamplerError", "ReliabilityWarning", "Adaptive", "constraints"]
+           "ModelError", "ConfigError", "FitError", "SamplerError", "ReliabilityWarning", "Adaptive", "constraints", "expectation"]
