@@ -27,9 +27,33 @@ from ..errors import ConfigError
 __all__ = ["expectation", "draw"]
 
 
+class FamilyDistribution:
+    """A bbvi family with its parameters, seen as a distribution over (num, D) vectors."""
+
+    has_rsample = True
+
+    def __init__(self, family, params):
+        from ..families import resolve_family
+        self.family, self.params = resolve_family(family), params
+
+    def log_prob(self, x):
+        return self.family.log_prob(self.params, x)
+
+
+def _as_distribution(dist):
+    if isinstance(dist, tuple) and len(dist) == 2:
+        return FamilyDistribution(*dist)
+    if not isinstance(dist, (D.Distribution, FamilyDistribution)):
+        raise ConfigError(f"dist must be a torch.distributions.Distribution or a (family, params) pair, got "
+                          f"{type(dist).__name__}")
+    return dist
+
+
 def draw(dist, num, generator, *, pathwise=False):
     """(num, *batch, *event) draws of `dist` from `generator`; differentiable in its parameters when
     `pathwise` (location-scale or inverse-CDF transforms of generator noise)."""
+    if isinstance(dist, FamilyDistribution):
+        return (dist.family.rsample if pathwise else dist.family.sample)(dist.params, num, generator)
     if isinstance(dist, D.Independent):
         return draw(dist.base_dist, num, generator, pathwise=pathwise)
     shape = (num,) + tuple(dist.batch_shape) + tuple(dist.event_shape)
@@ -102,7 +126,8 @@ def expectation(f, dist, *, num_samples, estimator="auto", baseline="loo", propo
     order on the score path) estimates grad E[f] in the parameters of `dist`.
 
     f: (num_samples, *event) draws -> (num_samples,) values; on the score path any Python or numpy code.
-    dist: a torch.distributions distribution whose parameters require grad. estimator: 'score' | 'pathwise' |
+    dist: a torch.distributions distribution whose parameters require grad, or a pair (bbvi family, its params
+    dict), e.g. (bbvi.MeanField(), {"loc": ..., "log_scale": ...}). estimator: 'score' | 'pathwise' |
     'auto' (pathwise where dist has rsample and f returns a tensor with gradient, score otherwise). baseline:
     None | 'loo' (leave-one-out over the draws). proposal: a distribution, or a list of them, to draw from
     instead of dist (importance sampling, off-policy; several are combined by the balance heuristic, the draws
@@ -113,8 +138,7 @@ def expectation(f, dist, *, num_samples, estimator="auto", baseline="loo", propo
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples must be a positive int, got {num_samples!r}")
-    if not isinstance(dist, D.Distribution):
-        raise ConfigError(f"dist must be a torch.distributions.Distribution, got {type(dist).__name__}")
+    dist = _as_distribution(dist)
     if estimator not in ("auto", "score", "pathwise"):
         raise ConfigError(f"estimator must be 'auto', 'score' or 'pathwise', got {estimator!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -163,8 +187,7 @@ def expectation(f, dist, *, num_samples, estimator="auto", baseline="loo", propo
 
 def _importance(f, dist, proposal, num_samples, generator, baseline, standardize, clip):
     proposals = list(proposal) if isinstance(proposal, (list, tuple)) else [proposal]
-    if not all(isinstance(q, D.Distribution) for q in proposals):
-        raise ConfigError("proposal must be a torch.distributions distribution or a list of them")
+    proposals = [_as_distribution(q) for q in proposals]
     sizes = [num_samples // len(proposals) + (j < num_samples % len(proposals)) for j in range(len(proposals))]
     xs = [draw(q, n, generator) for q, n in zip(proposals, sizes) if n > 0]
     x = torch.cat(xs)
