@@ -129,7 +129,7 @@ def test_a_bbvi_family_with_its_parameters_is_a_distribution():
               "log_scale": torch.tensor([0.0, -0.5], dtype=torch.float64, requires_grad=True)}
     exact = torch.cat([2 * params["loc"], 2 * torch.exp(2 * params["log_scale"])]).detach()
     for estimator in ("score", "pathwise"):
-        def one(g):
+        def one(g, estimator=estimator):
             v = bbvi.expectation(lambda x: (x ** 2).sum(-1), (bbvi.MeanField(), params), num_samples=32,
                                  estimator=estimator, generator=g)
             return v.detach(), torch.cat(torch.autograd.grad(v, [params["loc"], params["log_scale"]]))
