@@ -137,10 +137,18 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
                           f"(torch {torch.__version__}); use device='cpu'")
     family = resolve_family(family)
     estimator = resolve_estimator(estimator, baseline)
-    make_opt = _OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else optimizer
-    if make_opt is None or not callable(make_opt):
-        raise ConfigError(f"optimizer must be one of {sorted(_OPTIMIZERS)} or a callable (params, lr) -> "
-                          f"torch.optim.Optimizer, got {optimizer!r}")
+    natural = isinstance(optimizer, str) and optimizer == "natural"
+    if natural:  # natural-gradient steps need the family and the parameter dict, not just the leaves
+        from .natural import DEFAULT_LR, NaturalGradient, check_family
+        check_family(family)
+        make_opt = None
+        if lr is None and not isinstance(schedule, Adaptive):
+            lr = DEFAULT_LR  # rho, not Adam's 0.05 (measured in experiments/natural.py)
+    else:
+        make_opt = _OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else optimizer
+        if make_opt is None or not callable(make_opt):
+            raise ConfigError(f"optimizer must be one of {sorted(_OPTIMIZERS) + ['natural']} or a callable "
+                              f"(params, lr) -> torch.optim.Optimizer, got {optimizer!r}")
     rule = _rule(schedule, steps, lr, max_steps)
     factor = None if rule is not None else _schedule("cosine" if schedule == "auto" else schedule, max(steps, 1))
 
@@ -170,7 +178,7 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
     model, start_info = choose_start(init_strategy, model, family, params, report, k)
     leaves = [t for g in params.values() for t in g.values()]
     base_lr = rule.lr if rule is not None else (0.05 if lr is None else lr)
-    opt = make_opt(leaves, lr=base_lr)
+    opt = NaturalGradient(params, family, lr=base_lr) if natural else make_opt(leaves, lr=base_lr)
     state = FitState(model=model, family=family, discrete=discrete, plan=plan, report=report, params=params,
                      optimizer=opt, lr=float(base_lr), schedule=factor, generator=generator,
                      baseline_state=init_baseline_state(plan, device, dtype), num_particles=num_particles,
@@ -269,7 +277,9 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     family: 'meanfield' | 'fullrank' | 'lowrank' (or bbvi.MeanField/FullRank/LowRank(...)); discrete latents
     get mean-field Categorical factors. estimator: 'auto' | 'score' | 'reparam' | 'stl' (or bbvi.Score(...)
     ...); baseline (score terms): None | 'ema' | 'loo' | 'cv', LOO by default. optimizer: 'adam' | 'adagrad' |
-    'sgd' | 'rmsprop' or a callable (params, lr) -> Optimizer. steps=N runs exactly N steps (status
+    'sgd' | 'rmsprop' | 'natural' (natural-gradient steps in q's Fisher geometry, meanfield/fullrank and
+    Categorical factors, bbvi.natural; lr is then the step size rho, 0.3 by default) or a
+    callable (params, lr) -> Optimizer. steps=N runs exactly N steps (status
     'completed') with lr (0.05 by default) and `schedule`: 'cosine' (the default with steps=N: lr decays to 2%
     over the steps) | None (constant) | 'exponential' | callable t -> lr factor | bbvi.Adaptive(...) (then N is
     its cap). clip_grad: max global gradient norm. tol_rel_obj: with steps=N, stop early when the ELBO's

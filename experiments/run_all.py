@@ -1,5 +1,5 @@
 """Every experiment, in one command (`make experiments`): the defaults on posteriordb, accuracy on posteriordb, gradient variance,
-convergence, discrete models; then the README's results section is regenerated from their tables, and the
+convergence, discrete models, natural-gradient steps; then the README's results section is regenerated from their tables, and the
 headline figures are copied to docs/figures/."""
 import os
 import shutil
@@ -9,23 +9,25 @@ import time
 from common import ROOT, parse, replace_readme_block
 
 import accuracy
+import blackbox
 import convergence
 import defaults
 import discrete
 import gradient_variance
+import natural
 import rao_blackwell
 
 def main(argv=None):
     args = parse(__doc__.splitlines()[0], argv)
     passthrough = ["--out", args.out, "--jobs", str(args.jobs)] + (["--quick"] if args.quick else [])
     times = {}
-    for mod in (defaults, accuracy, gradient_variance, convergence, discrete, rao_blackwell):
+    for mod in (defaults, accuracy, gradient_variance, convergence, discrete, rao_blackwell, natural, blackbox):
         t = time.perf_counter()
         print(f"== {mod.__name__}", flush=True)
         mod.main(passthrough)
         times[mod.__name__] = time.perf_counter() - t
     parts = [open(os.path.join(args.out, f"{s}.md")).read() for s in
-             ("defaults", "accuracy", "convergence", "discrete", "rao_blackwell")]
+             ("defaults", "accuracy", "convergence", "discrete", "rao_blackwell", "natural")]
     summary = "\n".join(parts) + "\n" + "Run times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n"
     with open(os.path.join(args.out, "experiments.md"), "w") as f:
         f.write(summary)
@@ -58,6 +60,7 @@ def _update_readme(out):
                          open(os.path.join(out, "rao_blackwell.md")).read()
                          + "\n![Rao-Blackwellization](docs/figures/rao_blackwell.png)\n")
     replace_readme_block("defaults", "Right by default", defaults.readme_block(pd.read_csv(os.path.join(out, "defaults.csv"))))
+    replace_readme_block("natural", "Natural gradients", natural.readme_block(out))
 
 
 if __name__ == "__main__":
