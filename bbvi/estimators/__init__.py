@@ -21,9 +21,10 @@ from .auto import Auto
 from .baselines import CV, EMA, LOO, NoBaseline, resolve_baseline
 from .particles import Particles, draw, evaluate, log_q
 from .pathwise import STL, Reparam
-from .plan import DEFAULT, Plan, estimate, init_baseline_state, plan_for, resolve_estimator, with_gradient
+from .plan import DEFAULT, Plan, estimate, init_baseline_state, plan_for, resolve_estimator
+from .trick import magic_box, with_gradient
 from .score import Score, ScorePath
 
 __all__ = ["Score", "ScorePath", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "NoBaseline", "resolve_estimator",
-           "resolve_baseline", "estimate", "Plan", "plan_for", "init_baseline_state", "with_gradient", "DEFAULT",
+           "resolve_baseline", "estimate", "Plan", "plan_for", "init_baseline_state", "with_gradient", "magic_box", "DEFAULT",
            "Particles", "draw", "evaluate", "log_q"]

@@ -24,6 +24,7 @@ import dataclasses
 import torch
 
 from ..errors import ConfigError
+from .trick import magic_box
 
 __all__ = ["EMA", "LOO", "CV", "NoBaseline", "resolve_baseline"]
 
@@ -38,7 +39,7 @@ class _PerParticle:
 
     def score_term(self, f, score_logq, score_params, particles, elbo, state):
         b, state = self.values(f, particles, elbo, state)
-        return particles.average((f - b) * score_logq), state
+        return particles.average(magic_box(score_logq) * (f - b)), state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from .particles import draw, evaluate, from_log_p
 from .rao_blackwell import score_terms
 from .pathwise import STL, Reparam
 from .score import Score
+from .trick import with_gradient
 
 __all__ = ["Plan", "plan_for", "estimate", "resolve_estimator", "init_baseline_state", "with_gradient", "DEFAULT"]
 
@@ -108,12 +109,6 @@ def plan_for(estimator, model, report, num_particles):
 
 def init_baseline_state(plan, device, dtype):
     return (plan.baseline or _NO_BASELINE).init_state(device, dtype)
-
-
-def with_gradient(value, carrier):
-    """The stop-gradient trick, in one place: a scalar whose value is `value` and whose gradient is the
-    gradient of `carrier` (value + carrier - stop(carrier))."""
-    return value.detach() + carrier - carrier.detach()
 
 
 def estimate(plan, model, family, discrete, params, num_particles, generator, baseline_state, structure=None):

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from .baselines import EMA, LOO
+from .trick import magic_box
 
 __all__ = ["Structure", "discover", "score_terms"]
 
@@ -205,4 +206,4 @@ def score_terms(structure, p, terms, lq_columns, score_continuous, baseline, sta
         F = F * p.mask[:, None]
         lq_columns = lq_columns * p.mask[:, None]
     b, state = _column_baseline(baseline, F, p.mask, p.n, state)
-    return ((F - b) * lq_columns).sum() / p.n, state
+    return (magic_box(lq_columns) * (F - b)).sum() / p.n, state
