@@ -26,11 +26,13 @@ def khat_reading(khat):
 
 
 def psis(log_weights):
-    """Pareto-smoothed log importance weights (normalised) and k-hat, via arviz.psislw."""
+    """Pareto-smoothed log importance weights (normalised) and k-hat, via arviz.psislw. With fewer than 25
+    finite weights the Pareto tail would hold under 5 draws (min(S / 5, 3 sqrt S)) and k-hat is not defined:
+    the weights come back as they are, with k-hat NaN."""
     import arviz as az
     lw = np.asarray(log_weights, dtype=np.float64)
     finite = np.isfinite(lw)
-    if finite.sum() < 10:
+    if finite.sum() < 25:
         return lw, float("nan")
     lw = np.where(finite, lw, -np.inf)
     smoothed, khat = az.psislw(lw, reff=1.0)

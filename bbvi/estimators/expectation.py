@@ -4,25 +4,32 @@
     grad_theta E_p[f(x)] = E_eps[grad_theta f(T_theta(eps))]                         (pathwise)
 
 `expectation` returns a scalar whose value is the Monte Carlo estimate of E[f] and whose derivatives are the
-estimator's. On the score path it is written in the DiCE form (Foerster et al. 2018) with a baseline (Mao et al.
-2019): with the "magic box" B(x) = exp(log p(x) - stop(log p(x))) (value 1, gradient grad log p),
+estimator's. The score path is the one `bbvi.fit` uses for its score terms (trick.py and the baselines'
+`score_term`): in the DiCE form (Foerster et al. 2018) with a baseline (Mao et al. 2019), with the "magic box"
+B(x) = exp(log p(x) - stop(log p(x))) (value 1, gradient B grad log p),
 
-    surrogate = mean_s [ B(x_s) (f_s - b_s) + b_s ]
+    surrogate = mean f  +  [ c - stop(c) ],      c = mean_s B(x_s) (f_s - b_s)
 
-whose value is mean f and whose first *and higher* derivatives are unbiased (the naive f * log p gets the
-second derivative wrong). With proposals q_j (importance sampling, off-policy), x_s ~ q and the weights
-w_s = p(x_s) / sum_j (n_j / n) q_j(x_s) (the balance heuristic of multiple importance sampling; one proposal:
-p / q) carry the gradient: surrogate = mean_s [ w_s (f_s - b_s) + stop(w_s) b_s ].
+whose value is mean f and whose first *and higher* derivatives are unbiased for a single stochastic node and
+b_s independent of x_s (the naive mean f log p gets the second derivative wrong). With proposals q_j
+(importance sampling, off-policy), x_s ~ q and the weights w_s = p(x_s) / sum_j (n_j / n) q_j(x_s) (the balance
+heuristic of multiple importance sampling; one proposal: p / q): value mean_s w_s f_s, c = mean_s stop(w_s)
+B(x_s) (f_s - b_s).
 
 Draws use the generator passed in (never the global RNG): Normal, LogNormal, Uniform, Exponential, Laplace,
-Cauchy, Gumbel, Bernoulli, Categorical, OneHotCategorical, and Independent of those.
+Cauchy, Gumbel, Bernoulli, Categorical, OneHotCategorical, Independent of those, a bbvi family with its
+parameters, and any object with draw(num, generator) and log_prob(x).
 """
+import dataclasses
 import math
 
 import torch
 import torch.distributions as D
 
 from ..errors import ConfigError
+from .baselines import CV, NoBaseline, _PerParticle, resolve_baseline
+from .particles import Particles
+from .trick import magic_box, with_gradient
 
 __all__ = ["expectation", "draw"]
 
@@ -43,9 +50,10 @@ class FamilyDistribution:
 def _as_distribution(dist):
     if isinstance(dist, tuple) and len(dist) == 2:
         return FamilyDistribution(*dist)
-    if not isinstance(dist, (D.Distribution, FamilyDistribution)):
-        raise ConfigError(f"dist must be a torch.distributions.Distribution or a (family, params) pair, got "
-                          f"{type(dist).__name__}")
+    if not isinstance(dist, (D.Distribution, FamilyDistribution)) and not (
+            callable(getattr(dist, "draw", None)) and callable(getattr(dist, "log_prob", None))):
+        raise ConfigError(f"dist must be a torch.distributions.Distribution, a (family, params) pair or an object "
+                          f"with draw(num, generator) and log_prob(x), got {type(dist).__name__}")
     return dist
 
 
@@ -54,6 +62,8 @@ def draw(dist, num, generator, *, pathwise=False):
     `pathwise` (location-scale or inverse-CDF transforms of generator noise)."""
     if isinstance(dist, FamilyDistribution):
         return (dist.family.rsample if pathwise else dist.family.sample)(dist.params, num, generator)
+    if not isinstance(dist, D.Distribution):  # a user's distribution with draw(num, generator)
+        return dist.draw(num, generator)
     if isinstance(dist, D.Independent):
         return draw(dist.base_dist, num, generator, pathwise=pathwise)
     shape = (num,) + tuple(dist.batch_shape) + tuple(dist.event_shape)
@@ -98,43 +108,108 @@ def _values(f, x):
     return out
 
 
-def _baseline(values, baseline):
+def _leaves(t):
+    """The leaf tensors requiring grad that t depends on, in graph order (for the CV baseline's per-draw
+    scores, which need the parameters themselves)."""
+    seen, out, stack = set(), [], [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            out.append(var)
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shaped:
+    """A per-draw baseline whose learning signal f - b is then standardised and/or clipped."""
+
+    inner: object
+    standardize: bool
+    clip: object
+    min_particles = property(lambda self: getattr(self.inner, "min_particles", 1))
+
+    def init_state(self, device, dtype):
+        return self.inner.init_state(device, dtype)
+
+    def values(self, f, particles, elbo, state):
+        b, state = self.inner.values(f, particles, elbo, state)
+        a = f - b
+        if self.standardize:
+            a = a / f.std().clamp_min(1e-12)
+        if self.clip is not None:
+            a = a.clamp(-self.clip, self.clip)
+        return f - a, state
+
+    score_term = _PerParticle.score_term
+
+
+def _piecewise_constant(values, x):
+    """Why the pathwise gradient of f would be wrong though torch carries one, or None: f's derivative in x is
+    zero at every draw while f's values differ (f is piecewise constant: floor, round, sign, a step written
+    with arithmetic), so a pathwise estimate would be a confident zero. auto then takes the score path."""
+    if not x.requires_grad or values.shape[0] < 2:
+        return None
+    try:
+        (gx,) = torch.autograd.grad(values.sum(), x, retain_graph=True, allow_unused=True)
+    except RuntimeError as e:  # e.g. "derivative for aten::heaviside is not implemented"
+        return f"f has no derivative in x ({str(e).splitlines()[0]}): took the score path"
+    if gx is None or bool((gx != 0).any()) or not bool((values.detach() != values.detach()[0]).any()):
+        return None
+    return ("f's derivative in x is zero at every draw while its values differ (piecewise constant): the "
+            "pathwise gradient would be 0; took the score path")
+
+
+def _resolve(baseline, num, standardize, clip, importance):
+    bl = resolve_baseline(baseline) or NoBaseline()
+    per_draw = callable(getattr(bl, "values", None))
+    if (standardize or clip is not None or importance) and not per_draw:
+        what = "importance sampling (proposal=)" if importance else "standardize/clip"
+        raise ConfigError(f"baseline {baseline!r} is not a per-draw baseline b_s; {what} needs one of None, "
+                          f"'ema', 'loo'")
+    if standardize or clip is not None:
+        bl = _Shaped(bl, bool(standardize), clip)
+    need = getattr(bl, "min_particles", 1)
+    if num < need:
+        raise ConfigError(f"baseline={baseline!r} needs num_samples >= {need} (got {num})"
+                          + (": each draw's baseline is the mean of the others" if need == 2 else ""))
+    return bl
+
+
+def _particles(values):
+    """The record the baselines read, for num draws that are all valid."""
     n = values.shape[0]
-    if baseline in (None, "none"):
-        return torch.zeros_like(values)
-    if baseline == "loo":
-        if n < 2:
-            raise ConfigError("baseline='loo' needs num_samples >= 2: each draw's baseline is the mean of the others")
-        return (values.sum() - values) / (n - 1)
-    raise ConfigError(f"bbvi.expectation: baseline must be None or 'loo', got {baseline!r}")
-
-
-def _signal(values, b, standardize, clip):
-    """The learning signal f - b ("advantages"), optionally standardised and clipped; it never depends on
-    theta, so the estimate stays unbiased for any baseline that does not use the draw itself."""
-    a = values - b
-    if standardize:
-        a = a / values.std().clamp_min(1e-12)
-    if clip is not None:
-        a = a.clamp(-clip, clip)
-    return a
+    return Particles(values.new_zeros(n, 0), {}, values, torch.ones(n, dtype=torch.bool, device=values.device),
+                     None, float(n), None, None)
 
 
 def expectation(f, dist, *, num_samples, estimator="auto", baseline="loo", proposal=None, generator=None,
-                standardize=False, clip=None, return_info=False):
+                standardize=False, clip=None, baseline_state=None, return_info=False):
     """Monte Carlo estimate of E_{x ~ dist}[f(x)] whose gradient (`.backward()`, `torch.autograd.grad`, to any
     order on the score path) estimates grad E[f] in the parameters of `dist`.
 
     f: (num_samples, *event) draws -> (num_samples,) values; on the score path any Python or numpy code.
-    dist: a torch.distributions distribution whose parameters require grad, or a pair (bbvi family, its params
-    dict), e.g. (bbvi.MeanField(), {"loc": ..., "log_scale": ...}). estimator: 'score' | 'pathwise' |
-    'auto' (pathwise where dist has rsample and f returns a tensor with gradient, score otherwise). baseline:
-    None | 'loo' (leave-one-out over the draws). proposal: a distribution, or a list of them, to draw from
-    instead of dist (importance sampling, off-policy; several are combined by the balance heuristic, the draws
-    split evenly). generator: a torch.Generator (default: a fresh one seeded 0). standardize: divide the
-    learning signals by the sd of f (a biased but often steadier step, as in policy gradients); clip: clamp the
-    signals to [-clip, clip]. return_info: also return a dict with 'estimator', and with proposals the
-    importance weights' effective sample size 'ess' and PSIS 'khat'.
+    dist: a torch.distributions distribution whose parameters require grad; a pair (bbvi family, its params
+    dict), e.g. (bbvi.MeanField(), {"loc": ..., "log_scale": ...}); or any object with `draw(num, generator)`
+    and `log_prob(x)` (e.g. a policy's distribution over whole episodes). estimator: 'score' | 'pathwise' |
+    'auto' (pathwise where dist has rsample and f returns a tensor with gradient in x, score otherwise,
+    and score where f's derivative in x is zero at every draw while f varies: a step, floor or sign whose
+    pathwise gradient is zero almost everywhere; info['note'] says so). A payoff with a jump that torch
+    differentiates as smooth pieces (max(S - K, 0) is fine; a smooth function plus a jump is not) cannot be
+    told apart: ask for estimator='score' there. baseline:
+    the baselines of `bbvi.fit`'s score terms, through the same code: None | 'loo' (leave-one-out over the
+    draws) | 'ema' (moving average of past calls' estimates: pass `baseline_state` back in, from
+    info['baseline_state']) | 'cv' (per-parameter optimal scaling; first derivatives only) | a baseline object.
+    proposal: a distribution, or a list of them, to draw from instead of dist (importance sampling,
+    off-policy; several are combined by the balance heuristic, the draws split evenly). generator: a
+    torch.Generator (default: a fresh one seeded 0). standardize: divide the learning signals by the sd of f
+    (a biased but often steadier step, as in policy gradients); clip: clamp the signals to [-clip, clip].
+    return_info: also return a dict with 'estimator' and 'baseline_state', and with proposals the importance
+    weights' effective sample size 'ess' and PSIS 'khat'.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -142,52 +217,62 @@ def expectation(f, dist, *, num_samples, estimator="auto", baseline="loo", propo
     if estimator not in ("auto", "score", "pathwise"):
         raise ConfigError(f"estimator must be 'auto', 'score' or 'pathwise', got {estimator!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    info = {}
     if proposal is not None:
-        value, info = _importance(f, dist, proposal, num_samples, generator, baseline, standardize, clip)
+        value, info = _importance(f, dist, proposal, num_samples, generator, baseline, standardize, clip,
+                                  baseline_state)
         info["estimator"] = "score (importance sampled)"
-    else:
-        path = estimator
-        if estimator in ("auto", "pathwise"):
-            if not dist.has_rsample:
+        return (value, info) if return_info else value
+    note = None
+    if estimator in ("auto", "pathwise"):
+        if not getattr(dist, "has_rsample", False):
+            if estimator == "pathwise":
+                raise ConfigError(f"estimator='pathwise' needs a reparameterizable distribution; "
+                                  f"{type(dist).__name__} has none: use 'score'")
+        else:
+            x = draw(dist, num_samples, generator, pathwise=True)
+            try:
+                values = f(x)
+                differentiable = torch.is_tensor(values) and values.requires_grad
+            except Exception as e:  # noqa: BLE001 - f is not torch code: score path, or say why not
                 if estimator == "pathwise":
-                    raise ConfigError(f"estimator='pathwise' needs a reparameterizable distribution; "
-                                      f"{type(dist).__name__} has none: use 'score'")
-                path = "score"
-            else:
-                x = draw(dist, num_samples, generator, pathwise=True)
-                try:
-                    values = f(x)
-                    differentiable = torch.is_tensor(values) and values.requires_grad
-                except Exception as e:  # noqa: BLE001 - f is not torch code: score path, or say why not
-                    if estimator == "pathwise":
-                        raise ConfigError(f"estimator='pathwise' needs f in torch; it raised "
-                                          f"{type(e).__name__}: {e}") from e
-                    differentiable = False
-                if differentiable:
-                    values = _values(lambda _: values, x)
-                    info["estimator"] = "pathwise"
-                    value = values.mean()
-                    return (value, info) if return_info else value
-                if estimator == "pathwise":
-                    raise ConfigError("estimator='pathwise' needs f differentiable in torch; f's value has no "
-                                      "gradient: use 'score'")
-                path = "score"
-        x = draw(dist, num_samples, generator)
-        with torch.no_grad():
-            values = _values(f, x)
-        logp = _log_prob(dist, x)
-        box = torch.exp(logp - logp.detach())  # DiCE's magic box: value 1, gradient grad log p, to every order
-        b = _baseline(values, baseline)
-        value = (box * _signal(values, b, standardize, clip)).mean() + (values - _signal(values, b, standardize,
-                                                                                          clip)).mean()
-        info["estimator"] = path
+                    raise ConfigError(f"estimator='pathwise' needs f in torch; it raised "
+                                      f"{type(e).__name__}: {e}") from e
+                differentiable = False
+            note = None
+            if differentiable and estimator == "auto":
+                note = _piecewise_constant(values, x)
+                differentiable = note is None
+            if differentiable:
+                value = _values(lambda _: values, x).mean()
+                info = {"estimator": "pathwise", "baseline_state": baseline_state}
+                return (value, info) if return_info else value
+            if estimator == "pathwise":
+                raise ConfigError("estimator='pathwise' needs f differentiable in torch; f's value has no "
+                                  "gradient: use 'score'")
+    bl = _resolve(baseline, num_samples, standardize, clip, importance=False)
+    x = draw(dist, num_samples, generator)
+    with torch.no_grad():
+        values = _values(f, x)
+    logp = _log_prob(dist, x)
+    state = bl.init_state(values.device, values.dtype) if baseline_state is None else baseline_state
+    estimate = values.mean()
+    # the score term, by the code fit's steps use (the baseline's score_term, in the DiCE form)
+    leaves = _leaves(logp) if isinstance(bl, CV) else []
+    carrier, state = bl.score_term(values, logp, leaves, _particles(values), estimate, state)
+    value = with_gradient(estimate, carrier)
+    info = {"estimator": "score", "baseline_state": state}
+    if estimator == "auto" and getattr(dist, "has_rsample", False) and note is not None:
+        info["note"] = note
     return (value, info) if return_info else value
 
 
-def _importance(f, dist, proposal, num_samples, generator, baseline, standardize, clip):
+def _importance(f, dist, proposal, num_samples, generator, baseline, standardize, clip, baseline_state):
+    """Draws from the proposals, weights w_s = p(x_s) / sum_j (n_j / n) q_j(x_s) (balance heuristic), and the
+    weighted score term mean_s stop(w_s) B(log p(x_s)) (f_s - b_s): its derivatives are those of
+    mean_s w_s (f_s - b_s), unbiased to every order for b_s independent of x_s."""
     proposals = list(proposal) if isinstance(proposal, (list, tuple)) else [proposal]
     proposals = [_as_distribution(q) for q in proposals]
+    bl = _resolve(baseline, num_samples, standardize, clip, importance=True)
     sizes = [num_samples // len(proposals) + (j < num_samples % len(proposals)) for j in range(len(proposals))]
     xs = [draw(q, n, generator) for q, n in zip(proposals, sizes) if n > 0]
     x = torch.cat(xs)
@@ -195,14 +280,16 @@ def _importance(f, dist, proposal, num_samples, generator, baseline, standardize
         values = _values(f, x)
         log_mix = torch.logsumexp(torch.stack([_log_prob(q, x) + math.log(n / num_samples)
                                                for q, n in zip(proposals, sizes) if n > 0]), 0)
-    logw = _log_prob(dist, x) - log_mix
+    logp = _log_prob(dist, x)
+    logw = logp.detach() - log_mix
     w = torch.exp(logw)
-    b = _baseline(values, baseline)
-    a = _signal(values, b, standardize, clip)
-    value = (w * a).mean() + (w.detach() * (values - a)).mean()
+    estimate = (w * values).mean()
+    state = bl.init_state(values.device, values.dtype) if baseline_state is None else baseline_state
+    b, state = bl.values(values, _particles(values), estimate, state)
+    value = with_gradient(estimate, (w * magic_box(logp) * (values - b)).mean())
     from ..diagnostics import psis
-    lw = logw.detach().double().cpu().numpy()
+    lw = logw.double().cpu().numpy()
     # equal weights (the proposal is the target): no tail to fit, the estimate is the plain Monte Carlo one
     khat = psis(lw)[1] if lw.max() - lw.min() > 1e-12 else 0.0
-    wn = torch.softmax(logw.detach().double(), 0)
-    return value, {"ess": float(1.0 / (wn ** 2).sum()), "khat": float(khat)}
+    wn = torch.softmax(logw.double(), 0)
+    return value, {"ess": float(1.0 / (wn ** 2).sum()), "khat": float(khat), "baseline_state": state}
