@@ -14,7 +14,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	# The CPU wheel of torch lies on the build machines' disk; any other spec pulls a CUDA build.
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,rl]'
 	touch $(STAMP)
 
 test: install
