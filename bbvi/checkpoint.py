@@ -34,7 +34,7 @@ def restore_checkpoint(state, path, settings):
     """Load the checkpoint at `path` into a freshly initialised FitState (same model, family, estimator and
     settings, or a ConfigError says what differs)."""
     ck = read(path, "checkpoint")
-    check_signature(ck["model"], state.model, path)
+    check_signature(ck["model"], state.model, path, same_data=True)
     if ck["family"] != config_of(state.family) or ck["plan"] != plan_config(state.plan):
         raise ConfigError(f"{path!r} was saved by a fit with family {ck['family']} and plan {ck['plan']}; this fit "
                           f"has {config_of(state.family)} and {plan_config(state.plan)}")

@@ -53,6 +53,8 @@ def _unflat(params, flat):
 def split_rhat(x, chains=4):
     """R-hat (Gelman et al. 2013) of x (n, C) split into `chains` consecutive segments, per coordinate (C,);
     coordinates that do not move at all get 1."""
+    if x.numel() == 0:  # no coordinates (a model with discrete latents only has no continuous summaries)
+        return x.new_ones(x.shape[1:])
     n = x.shape[0] // chains
     seg = x[-n * chains:].reshape(chains, n, -1)
     within = seg.var(1).mean(0)

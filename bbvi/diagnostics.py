@@ -16,8 +16,11 @@ RHAT_MAX, ESS_MIN = 1.01, 400
 
 def khat_reading(khat):
     """Yao et al.'s reading of k-hat."""
+    if math.isnan(khat):
+        return "not computable (fewer than 25 finite weights)"
     if not math.isfinite(khat):
-        return "not computable"
+        return ("not reliable: the importance weights are unbounded (q puts mass where the log-joint is -inf, "
+                "or its tails are far lighter than the posterior's)")
     if khat < 0.5:
         return "good: q is close to the posterior; importance sampling could correct what is left"
     if khat < 0.7:
@@ -89,6 +92,10 @@ def check_reliability(result, num_draws=4000, seed=0, warn=True):
     if not math.isfinite(ess):
         w = None
     reasons = []
+    outside = float((log_w == -math.inf).double().mean())
+    if outside > 0:
+        reasons.append(f"{outside:.2%} of q's draws fall where the log-joint is -inf (outside the posterior's "
+                       f"support), where the posterior has no mass")
     if not khat <= KHAT_MAX:
         reasons.append(f"PSIS k-hat is {khat:.2f} (> {KHAT_MAX}): q misses posterior mass, its tails and sds "
                        f"cannot be trusted")
@@ -149,7 +156,7 @@ def importance_resample(result, num_draws=4000, seed=0, num_proposals=None, max_
     probs = torch.from_numpy(np.exp(smoothed - np.logaddexp.reduce(smoothed)))
     g = torch.Generator().manual_seed(seed + 1)
     idx = torch.multinomial(probs, num_draws, replacement=True, generator=g).to(u.device)
-    return result.model.named_draws(u[idx], {name: v[idx] for name, v in k.items()})
+    return result.model.named_draws(u[idx], {name: v[idx] for name, v in k.items()}, seed=seed)
 
 
 # ---- references ---------------------------------------------------------------------------------------------

@@ -47,6 +47,15 @@ def _schedule(schedule, steps):
     if schedule == "exponential":
         return lambda t: 0.01 ** (min(t, steps) / steps)
     if callable(schedule):
+        for t in range(steps):  # a factor that is NaN or negative would turn ascent into silent descent
+            try:
+                v = float(schedule(t))
+            except Exception as e:  # noqa: BLE001
+                raise ConfigError(f"schedule({t}) raised {type(e).__name__}: {e}; schedule must map a step "
+                                  f"t = 0..{steps - 1} to a factor >= 0 of the learning rate") from None
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"schedule({t}) = {v}: a learning-rate factor must be finite and >= 0 for every "
+                                  f"step t = 0..{steps - 1}")
         return schedule
     raise ConfigError(f"schedule must be None, 'constant', 'cosine', 'exponential' or a callable t -> factor, "
                       f"got {schedule!r}")
@@ -103,13 +112,15 @@ def _check_positive_int(name, value, minimum=1):
 
 def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_particles=16, lr=None,
          optimizer="adam", schedule="auto", steps=None, clip_grad=None, seed=0, device="cpu", dtype=None,
-         init_values=None, init_strategy="auto", max_steps=None):
+         init_values=None, init_strategy="auto", max_steps=None, **unknown):
     """Build the FitState: move the model's data to device/dtype (float64 by default), start q (bbvi.start:
     'auto' is the MAP/Laplace start where torch can differentiate the log-joint and the density has a mode, the
     zero start otherwise; `init_values` sets some continuous latents' starting values), check the log-joint once,
     choose the estimator's plan and the step-size rule (steps=None: bbvi.Adaptive; steps=N: `schedule`, cosine by
     default), build the optimizer."""
     from .model import Model
+    if unknown:
+        _refuse_unknown("init", unknown, init)
     if not isinstance(model, Model):
         hint = (" (it looks like the log-joint itself: wrap it as bbvi.Model(log_joint, latents={...}))"
                 if callable(model) else "")
@@ -128,6 +139,14 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
     dtype = dtype or DEFAULT_DTYPE
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if torch.finfo(dtype).bits < 32:
+        fi = torch.finfo(dtype)
+        raise ConfigError(f"dtype={dtype} is too coarse for a fit: {fi.bits}-bit floats carry about "
+                          f"{fi.resolution:g} relative precision, so ELBO differences and the transforms to "
+                          f"constrained supports round away (in float16 a unit_interval latent could not leave "
+                          f"[0.25, 0.75]). Use torch.float32 or torch.float64")
+    if isinstance(seed, int) and not 0 <= seed < 2 ** 63:
+        raise ConfigError(f"seed must be in [0, 2**63), got {seed}")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -165,7 +184,7 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
             t.requires_grad_(True)
 
     with torch.no_grad():
-        probe = 3
+        probe = _probe_count(model)
         u, k = draw(model, family, discrete, params, probe, generator)
         u[0] = loc
     report = model.check(u, k)
@@ -188,6 +207,47 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         state.tracker = rule.tracker(state)
         state.schedule = state.tracker.factor
     return state
+
+
+_ALIASES = {"n_particles": "num_particles", "particles": "num_particles", "num_samples": "num_particles",
+            "step": "steps", "n_steps": "steps", "num_steps": "steps", "iterations": "steps", "n_iter": "steps",
+            "learning_rate": "lr", "step_size": "lr", "random_seed": "seed", "rng_seed": "seed", "guide": "family"}
+
+
+def _refuse_unknown(fn_name, unknown, fn):
+    """ConfigError for keywords `fn` does not take, with the one meant where it can be guessed."""
+    import difflib
+    import inspect
+    known = [p for p in inspect.signature(fn).parameters if p not in ("unknown", "model")]
+    lines = []
+    for key in unknown:
+        if key == "init_scale":
+            lines.append("init_scale is an option of the family: family=bbvi.MeanField(init_scale=...) (or "
+                         "bbvi.FullRank / bbvi.LowRank)")
+            continue
+        guess = _ALIASES.get(key) or next(iter(difflib.get_close_matches(key, known, n=1, cutoff=0.6)), None)
+        lines.append(f"{key}={unknown[key]!r}" + (f": did you mean {guess}=?" if guess else ""))
+    raise ConfigError(f"bbvi.{fn_name}() got unknown keyword argument(s): " + "; ".join(lines)
+                      + f". Its options: {', '.join(known)}")
+
+
+def _probe_count(model):
+    """How many particles the first-call check draws: 3, or the first prime above it that is no dimension of
+    any data array, so that a log-joint broadcasting particles against data of that length cannot pass."""
+    sizes = set()
+
+    def collect(obj):
+        if torch.is_tensor(obj) or hasattr(obj, "shape"):
+            sizes.update(int(n) for n in getattr(obj, "shape", ()))
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                collect(v)
+        elif isinstance(obj, (list, tuple)):
+            sizes.add(len(obj))
+            for v in obj:
+                collect(v)
+    collect(model.data)
+    return next(p for p in (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47) if p not in sizes)
 
 
 def _rule(schedule, steps, lr, max_steps):
@@ -265,7 +325,8 @@ def step(state):
 def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_particles=16, steps=None, lr=None,
         optimizer="adam", schedule="auto", clip_grad=None, tol_rel_obj=None, check_every=100, callbacks=(),
         progress=None, seed=0, device="cpu", dtype=None, init_values=None, max_consecutive_failures=100,
-        checkpoint=None, checkpoint_every=500, resume=None, init_strategy="auto", max_steps=None, diagnose=True):
+        checkpoint=None, checkpoint_every=500, resume=None, init_strategy="auto", max_steps=None, diagnose=True,
+        **unknown):
     """Fit q to the posterior of `model` by stochastic gradient ascent on the ELBO.
 
     With no options it needs no tuning: the MAP/Laplace start where it exists (init_strategy='auto'), float64,
@@ -292,6 +353,8 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     the result of an uninterrupted fit. Returns a bbvi Result.
     """
     from .model import Model
+    if unknown:
+        _refuse_unknown("fit", unknown, fit)
     if not isinstance(model, Model):
         init(model)  # raises the ConfigError that says what a model is
     if tol_rel_obj is not None and not _positive_number(tol_rel_obj):
@@ -332,6 +395,7 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
         from tqdm.auto import tqdm
         bar = tqdm(total=cap, initial=state.step, desc=f"bbvi {model.name}", leave=False)
     status = "completed" if tracker is None else "max_steps"
+    callback_error = None
     began = time.perf_counter()
     try:
         while state.step < cap and not (tracker is not None and tracker.converged):
@@ -347,7 +411,12 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
             if state.consecutive_failures >= max_consecutive_failures:
                 status = "failed"
                 break
-            if any(bool(c(state)) for c in callbacks):
+            try:
+                stopped = any(bool(c(state)) for c in callbacks)
+            except Exception as e:  # noqa: BLE001 - a user's callback must not lose the fit
+                status, callback_error = "failed", e
+                break
+            if stopped:
                 status = "stopped by callback"
                 break
             if converged(state.elbo):
@@ -366,6 +435,11 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
         save_checkpoint(state, checkpoint, settings)
     result = Result.from_state(state, settings=settings, status=status, wall_time=time.perf_counter() - began,
                                start_time=start_s)
+    if callback_error is not None:
+        raise FitError(f"fit of model {model.name!r}: a callback raised {type(callback_error).__name__}: "
+                       f"{callback_error} (after step {state.step}). The fit so far is in this error's .result"
+                       + (f" and in the checkpoint {str(checkpoint)!r}" if checkpoint is not None else "") + ".",
+                       result=result) from callback_error
     if status == "failed":
         raise FitError(f"fit of model {model.name!r} stopped at step {state.step}: {state.consecutive_failures} "
                        f"steps in a row failed; last cause: {state.last_failure}. {state.num_failed_steps} steps "

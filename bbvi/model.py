@@ -183,6 +183,10 @@ class Model:
         for name, lat in self.latents.items():
             if lat.is_discrete:
                 continue
+            lo, hi = getattr(lat.support, "lower_bound", None), getattr(lat.support, "upper_bound", None)
+            if lo is not None and hi is not None and not bool(torch.all(torch.as_tensor(lo) < torch.as_tensor(hi))):
+                raise ModelError(f"latent {name!r}: support {lat.support!r} is empty or a single point: its lower "
+                                 f"bound {lo} must be below its upper bound {hi}")
             try:
                 t = bijection(lat.support)
             except NotImplementedError:
@@ -201,6 +205,10 @@ class Model:
                 raise ModelError(f"latent {name!r}: shape {lat.shape} does not fit support {lat.support!r} "
                                  f"(e.g. lower_cholesky needs (n, n))")
             size = math.prod(ushape)
+            if size == 0:
+                raise ModelError(f"latent {name!r}: support {lat.support!r} with shape {lat.shape} has a single "
+                                 f"possible value, so it is a constant, not a latent: put the value in the "
+                                 f"log-joint, or give it more entries (e.g. simplex of shape (K,) with K >= 2)")
             identity = isinstance(t, ComposeTransform) and not t.parts
             blocks.append(_Block(name, lat.shape, ushape, t, start, start + size, identity))
             start += size
@@ -348,15 +356,21 @@ class Model:
                                  f"S={S}, got {getattr(v, 'shape', type(v).__name__)}")
         return out
 
-    def named_draws(self, u, discrete=None, derived=True):
+    def named_draws(self, u, discrete=None, derived=True, seed=0):
         """Draws as the user names them: u (S, D) unconstrained and discrete dict -> dict name -> (S, *shape) of
-        constrained values, every latent in declaration order, then the derived quantities (when `derived`)."""
+        constrained values, every latent in declaration order, then the derived quantities (when `derived`).
+        A derived function that draws random numbers (a posterior predictive) runs with torch's global RNG
+        seeded from `seed` and restored afterwards: the same seed gives the same draws, and the caller's RNG
+        state is untouched."""
         with torch.no_grad():
             z, _ = self.constrain(u)
             z.update(discrete or {})
             out = {name: z[name] for name in self.latents}
-            if derived:
-                out.update(self.derive(z))
+            if derived and self.derived is not None:
+                devices = [u.device] if u.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(int(seed) % (2 ** 63))
+                    out.update(self.derive(z))
         return out
 
     def _derive_one_by_one(self, z, error):

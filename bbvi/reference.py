@@ -227,7 +227,7 @@ def nuts(model, num_draws=1000, num_warmup=1000, num_chains=4, seed=0, *, target
     elapsed = time.perf_counter() - start
 
     u = torch.from_numpy(np.stack([c["u"] for c in chains]))               # (chains, draws, D)
-    z = m64.named_draws(u.reshape(-1, m64.dim))
+    z = m64.named_draws(u.reshape(-1, m64.dim), seed=seed)
     posterior = {k: v.reshape((num_chains, num_draws) + tuple(v.shape[1:])).numpy() for k, v in z.items()}
     dims = {k: [f"{k}_dim_{i}" for i in range(v.ndim - 2)] for k, v in posterior.items()}
     sample_stats = {k: np.stack([c[k] for c in chains]) for k in ("diverging", "step_size", "n_steps",

@@ -112,7 +112,7 @@ class Result:
         """dict name -> Tensor (num_draws, *shape) of draws from q in constrained space, derived included."""
         if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
             raise ConfigError(f"num_draws must be a positive int, got {num_draws!r}")
-        return self.model.named_draws(*self.draw(num_draws, seed))
+        return self.model.named_draws(*self.draw(num_draws, seed), seed=seed)
 
     def weighted_draws(self, num_draws=4000, seed=0):
         """(u, k, log_w): draws from q as in `draw` and their log importance weights log p(x, z) - log q(z),

@@ -39,15 +39,57 @@ def read(path, kind):
 
 
 def model_signature(model):
-    """What a saved fit must agree on with the model it is loaded with."""
-    return {"name": model.name, "latents": {k: [list(v.shape), str(v.support)] for k, v in model.latents.items()}}
+    """What a saved fit must agree on with the model it is loaded with: the latents in their order (q's flat
+    layout follows it), and a fingerprint of the data and the log-joint (checked on resume only: a saved
+    result may be attached to new data)."""
+    return {"name": model.name, "latents": [[k, list(v.shape), str(v.support)] for k, v in model.latents.items()],
+            "fingerprint": model_fingerprint(model)}
 
 
-def check_signature(saved, model, path):
+def model_fingerprint(model):
+    """sha256 of the model's data (floating arrays as float64, so the fit's dtype does not matter) and of its
+    log-joint's source."""
+    import hashlib
+
+    from .reference import _hash_data, _source
+
+    def as64(obj):
+        if torch.is_tensor(obj) and obj.is_floating_point():
+            return obj.detach().to("cpu", torch.float64)
+        if isinstance(obj, dict):
+            return {k: as64(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(as64(v) for v in obj)
+        return obj
+    h = hashlib.sha256()
+    _hash_data(h, as64(model.data))
+    h.update(_source(model.log_joint).encode())
+    return h.hexdigest()
+
+
+def _layout(signature):
+    latents = signature["latents"]
+    if isinstance(latents, dict):  # files written before the order was kept (json keeps the dict's order)
+        return [[k, *v] for k, v in latents.items()]
+    return [list(x) for x in latents]
+
+
+def check_signature(saved, model, path, *, same_data=False):
+    """ConfigError unless `model` has the saved latents in the saved order (and, with `same_data`, the saved
+    data and log-joint). The model's name may differ."""
     now = model_signature(model)
-    if saved != now:
-        raise ConfigError(f"{path!r} was saved for model {saved['name']!r} with latents {saved['latents']}, but the "
-                          f"model given is {now['name']!r} with latents {now['latents']}")
+    was, is_ = _layout(saved), _layout(now)
+    if was != is_:
+        if sorted(map(str, was)) == sorted(map(str, is_)):
+            raise ConfigError(f"{path!r} was saved with the latents in the order {[x[0] for x in was]}; the model "
+                              f"given has them in the order {[x[0] for x in is_]}. q's parameters follow the "
+                              f"order of the latents dict: build the model with the saved order")
+        raise ConfigError(f"{path!r} was saved for model {saved['name']!r} with latents {was}, but the model given "
+                          f"is {now['name']!r} with latents {is_}")
+    if same_data and saved.get("fingerprint") not in (None, now["fingerprint"]):
+        raise ConfigError(f"{path!r} was saved by a fit of model {saved['name']!r} with other data or another "
+                          f"log-joint than the model given ({now['name']!r}): resuming would continue a fit of a "
+                          f"different posterior. Start a new fit, or pass the model the checkpoint was made with")
 
 
 def _plain(value):

@@ -47,7 +47,11 @@ def initial_loc(model, init_values, loc):
     loc = loc.clone()
     for b in model.blocks:
         if b.name in init_values:
-            v = torch.as_tensor(init_values[b.name], device=loc.device, dtype=loc.dtype)
+            try:
+                v = torch.as_tensor(init_values[b.name], device=loc.device, dtype=loc.dtype)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ConfigError(f"init_values[{b.name!r}] = {init_values[b.name]!r} is not a number or an array "
+                                  f"of numbers of shape {b.shape} ({e})") from None
             if tuple(v.shape) != b.shape:
                 raise ConfigError(f"init_values[{b.name!r}] has shape {tuple(v.shape)}, latent has {b.shape}")
             uv = b.transform.inv(v[None]).reshape(-1)

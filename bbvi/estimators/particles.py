@@ -5,6 +5,7 @@ Categorical factors over the discrete latents k (dict name -> (S, *shape)). `dra
 from it (the fit's steps, its first check, the result's draws); `log_q` the one place that evaluates it.
 """
 import dataclasses
+import math
 
 import torch
 
@@ -49,6 +50,7 @@ class Particles:
     n: object
     num_bad: object
     error: object
+    infeasible: object = None
 
     @property
     def num(self):
@@ -81,5 +83,27 @@ def from_log_p(u, k, lp, error=None):
     if bool(valid.all()):  # the common case: plain means, no masking
         return Particles(u, k, lp, valid, None, float(S), None, error)
     mask = valid.to(lp.dtype)
+    infeasible = lp == -math.inf
     lp = torch.where(valid, lp, torch.zeros_like(lp))
-    return Particles(u, k, lp, valid, mask, mask.sum(), S - valid.sum(), error)
+    return Particles(u, k, lp, valid, mask, mask.sum(), S - valid.sum(), error,
+                     infeasible if bool(infeasible.any()) else None)
+
+
+def with_floor(p, f, margin=10.0):
+    """Score-path particles where the log-joint was -inf (q puts mass outside the posterior's support) kept in
+    the step with the learning signal f = floor = min f - (max f - min f) - margin over the finite particles,
+    so the score terms push q's mass away from there instead of ignoring it (dropping them would leave q
+    free to keep it). The true ELBO is -inf while q has such mass; the floor is a finite surrogate of it.
+    Returns (particles, f); unchanged when there is nothing to floor or no finite particle to anchor it."""
+    if p.infeasible is None or not bool(p.valid.any()):
+        return p, f
+    fv = torch.where(p.valid, f, torch.full_like(f, math.inf))
+    lo = fv.min()
+    hi = torch.where(p.valid, f, torch.full_like(f, -math.inf)).max()
+    f = torch.where(p.infeasible, lo - (hi - lo) - margin, f)
+    valid = p.valid | p.infeasible
+    S = f.shape[0]
+    if bool(valid.all()):
+        return dataclasses.replace(p, valid=valid, mask=None, n=float(S), num_bad=None), f
+    mask = valid.to(f.dtype)
+    return dataclasses.replace(p, valid=valid, mask=mask, n=mask.sum(), num_bad=S - valid.sum()), f

@@ -13,7 +13,7 @@ import torch
 from ..errors import ConfigError
 from .auto import Auto
 from .baselines import LOO, NoBaseline, resolve_baseline
-from .particles import draw, evaluate, from_log_p
+from .particles import draw, evaluate, from_log_p, with_floor
 from .rao_blackwell import score_terms
 from .pathwise import STL, Reparam
 from .score import Score
@@ -147,6 +147,8 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
         score_logq = lq_d if score_logq is None else score_logq + lq_d
         score_params = score_params + list(pd.values())
         f = f - lq_d.detach()
+    if p.infeasible is not None and not pathwise:  # -inf log-joint: push q away, do not ignore it
+        p, f = with_floor(p, f)
     if p.mask is not None:
         f = f * p.mask
         score_logq = score_logq * p.mask
