@@ -127,7 +127,7 @@ def check_reliability(result, num_draws=4000, seed=0, warn=True):
     seen = result.num_steps * int(result.settings["num_particles"])
     if seen and result.num_bad_particles > BAD_PARTICLES_MAX * seen:
         reasons.append(f"{result.num_bad_particles} of {seen} particles ({result.num_bad_particles / seen:.0%}) "
-                       f"had a NaN/inf log-joint or raised ({result.last_exception or 'no exception'})"
+                       f"had a NaN/inf log-joint or gradient, or raised ({result.last_exception or 'no exception'})"
                        + ("; the fit ran in float32: try dtype=torch.float64" if "float32" in
                           result.settings.get("dtype", "") else ""))
     family = type(result.family).__name__

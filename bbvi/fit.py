@@ -314,8 +314,9 @@ def step(state):
                               + (f"; the log-joint raised {state.last_exception}" if raised else "")
                               + ")"
                               if not torch.isfinite(surrogate) else
-                              "the ELBO gradient is NaN/inf (the log-joint's gradient overflows or is undefined "
-                              "at the drawn particles)")
+                              "the ELBO gradient is NaN/inf (the log-joint's gradient overflows "
+                              "or is undefined at the drawn particles; torch.where over NaN data, e.g. a masked missing "
+                              "value, has a NaN gradient: replace the NaN before the where, torch.nan_to_num)")
     elbo = surrogate.detach()
     state.elbo.append(elbo)
     state.step += 1

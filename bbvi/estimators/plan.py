@@ -128,6 +128,8 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     pathwise = path is not None and path.pathwise
     u, k = draw(model, family, discrete, params, num_particles, generator, pathwise=pathwise)
     p = evaluate(model, u, k, grad=pathwise)
+    if pathwise and u.requires_grad:
+        p = _drop_nonfinite_gradients(p)
     if path is not None and not plan.has_discrete:
         alone = path.alone(p, family, pc)
         if alone is not None:
@@ -157,6 +159,25 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
                                                                       baseline_state)
     carrier = carrier + term
     return with_gradient(elbo, carrier), baseline_state, p.num_bad, p.error
+
+
+def _drop_nonfinite_gradients(p):
+    """A particle whose log-joint is finite but whose gradient is not (torch.where over a masked missing value,
+    sqrt at 0) would make the whole step's gradient NaN. A hook on u zeroes such particles' gradient rows and
+    rescales the others by n / (n - k), so the pathwise average is over the k fewer particles, and counts them
+    as bad particles. With no such particle the gradient is unchanged bit for bit (and there is no host sync)."""
+    num_bad = p.num_bad if p.num_bad is not None else torch.zeros((), dtype=torch.int64, device=p.u.device)
+    valid, n = p.valid, p.n
+
+    def hook(grad):
+        rows = ~torch.isfinite(grad).all(-1)
+        new = rows & valid
+        k = new.sum()
+        num_bad.add_(k)
+        scale = n / (n - k.to(grad.dtype))
+        return torch.where(rows[:, None], torch.zeros_like(grad), grad) * scale
+    p.u.register_hook(hook)
+    return dataclasses.replace(p, num_bad=num_bad)
 
 
 def _estimate_rao_blackwell(plan, model, family, discrete, params, num_particles, generator, baseline_state,
