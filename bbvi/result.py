@@ -134,11 +134,17 @@ class Result:
 
     def to_arviz(self, num_draws=4000, seed=0):
         """arviz.InferenceData with a posterior group (chain=1, draw, *shape) per latent and derived quantity;
-        the fit settings are in its attrs."""
+        the fit settings are in its attrs. Dimensions are named `{name}_dim_{i}` unless a latent or derived
+        quantity has that name (then `{name}_dim_{i}_`); a latent named `chain` or `draw` is a ModelError."""
         import arviz as az
+
+        from .reference import arviz_dims, check_arviz_names
+        where = f"to_arviz (model {self.model.name!r})"
+        check_arviz_names(self.model.latents, where)
         draws = self.sample(num_draws, seed)
+        check_arviz_names(draws, where, "derived quantity")
         posterior = {k: v.detach().cpu().numpy()[None] for k, v in draws.items()}
-        dims = {k: [f"{k}_dim_{i}" for i in range(v.ndim - 2)] for k, v in posterior.items()}
+        dims = arviz_dims(posterior)
         attrs = {k: str(v) for k, v in self.settings.items()}
         attrs.update(inference_library="bbvi", status=self.status, num_steps=self.num_steps,
                      num_failed_steps=self.num_failed_steps, final_elbo=float(self.final_elbo()))

@@ -7,9 +7,11 @@ and fields (a dataclass); a class from outside bbvi also by its module, and on l
 modules already imported (a saved file never makes bbvi import code).
 """
 import dataclasses
+import inspect
 import os
 import sys
 
+import numpy as np
 import torch
 
 from .errors import ConfigError
@@ -38,6 +40,36 @@ def read(path, kind):
     return obj
 
 
+def hash_data(h, obj):
+    """Feed `obj` to the hashlib object `h` by value: tensors and arrays by shape, dtype and bytes, dicts (keys
+    sorted), lists and tuples element by element, anything else by its repr."""
+    if torch.is_tensor(obj):
+        h.update(f"tensor{tuple(obj.shape)}{obj.dtype}".encode())
+        h.update(obj.detach().cpu().contiguous().numpy().tobytes())
+    elif isinstance(obj, np.ndarray):
+        h.update(f"ndarray{obj.shape}{obj.dtype}".encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(repr(k).encode())
+            hash_data(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__}{len(obj)}".encode())
+        for v in obj:
+            hash_data(h, v)
+    else:
+        h.update(repr(obj).encode())
+
+
+def source_of(fn):
+    """The source text of a function; its bytecode (or repr) when the source is not available."""
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        return code.co_code.hex() if code is not None else repr(fn)
+
+
 def model_signature(model):
     """What a saved fit must agree on with the model it is loaded with: the latents in their order (q's flat
     layout follows it), and a fingerprint of the data and the log-joint (checked on resume only: a saved
@@ -51,8 +83,6 @@ def model_fingerprint(model):
     log-joint's source."""
     import hashlib
 
-    from .reference import _hash_data, _source
-
     def as64(obj):
         if torch.is_tensor(obj) and obj.is_floating_point():
             return obj.detach().to("cpu", torch.float64)
@@ -62,8 +92,8 @@ def model_fingerprint(model):
             return type(obj)(as64(v) for v in obj)
         return obj
     h = hashlib.sha256()
-    _hash_data(h, as64(model.data))
-    h.update(_source(model.log_joint).encode())
+    hash_data(h, as64(model.data))
+    h.update(source_of(model.log_joint).encode())
     return h.hexdigest()
 
 
