@@ -14,42 +14,82 @@ __all__ = ["compare", "reference_warnings", "fit_diagnostics", "psis", "importan
 RHAT_MAX, ESS_MIN = 1.01, 400
 
 
-def khat_reading(khat):
-    """Yao et al.'s reading of k-hat."""
+def khat_reading(khat, interval=None):
+    """Yao et al.'s reading of k-hat (good < 0.5 <= usable < 0.7 <= not reliable). With `interval` (lo, hi), its
+    Monte Carlo uncertainty (`khat_estimate`), the reading at 0.7 is that of the whole interval: 'borderline' when
+    it straddles 0.7, so that the reading does not flip between 'good' and 'not reliable' from one set of draws to
+    the next."""
     if math.isnan(khat):
         return "not computable (fewer than 25 finite weights)"
+    if khat == -math.inf:
+        return "good: the importance weights are constant: q equals the posterior (up to its normalisation)"
     if not math.isfinite(khat):
         return ("not reliable: the importance weights are unbounded (q puts mass where the log-joint is -inf, "
                 "or its tails are far lighter than the posterior's)")
-    if khat < 0.5:
+    lo, hi = (khat, khat) if interval is None else interval
+    if hi < 0.7 and khat < 0.5:  # good and usable are both trusted: the point estimate separates them
         return "good: q is close to the posterior; importance sampling could correct what is left"
-    if khat < 0.7:
+    if hi < 0.7:
         return "usable: q is fair; PSIS-corrected estimates are reliable"
+    if lo < 0.7:
+        return (f"borderline: k-hat {khat:.2f} could be on either side of 0.7 ({lo:.2f}-{hi:.2f}); treat q's tails "
+                f"and sds as unverified")
     return "not reliable: q misses important posterior mass; do not trust its tails or sds"
+
+
+KHAT_BATCHES = 16
+
+
+def khat_estimate(log_weights, batches=KHAT_BATCHES):
+    """PSIS k-hat of all the draws and its Monte Carlo uncertainty: dict 'khat' (pooled), 'khat_se', 'khat_interval'
+    (khat +- 2 se) and 'smoothed' (the pooled Pareto-smoothed log weights).
+
+    The se comes from `batches` disjoint batches of the draws: k-hat's sampling sd shrinks as S^-1/4 (the Pareto
+    tail holds ~3 sqrt(S) draws), so se(pooled) = sd(batch k-hats) * batches^-1/4. Measured on eight schools
+    (16000 draws, 10 seeds): pooled k-hat 0.45-0.70, intervals ~0.3 wide, 19 of 20 covering the median. What it
+    cannot see: a weight tail so heavy that most batches never reach it (a Gaussian q in log space of a Gamma
+    posterior gave pooled k-hats 0.46-3.5 across seeds)."""
+    lw = np.asarray(log_weights, dtype=np.float64)
+    smoothed, khat = psis(lw)
+    se = float("nan")
+    n = len(lw) // batches
+    if math.isfinite(khat) and n >= 25:
+        ks = np.array([psis(lw[i * n:(i + 1) * n])[1] for i in range(batches)])
+        ks = ks[np.isfinite(ks)]
+        if len(ks) >= 2:
+            se = float(ks.std(ddof=1) * batches ** -0.25)
+    interval = (khat - 2 * se, khat + 2 * se) if math.isfinite(se) else (khat, khat)
+    return {"khat": khat, "khat_se": se, "khat_interval": interval, "smoothed": smoothed}
 
 
 def psis(log_weights):
     """Pareto-smoothed log importance weights (normalised) and k-hat, via arviz.psislw. With fewer than 25
     finite weights the Pareto tail would hold under 5 draws (min(S / 5, 3 sqrt S)) and k-hat is not defined:
-    the weights come back as they are, with k-hat NaN."""
+    the weights come back as they are, with k-hat NaN. Constant weights (q equal to the posterior) have no tail:
+    k-hat -inf (arviz's fit degenerates to inf there)."""
     import arviz as az
     lw = np.asarray(log_weights, dtype=np.float64)
     finite = np.isfinite(lw)
     if finite.sum() < 25:
         return lw, float("nan")
     lw = np.where(finite, lw, -np.inf)
+    if np.ptp(lw[finite]) <= 1e-9 * max(1.0, float(np.abs(lw[finite]).max())):
+        # constant weights (q is the posterior): the Pareto fit degenerates (arviz gives inf); no tail at all
+        return lw - np.logaddexp.reduce(lw), -math.inf
     smoothed, khat = az.psislw(lw, reff=1.0)
     return np.asarray(smoothed), float(khat)
 
 
-def fit_diagnostics(result, num_draws=4000, seed=0):
-    """dict with 'khat', 'khat_reading', the importance-sampling ESS of num_draws draws, and the fit's status
-    and fault counts."""
+def fit_diagnostics(result, num_draws=16000, seed=0):
+    """dict with 'khat', its Monte Carlo 'khat_se' and 'khat_interval' (`khat_estimate`), 'khat_reading' (of the
+    interval), the importance-sampling ESS of num_draws draws, and the fit's status and fault counts."""
     lw = result.log_weights(num_draws, seed).double().cpu().numpy()
-    smoothed, khat = psis(lw)
+    est = khat_estimate(lw)
+    smoothed, khat = est["smoothed"], est["khat"]
     w = np.exp(smoothed - np.logaddexp.reduce(smoothed[np.isfinite(smoothed)]))
     w = np.where(np.isfinite(w), w, 0.0)
-    return {"khat": khat, "khat_reading": khat_reading(khat), "is_ess": float(1.0 / np.sum(w ** 2)),
+    return {"khat": khat, "khat_se": est["khat_se"], "khat_interval": est["khat_interval"],
+            "khat_reading": khat_reading(khat, est["khat_interval"]), "is_ess": float(1.0 / np.sum(w ** 2)),
             "num_draws": num_draws, "status": result.status, "num_steps": result.num_steps,
             "num_failed_steps": result.num_failed_steps, "num_bad_particles": result.num_bad_particles,
             "num_rescaled_steps": result.num_rescaled_steps,
@@ -75,7 +115,7 @@ def _psis_moments(result, u, k, smoothed):
     return rows
 
 
-def check_reliability(result, num_draws=4000, seed=0, warn=True):
+def check_reliability(result, num_draws=16000, seed=0, warn=True):
     """The end-of-fit check that `bbvi.fit` runs: PSIS k-hat of q (Yao et al. 2018) and, from the same
     Pareto-smoothed weights, how far importance sampling moves q's mean (in q's sds) and sd (as a ratio) of every
     scalar latent, with their Monte Carlo errors; plus whether the fit converged, whether its start found a mode,
@@ -85,7 +125,8 @@ def check_reliability(result, num_draws=4000, seed=0, warn=True):
 
     from .errors import ReliabilityWarning
     u, k, log_w = result.weighted_draws(num_draws, seed)
-    smoothed, khat = psis(log_w.double().cpu().numpy())
+    est = khat_estimate(log_w.double().cpu().numpy())
+    smoothed, khat, (khat_lo, khat_hi) = est["smoothed"], est["khat"], est["khat_interval"]
     w = np.exp(smoothed - np.logaddexp.reduce(smoothed[np.isfinite(smoothed)])) if math.isfinite(khat) else None
     w2 = np.sum(np.where(np.isfinite(w), w, 0.0) ** 2) if w is not None else 0.0
     ess = float(1.0 / w2) if w2 > 0 else float("nan")
@@ -96,9 +137,12 @@ def check_reliability(result, num_draws=4000, seed=0, warn=True):
     if outside > 0:
         reasons.append(f"{outside:.2%} of q's draws fall where the log-joint is -inf (outside the posterior's "
                        f"support), where the posterior has no mass")
-    if not khat <= KHAT_MAX:
-        reasons.append(f"PSIS k-hat is {khat:.2f} (> {KHAT_MAX}): q misses posterior mass, its tails and sds "
-                       f"cannot be trusted")
+    if not khat_lo <= KHAT_MAX:
+        reasons.append(f"PSIS k-hat is {khat:.2f} ({khat_lo:.2f}-{khat_hi:.2f} with its Monte Carlo error; > "
+                       f"{KHAT_MAX}): q misses posterior mass, its tails and sds cannot be trusted")
+    elif not khat_hi <= KHAT_MAX:
+        reasons.append(f"PSIS k-hat is {khat:.2f}, borderline: {khat_lo:.2f}-{khat_hi:.2f} with its Monte Carlo "
+                       f"error, so it may be above {KHAT_MAX}: q's tails and sds are unverified")
     worst_shift, worst_ratio = (None, 0.0), (None, 1.0)
     if w is not None:
         for label, m, sd, mw, sdw in _psis_moments(result, u, k, smoothed):
@@ -116,6 +160,13 @@ def check_reliability(result, num_draws=4000, seed=0, warn=True):
                        f"(more than {SHIFT_MAX})")
     if worst_ratio[0] is not None:
         reasons.append(f"importance sampling puts the sd of {worst_ratio[0]} at {worst_ratio[1]:.2f} x q's")
+    from .modes import MIN_MASS, other_modes
+    search = other_modes(result, u, seed=seed)
+    if search["modes"] and search["modes"][0]["mass"] < 1 - MIN_MASS:
+        away = max(search["modes"][1:], key=lambda m: m["mass"])
+        reasons.append(f"the log density has {len(search['modes'])} modes: besides q's, one {away['distance']:.1f} "
+                       f"q-sds away holds about {away['mass']:.0%} of the mass (Laplace estimate), which q does not "
+                       f"cover: k-hat cannot see a mode q never draws from. q fits {search['modes'][0]['mass']:.0%}")
     if result.status == "max_steps":
         last = result.levels[-1] if result.levels else {}
         reasons.append(f"the fit did not converge in {result.num_steps} steps (max_steps; last change between "
@@ -134,7 +185,11 @@ def check_reliability(result, num_draws=4000, seed=0, warn=True):
     tries = (["family='fullrank'"] if family != "FullRank" else []) + \
             ["more particles (num_particles=64)", "a larger max_steps" if result.status == "max_steps" else
              "a richer family, or checking against bbvi.nuts(model)"]
-    info = {"khat": khat, "is_ess": ess, "num_draws": num_draws, "warnings": reasons,
+    if len(search["modes"]) > 1:  # no Gaussian family covers two modes
+        tries = ["bbvi.nuts(model) to see every mode, or fits started at each mode (init_values=...)"]
+    info = {"khat": khat, "khat_se": est["khat_se"], "khat_interval": est["khat_interval"],
+            "khat_reading": khat_reading(khat, est["khat_interval"]), "is_ess": ess, "num_draws": num_draws, "warnings": reasons,
+            "modes": search["modes"], "mode_search": search["note"], "mode_search_evals": search["num_evals"],
             "max_psis_shift": worst_shift, "extreme_psis_sd_ratio": worst_ratio,
             "start": (start.strategy + (f" ({start.note})" if start.note else "")) if start is not None else "?"}
     result.reliability = info

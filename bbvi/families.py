@@ -96,6 +96,17 @@ class MeanField(_Gaussian):
         return params["log_scale"].exp()
 
 
+def _memory_bytes(device):
+    """Total memory of `device` in bytes (physical RAM for the CPU), or None where it cannot be read."""
+    import os
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class FullRank(_Gaussian):
     """q(u) = N(loc, L L^T), L lower triangular with diagonal exp(log_diag): D + D(D+1)/2 parameters."""
@@ -106,6 +117,14 @@ class FullRank(_Gaussian):
         _check_scale(self.init_scale)
 
     def init(self, dim, loc, generator=None):
+        need = 6 * dim * dim * loc.element_size()  # the factor, its gradient, Adam's two moments, two work copies
+        have = _memory_bytes(loc.device)
+        if have is not None and need > have // 2:
+            from .errors import ConfigError
+            raise ConfigError(f"family='fullrank' with {dim} continuous coordinates needs about {need / 2**30:.1f} GiB "
+                              f"(a {dim} x {dim} Cholesky factor, its gradient and the optimizer's moments), more than "
+                              f"half of this machine's {have / 2**30:.1f} GiB: use family=bbvi.LowRank(rank=...) or "
+                              f"'meanfield'")
         return {"loc": loc.clone(), "log_diag": torch.full_like(loc, math.log(self.init_scale)),
                 "off_diag": loc.new_zeros(dim, dim)}
 

@@ -279,7 +279,8 @@ def step(state):
     raised = error is not None
     if raised:
         state.num_raised_steps += 1
-        state.last_exception = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        state.last_exception = (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                                + (f" (at {error.bbvi_latents})" if getattr(error, "bbvi_latents", None) else ""))
     leaves = state.leaves()
     try:
         (-surrogate).backward()

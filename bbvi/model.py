@@ -285,11 +285,28 @@ class Model:
             error = e
         rows = []
         for s in range(u.shape[0]):
+            one = {k: v[s:s + 1] for k, v in (discrete or {}).items()}
             try:
-                rows.append(self.log_density(u[s:s + 1], {k: v[s:s + 1] for k, v in (discrete or {}).items()})[0])
-            except Exception:  # noqa: BLE001
+                rows.append(self.log_density(u[s:s + 1], one)[0])
+            except Exception as e:  # noqa: BLE001
+                error = self._raised_at(e, error, u[s:s + 1], one)
                 rows.append(u.new_full((), float("nan")))
         return torch.stack(rows), error
+
+    def _raised_at(self, e, first, u, discrete):
+        """The exception of the first particle that raised on its own, with `bbvi_latents` set to a short text of
+        that particle's constrained values (for the fit's messages); `first` if an earlier one is already kept."""
+        if getattr(first, "bbvi_latents", None) is not None:
+            return first
+        try:
+            with torch.no_grad():
+                z, _ = self.constrain(u.detach())
+            z.update(discrete)
+            text = ", ".join(f"{k}={[round(x, 4) for x in v[0].reshape(-1).tolist()][:6]}" for k, v in z.items())
+            e.bbvi_latents = text[:300]
+        except Exception:  # noqa: BLE001 - describing the particle must never fail the fit
+            return first
+        return e
 
     def call(self, z):
         """The user's log-joint on constrained values z (dict name -> (S, *shape)) -> (S,); a dict of factor
@@ -328,10 +345,12 @@ class Model:
             error = e
         rows, width = [], None
         for s in range(u.shape[0]):
+            one = {k: v[s:s + 1] for k, v in (discrete or {}).items()}
             try:
-                rows.append(self.log_density_terms(u[s:s + 1], {k: v[s:s + 1] for k, v in (discrete or {}).items()}))
+                rows.append(self.log_density_terms(u[s:s + 1], one))
                 width = rows[-1].shape[1]
-            except Exception:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001
+                error = self._raised_at(e, error, u[s:s + 1], one)
                 rows.append(None)
         if width is None:
             raise error

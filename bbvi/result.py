@@ -188,8 +188,9 @@ class Result:
         return torch.stack(out)
 
     # ---- reading the fit ------------------------------------------------------------------------------------
-    def diagnostics(self, num_draws=4000, seed=0):
-        """dict: PSIS k-hat of the fit and its reading (Yao et al. 2018), plus fit status and fault counts."""
+    def diagnostics(self, num_draws=16000, seed=0):
+        """dict: PSIS k-hat of the fit with its Monte Carlo interval and its reading (Yao et al. 2018), plus fit
+        status and fault counts (bbvi.diagnostics.fit_diagnostics)."""
         from .diagnostics import fit_diagnostics
         return fit_diagnostics(self, num_draws=num_draws, seed=seed)
 
@@ -198,7 +199,7 @@ class Result:
         draws = self.sample(num_draws, seed)
         lines = [f"bbvi fit of {self.model.name!r}: {self.status} after {self.num_steps} steps "
                  f"({self.wall_time:.2f} s), final ELBO {self.final_elbo():.4g}, "
-                 f"{self.num_failed_steps} failed steps",
+                 f"{self.num_failed_steps} failed steps, {self.num_bad_particles} bad particles",
                  *self._reliability_lines(),
                  f"{'parameter':<24}{'mean':>12}{'sd':>12}{'5%':>12}{'95%':>12}"]
         for name, v in draws.items():
@@ -215,7 +216,9 @@ class Result:
         r = self.reliability
         if not r:
             return []
-        lines = [f"PSIS k-hat {r['khat']:.2f} ({khat_reading(r['khat'])}); start: {r['start']}; "
+        lo, hi = r.get("khat_interval", (r["khat"], r["khat"]))
+        lines = [f"PSIS k-hat {r['khat']:.2f} ({lo:.2f}-{hi:.2f}; {khat_reading(r['khat'], (lo, hi))}); "
+                 f"start: {r['start']}; "
                  f"{self.num_gradient_evals} log-joint gradient evaluations"]
         lines += [f"WARNING: {w}" for w in r["warnings"]] or ["no reliability warnings"]
         return lines
