@@ -1,15 +1,19 @@
-"""Checkpoints of a running fit, to resume it exactly (file format and atomic writes: bbvi/saving.py).
+"""Checkpoints of a running fit, to resume it exactly (file format, checksums and atomic writes:
+bbvi/saving.py).
 
 A checkpoint holds the family parameters, the optimizer state, the
 generator state, the baseline state, the ELBO trace, the step and the fault counters: resuming from it gives
-bit for bit the fit an uninterrupted run with the same seed would have given.
+bit for bit the fit an uninterrupted run with the same seed would have given. `read_checkpoint` lets a resume
+change the fit's length (`LENGTH`); bbvi.fit decides what such an extension means.
 """
 import torch
 
 from .errors import ConfigError
 from .saving import FORMAT, atomic_save, check_signature, config_of, model_signature, plan_config, read
 
-__all__ = ["save_checkpoint", "restore_checkpoint"]
+__all__ = ["save_checkpoint", "restore_checkpoint", "read_checkpoint", "load_checkpoint"]
+
+LENGTH = ("steps", "max_steps")   # the settings a resume may change: how long the fit runs
 
 
 def save_checkpoint(state, path, settings):
@@ -30,18 +34,27 @@ def save_checkpoint(state, path, settings):
     }, path)
 
 
-def restore_checkpoint(state, path, settings):
-    """Load the checkpoint at `path` into a freshly initialised FitState (same model, family, estimator and
-    settings, or a ConfigError says what differs)."""
+def read_checkpoint(state, path, settings, *, length_may_differ=False):
+    """The checkpoint at `path`, checked against a freshly initialised FitState: the same model, family,
+    estimator and settings, or a ConfigError says what differs. With `length_may_differ`, the fit's length
+    (`steps`, `max_steps`) may differ: the caller decides whether that is an extension it can make."""
     ck = read(path, "checkpoint")
     check_signature(ck["model"], state.model, path, same_data=True)
     if ck["family"] != config_of(state.family) or ck["plan"] != plan_config(state.plan):
         raise ConfigError(f"{path!r} was saved by a fit with family {ck['family']} and plan {ck['plan']}; this fit "
                           f"has {config_of(state.family)} and {plan_config(state.plan)}")
     now = {k: str(v) for k, v in settings.items()}
-    differ = {k: (ck["settings"].get(k), now[k]) for k in now if ck["settings"].get(k) != now[k]}
+    differ = {k: (ck["settings"].get(k), now[k]) for k in now if ck["settings"].get(k) != now[k]
+              and not (length_may_differ and k in LENGTH)}
     if differ:
-        raise ConfigError(f"{path!r} was saved with other settings (saved, now): {differ}; resume with the same ones")
+        raise ConfigError(f"{path!r} was saved with other settings (saved, now): {differ}; resume with the same ones"
+                          + (" (a longer fit: only steps, or max_steps for the adaptive rule, may grow)"
+                             if length_may_differ else ""))
+    return ck
+
+
+def load_checkpoint(state, ck):
+    """Put a checkpoint read by `read_checkpoint` into the FitState."""
     with torch.no_grad():
         for g, grp in state.params.items():
             for k, t in grp.items():
@@ -60,3 +73,9 @@ def restore_checkpoint(state, path, settings):
     if state.tracker is not None:
         state.tracker.load_state_dict(ck["tracker"], ref.device)
     return state
+
+
+def restore_checkpoint(state, path, settings):
+    """Load the checkpoint at `path` into a freshly initialised FitState (same model, family, estimator and
+    settings, or a ConfigError says what differs)."""
+    return load_checkpoint(state, read_checkpoint(state, path, settings))

@@ -203,6 +203,33 @@ class _Tracker:
         self.previous, self.previous_probs, self.last_change = now, probs, change
         return change
 
+    def snapshot(self):
+        """What `observe` may change, kept cheaply (lists by length: observe only appends to them or replaces
+        them; the last window sum, which it adds to in place, by a copy): `restore` puts it back."""
+        kept = dict(vars(self))
+        kept["_lengths"] = (len(self.summaries), len(self.window_sums), len(self.history))
+        kept["_last_sum"] = self.window_sums[-1].clone() if self.window_sums else None
+        return kept
+
+    def restore(self, kept):
+        """Undo everything `observe` did since `snapshot` (an interrupted step)."""
+        kept = dict(kept)
+        n_summaries, n_sums, n_history = kept.pop("_lengths")
+        last_sum = kept.pop("_last_sum")
+        vars(self).update(kept)
+        del self.summaries[n_summaries:], self.window_sums[n_sums:], self.history[n_history:]
+        if last_sum is not None:
+            self.window_sums[-1].copy_(last_sum)
+
+    def reopen(self, state, *, next_rate):
+        """Let a fit that stopped (converged, or at max_steps) run on when a resume raises max_steps: a new
+        level from the current (averaged) q, at the next learning rate (`next_rate`, after convergence) or the
+        same one (after the cap, whose level did not settle)."""
+        self.converged = False
+        if self.history:
+            self.best = self.history[-1]["average"]
+        self._next_level(state, 1 if next_rate else 0)
+
     def report(self):
         return [{k: v for k, v in h.items() if k != "average"} for h in self.history]
 

@@ -12,21 +12,25 @@ plus the convergence test, callbacks, a progress bar and fault handling:
   windows of `check_every` steps: stop when the mean or the median of recent relative changes falls below it.
 """
 import dataclasses
+import functools
+import hashlib
 import math
 import os
 import sys
 import time
+import types
+import warnings
 
 import torch
 
-from .checkpoint import restore_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .errors import ConfigError, FitError
 from .convergence import Adaptive, RelativeTolerance
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, plan_for, resolve_estimator
 from .estimators.rao_blackwell import check_baseline, discover
 from .families import Discrete, resolve_family
 from .result import Result
-from .saving import describe
+from .saving import check_writable, describe
 from .start import choose as choose_start
 from .start import initial_loc
 
@@ -324,6 +328,133 @@ def step(state):
     return elbo
 
 
+def _setting(value):
+    """A stable text for the optimizer or schedule setting, compared on resume (also in another process): a
+    name as it is, a class by its repr, a function by its module, qualified name and a hash of its code (never
+    its memory address, which str() shows and which differs from process to process), a partial by its
+    function and arguments, a configuration object by `saving.describe`."""
+    if value is None or isinstance(value, (str, bool, int, float, type)):
+        return str(value)
+    if isinstance(value, functools.partial):
+        return (f"functools.partial({', '.join(_setting(v) for v in (value.func, *value.args))}"
+                + "".join(f", {k}={_setting(v)}" for k, v in value.keywords.items()) + ")")
+    fn = getattr(value, "__func__", value)   # a bound method: its function
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        h = hashlib.sha256(code.co_code)
+        h.update(repr([c for c in code.co_consts if not isinstance(c, types.CodeType)]).encode())
+        h.update(repr(code.co_names).encode())
+        return f"<function {fn.__module__}.{fn.__qualname__} code {h.hexdigest()[:12]}>"
+    if callable(value) and hasattr(value, "__qualname__"):   # a builtin function
+        return f"<{getattr(value, '__module__', None)}.{value.__qualname__}>"
+    return describe(value)
+
+
+# What a step (and the adaptive rule's look at it) changes, besides the tensors and the rule's state.
+_STEP_FIELDS = ("step", "num_failed_steps", "num_rescaled_steps", "consecutive_failures", "last_failure",
+                "num_bad_particles", "num_raised_steps", "last_exception", "baseline_state")
+
+
+class _Keeper:
+    """Keeps, before each step, what the step and the adaptive rule's look at it change, so that a step a
+    KeyboardInterrupt cuts short can be undone: the values of the parameters and of the optimizer's
+    per-parameter state tensors (one foreach copy into buffers reused from step to step), which state tensors
+    the optimizer holds, its groups' settings, the generator state, the counters, the ELBO trace's length and
+    the adaptive rule's state (bbvi.convergence)."""
+
+    def __init__(self):
+        self.sources, self.targets, self.buffers = [], [], []
+
+    def keep(self, state):
+        opt = state.optimizer
+        held = {p: dict(s) for p, s in opt.state.items()}
+        live = state.leaves() + [v for s in held.values() for v in s.values() if torch.is_tensor(v)]
+        if len(live) == len(self.sources) and all(a is b for a, b in zip(live, self.sources)):
+            torch._foreach_copy_(self.buffers, self.targets)
+        else:  # the first step, or the optimizer made new state tensors (Adam's first step, a restart)
+            self.sources, self.targets = live, [t.detach() for t in live]
+            self.buffers = [t.clone() for t in self.targets]
+        return (held, [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                state.generator.get_state(), {f: getattr(state, f) for f in _STEP_FIELDS}, len(state.elbo),
+                state.tracker.snapshot() if state.tracker is not None else None)
+
+    def undo(self, state, kept):
+        """Put back what `keep` kept (again if a second Ctrl-C lands while doing it)."""
+        held, groups, generator, fields, num_elbo, tracker = kept
+        while True:
+            try:
+                opt = state.optimizer
+                opt.state.clear()
+                opt.state.update({p: dict(s) for p, s in held.items()})
+                with torch.no_grad():
+                    torch._foreach_copy_(self.targets, self.buffers)
+                for p in state.leaves():
+                    p.grad = None
+                for g, saved in zip(opt.param_groups, groups):
+                    g.update(saved)
+                state.generator.set_state(generator)
+                for f, v in fields.items():
+                    setattr(state, f, v)
+                del state.elbo[num_elbo:]
+                if tracker is not None:
+                    state.tracker.restore(tracker)
+                return
+            except KeyboardInterrupt:
+                continue
+
+
+def _saved_int(text):
+    return None if text in (None, "None") else int(text)
+
+
+def _length_change(ck, path, state, *, schedule, lr, steps, max_steps):
+    """None when the checkpoint's fit had this length (steps, max_steps); else (done, name, old cap, new cap,
+    reasons the continued fit is not a single fit of the new length, how to reopen an adaptive fit that
+    stopped), or a ConfigError when the length cannot change that way."""
+    saved = ck["settings"]
+    old_steps, old_max = _saved_int(saved.get("steps")), _saved_int(saved.get("max_steps"))
+    if (old_steps, old_max) == (steps, max_steps):
+        return None
+    done, tracker = int(ck["step"]), state.tracker
+    old_rule = _rule(schedule, old_steps, lr, old_max)
+    if (old_rule is None) != (tracker is None):
+        was = f"steps={old_steps}" + ("" if old_max is None else f", max_steps={old_max}")
+        raise ConfigError(f"{path!r} was saved by a fit with {was}; this one has steps={steps}: a resume keeps the "
+                          f"step-size rule (steps=N: a fixed number of steps; steps=None: bbvi.Adaptive). To run "
+                          f"longer, resume with " + ("a larger steps=N" if old_rule is None else
+                                                     "steps=None and a larger max_steps=M"))
+    old_cap = old_steps if old_rule is None else old_rule.max_steps
+    new_cap = steps if tracker is None else tracker.rule.max_steps
+    name = "max_steps" if tracker is not None and max_steps is not None else "steps"
+    if old_cap == new_cap:
+        return None
+    if new_cap < done:
+        raise ConfigError(f"{path!r} holds a fit that has already run {done} steps; {name}={new_cap} is fewer. "
+                          f"Resume with {name} >= {done} to run on (it was saved with {name}={old_cap}), or leave "
+                          f"out resume= to start a new fit")
+    reasons, reopen = [], None
+    if tracker is None:
+        sched = "cosine" if schedule == "auto" else schedule
+        if isinstance(sched, str) and sched in ("cosine", "exponential") and done > 0:
+            before, after = _schedule(sched, max(old_cap, 1))(done), state.schedule(done)
+            reasons.append(f"the {sched!r} schedule depends on the total step count: steps 0..{done - 1} followed "
+                           f"it over {old_cap} steps, the rest follow it over {new_cap} (at step {done} the "
+                           f"learning-rate factor goes from {before:.3g} to {after:.3g})")
+    elif bool(ck["tracker"].get("converged", False)):
+        reopen = "next"
+        reasons.append(f"it had converged at step {done} (the adaptive rule's test passed: a single fit with "
+                       f"{name}={new_cap} stops there too, with this q); it goes on with a new level at the next "
+                       f"learning rate (x{tracker.rule.decay}) from the averaged q, until the test passes again or "
+                       f"{name}={new_cap}")
+    elif done >= old_cap:
+        reopen = "same"
+        reasons.append(f"it had stopped at its cap {name}={old_cap}, where the adaptive rule replaced q by its "
+                       f"last level's iterate average (a single fit with {name}={new_cap} would have gone on from "
+                       f"the last iterate); it goes on with a new level at the same learning rate from that "
+                       f"average")
+    return done, name, old_cap, new_cap, reasons, reopen
+
+
 def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_particles=16, steps=None, lr=None,
         optimizer="adam", schedule="auto", clip_grad=None, tol_rel_obj=None, check_every=100, callbacks=(),
         progress=None, seed=0, device="cpu", dtype=None, init_values=None, max_consecutive_failures=100,
@@ -349,10 +480,23 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     relative change (Stan ADVI's test) falls below it, checked every `check_every` steps. callbacks: callables
     (state) -> bool, called after every step; True stops the fit. progress: tqdm bar (default: when stderr is a
     terminal). init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
-    'map' (q starts at the MAP with Laplace scales, or a ConfigError says why it cannot). checkpoint: a path
-    where the full fit state is written atomically every `checkpoint_every` steps and when the fit ends (also on
-    Ctrl-C); resume: a checkpoint path to continue from, with the same model and settings, reaching bit for bit
-    the result of an uninterrupted fit. Returns a bbvi Result.
+    'map' (q starts at the MAP with Laplace scales, or a ConfigError says why it cannot).
+
+    checkpoint: a file path where the full fit state is written atomically (with a checksum) every
+    `checkpoint_every` steps and when the fit ends (also on Ctrl-C); a path that cannot be written (a folder, a
+    folder that is not writable) is a ConfigError before the first step, and a write that fails later is a
+    FitError holding the fit so far. Ctrl-C (a KeyboardInterrupt anywhere in a step, also from the log-joint or a
+    signal) returns, and checkpoints, the fit at the last completed step: a step it cuts short is undone.
+    resume: a checkpoint path to continue from, with the same model and settings, reaching bit for bit the
+    result of an uninterrupted fit; a corrupted file is a ConfigError. resume may also change how long the fit
+    runs: a larger `steps` (or, with steps=None, a larger `max_steps`) extends it, also a finished one, to the
+    new total. That is bit for bit a single fit of the new length when nothing depended on the old length
+    (schedule None/'constant'/a callable t -> factor; an adaptive fit that had neither converged nor reached its
+    cap); otherwise (the 'cosine' default and 'exponential' schedules depend on the total, so from the resumed
+    step on they follow the new length's curve; an adaptive fit that had converged or reached max_steps goes on
+    with a new level from its averaged q, at the next learning rate after convergence, at the same one after
+    the cap) a UserWarning says why it differs. Either way `fit.settings['extended']` records it. A length
+    below the steps already run is a ConfigError. Returns a bbvi Result.
     """
     from .model import Model
     if unknown:
@@ -370,13 +514,16 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     for name, path in (("checkpoint", checkpoint), ("resume", resume)):
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise ConfigError(f"{name} must be a file path, got {path!r}")
+    if checkpoint is not None:
+        check_writable(checkpoint, "checkpoint")
     callbacks = tuple(callbacks)
     if not all(callable(c) for c in callbacks):
         raise ConfigError("callbacks must be callables (state) -> bool")
     settings = dict(model=model.name, family=describe(resolve_family(family)), num_particles=num_particles,
-                    steps=steps, lr=lr, optimizer=str(optimizer), schedule=str(schedule), clip_grad=clip_grad,
-                    tol_rel_obj=tol_rel_obj, seed=seed, device=str(device), init_strategy=init_strategy,
-                    max_steps=max_steps)
+                    steps=steps, lr=lr, optimizer=_setting(optimizer), schedule=_setting(schedule),
+                    clip_grad=clip_grad, tol_rel_obj=tol_rel_obj, seed=seed, device=str(device),
+                    init_strategy=init_strategy, max_steps=max_steps)
+    grad_mode = torch.is_grad_enabled()
     began = time.perf_counter()
     state = init(model, family, estimator, baseline, num_particles=num_particles, lr=lr, optimizer=optimizer,
                  schedule=schedule, steps=steps, clip_grad=clip_grad, seed=seed, device=device, dtype=dtype,
@@ -388,23 +535,50 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     cap = tracker.rule.max_steps if tracker is not None else steps
     converged = RelativeTolerance(tol_rel_obj, check_every, cap)
     if resume is not None:
-        restore_checkpoint(state, resume, settings)
-        for t in range(check_every, state.step + 1, check_every):  # replay the convergence test's history
-            converged(state.elbo[:t])
+        ck = read_checkpoint(state, resume, settings, length_may_differ=True)
+        change = _length_change(ck, resume, state, schedule=schedule, lr=lr, steps=steps, max_steps=max_steps)
+        load_checkpoint(state, ck)
+        stops = [t for t in range(check_every, state.step + 1, check_every)  # replay the convergence test
+                 if converged(state.elbo[:t])]
+        notes = [ck["settings"]["extended"]] if "extended" in ck["settings"] else []
+        if change is not None:
+            done, name, old_cap, new_cap, reasons, reopen = change
+            if stops and stops[0] <= done:
+                reasons.append(f"tol_rel_obj's test (whose window depends on the length) passes at step {stops[0]} "
+                               f"of a fit with {name}={new_cap}: a single fit would have stopped there")
+            note = (f"resumed at step {done} with {name}={new_cap} (saved with {name}={old_cap}): "
+                    + ("the same as a single fit with " + f"{name}={new_cap}" if not reasons else
+                       f"not the same as a single fit with {name}={new_cap}: " + "; ".join(reasons)))
+            if reasons:
+                warnings.warn(f"bbvi.fit: resume={str(resume)!r} {note}", UserWarning, stacklevel=2)
+            if reopen is not None:
+                tracker.reopen(state, next_rate=reopen == "next")
+            notes.append(note)
+        if notes:
+            settings["extended"] = " | then ".join(notes)
     show = sys.stderr.isatty() if progress is None else bool(progress)
     bar = None
     if show:
         from tqdm.auto import tqdm
         bar = tqdm(total=cap, initial=state.step, desc=f"bbvi {model.name}", leave=False)
     status = "completed" if tracker is None else "max_steps"
-    callback_error = None
+    callback_error = save_error = None
+    keeper = _Keeper()
     began = time.perf_counter()
     try:
         while state.step < cap and not (tracker is not None and tracker.converged):
-            step(state)
-            stop = tracker is not None and tracker.observe(state)
+            kept = keeper.keep(state)
+            try:  # a step and the rule's look at it: done whole, or undone (Ctrl-C)
+                step(state)
+                stop = tracker is not None and tracker.observe(state)
+            except KeyboardInterrupt:
+                keeper.undo(state, kept)
+                raise
             if checkpoint is not None and state.step % checkpoint_every == 0:
-                save_checkpoint(state, checkpoint, settings)
+                save_error = _write_checkpoint(state, checkpoint, settings)
+                if save_error is not None:
+                    status = "failed"
+                    break
             if bar is not None:
                 bar.update(1)
                 if state.step % 50 == 0:
@@ -429,12 +603,13 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     except KeyboardInterrupt:
         status = "interrupted"
     finally:
+        torch.set_grad_enabled(grad_mode)   # as it was, whatever a cut-short step left behind
         if bar is not None:
             bar.close()
     if tracker is not None and tracker.converged:
         status = "converged"
-    if checkpoint is not None:
-        save_checkpoint(state, checkpoint, settings)
+    if checkpoint is not None and save_error is None:
+        save_error = _write_checkpoint(state, checkpoint, settings)
     result = Result.from_state(state, settings=settings, status=status, wall_time=time.perf_counter() - began,
                                start_time=start_s)
     if callback_error is not None:
@@ -442,6 +617,11 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
                        f"{callback_error} (after step {state.step}). The fit so far is in this error's .result"
                        + (f" and in the checkpoint {str(checkpoint)!r}" if checkpoint is not None else "") + ".",
                        result=result) from callback_error
+    if save_error is not None:
+        raise FitError(f"fit of model {model.name!r}: the checkpoint could not be written after step {state.step}: "
+                       f"{save_error}. The fit so far is in this error's .result (save it elsewhere with "
+                       f".result.save(path), or fit again with another checkpoint path).",
+                       result=result) from save_error
     if status == "failed":
         raise FitError(f"fit of model {model.name!r} stopped at step {state.step}: {state.consecutive_failures} "
                        f"steps in a row failed; last cause: {state.last_failure}. {state.num_failed_steps} steps "
@@ -450,3 +630,12 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
         from .diagnostics import check_reliability
         check_reliability(result)
     return result
+
+
+def _write_checkpoint(state, path, settings):
+    """Write a checkpoint; the exception when that fails (the fit goes on to be returned in a FitError)."""
+    try:
+        save_checkpoint(state, path, settings)
+    except Exception as e:  # noqa: BLE001 - a full disk or a removed folder must not lose the fit
+        return e
+    return None

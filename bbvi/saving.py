@@ -4,12 +4,17 @@ configuration objects (family, estimator path, baseline) written as plain data.
 Everything is written with `torch.save` of plain containers of tensors, numbers and strings and read back with
 `torch.load(weights_only=True)`: no user code is pickled. A configuration object is stored as its class name
 and fields (a dataclass); a class from outside bbvi also by its module, and on loading it is looked up among the
-modules already imported (a saved file never makes bbvi import code).
+modules already imported (a saved file never makes bbvi import code). Every file carries a sha256 checksum
+(the zip archive's comment, see `atomic_save`), checked on reading: a corrupted file is a ConfigError.
 """
 import dataclasses
+import hashlib
 import inspect
+import io
 import os
 import sys
+import threading
+import uuid
 
 import numpy as np
 import torch
@@ -19,24 +24,115 @@ from .errors import ConfigError
 FORMAT = 1
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
+# A file bbvi writes is a zip archive (torch.save) whose archive comment is its checksum: b"bbvi-sha256:" and
+# the sha256 (hex) of every byte before those 64 hex digits. torch.load ignores the comment; `read` checks it,
+# so a flipped bit anywhere in the file is refused rather than silently changing the fit. Files written
+# before the checksum (an archive with no comment) are still read, unchecked.
+_EOCD = b"PK\x05\x06"           # the zip end-of-central-directory record: 22 bytes, then the comment
+_TAG = b"bbvi-sha256:"
+_COMMENT = len(_TAG) + 64
+
+
+def _seal(f):
+    """Append the checksum comment to the zip archive open in `f` (mode r+b); False when its end is not the
+    plain end record torch.save writes (then it is left as it is, unchecked)."""
+    f.seek(-22, os.SEEK_END)
+    end = f.read(22)
+    if end[:4] != _EOCD or end[20:22] != b"\x00\x00":
+        return False
+    f.seek(-2, os.SEEK_END)
+    f.write(_COMMENT.to_bytes(2, "little") + _TAG)
+    f.flush()
+    f.seek(0)
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    f.seek(0, os.SEEK_END)
+    f.write(h.hexdigest().encode())
+    return True
+
+
+def _integrity(data):
+    """'ok' (checksum present and right), 'mismatch' (present, wrong), 'none' (a zip with no comment: a file
+    written before checksums) or 'damaged' (neither: the end of the file itself was changed)."""
+    tail = data[-(22 + _COMMENT):]
+    if len(tail) == 22 + _COMMENT and tail[:4] == _EOCD and tail[20:22] == _COMMENT.to_bytes(2, "little") \
+            and tail[22:22 + len(_TAG)] == _TAG:
+        digest = hashlib.sha256(memoryview(data)[:-64]).hexdigest().encode()
+        return "ok" if digest == data[-64:] else "mismatch"
+    if data[-22:-18] == _EOCD and data[-2:] == b"\x00\x00":
+        return "none"
+    return "damaged"
+
+
+def check_writable(path, what):
+    """ConfigError, before any work, when `path` cannot be a file bbvi writes: it is a folder, or a folder on
+    its way is a file, or the folder that would hold it is not writable."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"{what}={path!r} is a directory; bbvi writes one file there: pass a file path, e.g. "
+                          f"{os.path.join(path, 'fit.pt')!r}")
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{what}={path!r} cannot be written: {existing!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}={path!r} cannot be written: the folder {existing!r} is not writable by this "
+                          f"process; pass a path in a folder you can write to")
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder (its name unique to this write: process, thread and a
+    random part, so concurrent writers never share one), checksum it, then os.replace: never a half-written
+    file, and a temporary file that fails is removed. A path that cannot be written is a ConfigError."""
+    path = os.fspath(path)
+    check_writable(path, "path")
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}-{threading.get_ident()}-"
+                               f"{uuid.uuid4().hex[:16]}.tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        torch.save(obj, tmp)
+        with open(tmp, "r+b") as f:
+            _seal(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise ConfigError(f"cannot write {path!r}: {type(e).__name__}: {e}") from e
+        raise
 
 
 def read(path, kind):
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise ConfigError(f"no {kind} file at {path!r}") from None
+    except OSError as e:
+        raise ConfigError(f"{path!r} is not a readable bbvi {kind} ({type(e).__name__}: {e})") from e
+    integrity = _integrity(data)
+    corrupted = ConfigError(f"{path!r} is corrupted: checksum mismatch (its bytes changed after bbvi wrote it: a "
+                            f"disk, copy or transfer error). Use an intact copy"
+                            + (", an earlier checkpoint, or start a new fit" if kind == "checkpoint" else
+                               ", or fit again"))
+    if integrity == "mismatch":
+        raise corrupted
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConfigError(f"{path!r} is not a readable bbvi {kind} ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict) or obj.get("bbvi_format") != FORMAT or obj.get("kind") != kind:
         raise ConfigError(f"{path!r} is not a bbvi {kind} file (format {FORMAT})")
+    if integrity == "damaged":   # a bbvi file whose end (the checksum itself) was changed
+        raise corrupted
     return obj
 
 
