@@ -37,6 +37,17 @@ def khat_reading(khat, interval=None):
     return "not reliable: q misses important posterior mass; do not trust its tails or sds"
 
 
+def collapsed(u):
+    """Indices of the continuous coordinates in which q's draws u (S, D) do not vary: q has collapsed to a point
+    there (a step size too large can shrink q's scales to 1e-20), so its weights are constant for a reason that
+    says nothing about the posterior."""
+    if u.shape[1] == 0 or u.shape[0] < 2:
+        return []
+    u = u.detach().double()
+    sd, scale = u.std(0), u.abs().mean(0).clamp_min(1.0)
+    return torch.nonzero(~(sd > 1e-10 * scale)).flatten().tolist()
+
+
 KHAT_BATCHES = 16
 
 
@@ -83,13 +94,19 @@ def psis(log_weights):
 def fit_diagnostics(result, num_draws=16000, seed=0):
     """dict with 'khat', its Monte Carlo 'khat_se' and 'khat_interval' (`khat_estimate`), 'khat_reading' (of the
     interval), the importance-sampling ESS of num_draws draws, and the fit's status and fault counts."""
-    lw = result.log_weights(num_draws, seed).double().cpu().numpy()
+    u, _, lw = result.weighted_draws(num_draws, seed)
+    lw = lw.double().cpu().numpy()
     est = khat_estimate(lw)
     smoothed, khat = est["smoothed"], est["khat"]
+    point = collapsed(u)
+    reading = (f"not computable: q has collapsed to a point in {len(point)} coordinate(s) (draws do not vary), so "
+               f"its weights are constant for no good reason" if point else khat_reading(khat, est["khat_interval"]))
+    if point:
+        khat, est["khat_interval"] = float("nan"), (float("nan"), float("nan"))
     w = np.exp(smoothed - np.logaddexp.reduce(smoothed[np.isfinite(smoothed)]))
     w = np.where(np.isfinite(w), w, 0.0)
     return {"khat": khat, "khat_se": est["khat_se"], "khat_interval": est["khat_interval"],
-            "khat_reading": khat_reading(khat, est["khat_interval"]), "is_ess": float(1.0 / np.sum(w ** 2)),
+            "khat_reading": reading, "is_ess": float(1.0 / np.sum(w ** 2)),
             "num_draws": num_draws, "status": result.status, "num_steps": result.num_steps,
             "num_failed_steps": result.num_failed_steps, "num_bad_particles": result.num_bad_particles,
             "num_rescaled_steps": result.num_rescaled_steps,
@@ -133,11 +150,27 @@ def check_reliability(result, num_draws=16000, seed=0, warn=True):
     if not math.isfinite(ess):
         w = None
     reasons = []
+    point = collapsed(u)
+    if point:
+        khat, khat_lo, khat_hi = float("nan"), float("nan"), float("nan")
+        est["khat_interval"] = (khat_lo, khat_hi)
+        reasons.append(f"q has collapsed to a point in {len(point)} of {u.shape[1]} unconstrained coordinates (its "
+                       f"draws do not vary): its sds say nothing about the posterior's; a step size too large does "
+                       f"this (try a smaller lr, or steps=None)")
+    nan_share = float(torch.isnan(log_w).double().mean())
+    if nan_share > BAD_PARTICLES_MAX:
+        reasons.append(f"{nan_share:.0%} of q's draws have a NaN log-joint: the check cannot weigh them")
+    steps_run = max(result.num_steps, 1)
+    if result.num_failed_steps > BAD_PARTICLES_MAX * steps_run:
+        reasons.append(f"{result.num_failed_steps} of {result.num_steps} steps failed (NaN/inf ELBO or gradient) and "
+                       f"were skipped")
     outside = float((log_w == -math.inf).double().mean())
     if outside > 0:
         reasons.append(f"{outside:.2%} of q's draws fall where the log-joint is -inf (outside the posterior's "
                        f"support), where the posterior has no mass")
-    if not khat_lo <= KHAT_MAX:
+    if point:
+        pass  # k-hat of a point mass means nothing; said above
+    elif not khat_lo <= KHAT_MAX:
         reasons.append(f"PSIS k-hat is {khat:.2f} ({khat_lo:.2f}-{khat_hi:.2f} with its Monte Carlo error; > "
                        f"{KHAT_MAX}): q misses posterior mass, its tails and sds cannot be trusted")
     elif not khat_hi <= KHAT_MAX:
@@ -161,7 +194,8 @@ def check_reliability(result, num_draws=16000, seed=0, warn=True):
     if worst_ratio[0] is not None:
         reasons.append(f"importance sampling puts the sd of {worst_ratio[0]} at {worst_ratio[1]:.2f} x q's")
     from .modes import MIN_MASS, other_modes
-    search = other_modes(result, u, seed=seed)
+    search = other_modes(result, u, seed=seed) if not point else {"modes": [], "note": "no mode search: q is a "
+                                                                     "point", "num_evals": 0}
     if search["modes"] and search["modes"][0]["mass"] < 1 - MIN_MASS:
         away = max(search["modes"][1:], key=lambda m: m["mass"])
         reasons.append(f"the log density has {len(search['modes'])} modes: besides q's, one {away['distance']:.1f} "
@@ -188,7 +222,9 @@ def check_reliability(result, num_draws=16000, seed=0, warn=True):
     if len(search["modes"]) > 1:  # no Gaussian family covers two modes
         tries = ["bbvi.nuts(model) to see every mode, or fits started at each mode (init_values=...)"]
     info = {"khat": khat, "khat_se": est["khat_se"], "khat_interval": est["khat_interval"],
-            "khat_reading": khat_reading(khat, est["khat_interval"]), "is_ess": ess, "num_draws": num_draws, "warnings": reasons,
+            "khat_reading": ("not computable: q has collapsed to a point" if point else
+                             khat_reading(khat, est["khat_interval"])), "is_ess": ess, "num_draws": num_draws,
+            "warnings": reasons,
             "modes": search["modes"], "mode_search": search["note"], "mode_search_evals": search["num_evals"],
             "max_psis_shift": worst_shift, "extreme_psis_sd_ratio": worst_ratio,
             "start": (start.strategy + (f" ({start.note})" if start.note else "")) if start is not None else "?"}

@@ -626,10 +626,33 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
         raise FitError(f"fit of model {model.name!r} stopped at step {state.step}: {state.consecutive_failures} "
                        f"steps in a row failed; last cause: {state.last_failure}. {state.num_failed_steps} steps "
                        f"failed in all. The fit so far is in this error's .result.", result=result)
+    unusable = _unusable_q(result)
+    if unusable:
+        result.status = "failed"
+        raise FitError(f"fit of model {model.name!r} ended after {state.step} steps with a q that cannot be used: "
+                       f"{unusable} ({state.num_failed_steps} steps failed; last cause: {state.last_failure or 'none'}). "
+                       f"A step size too large blows q up: try a smaller lr, or steps=None (the adaptive rule). The "
+                       f"fit is in this error's .result.", result=result)
     if diagnose and status != "interrupted":
         from .diagnostics import check_reliability
         check_reliability(result)
     return result
+
+
+def _unusable_q(result):
+    """'' when q's parameters are finite and its draws (64, from a generator of their own) are finite; else what
+    is not."""
+    bad = [f"{g}/{k}" for g, grp in result.params.items() for k, t in grp.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        return f"its parameters {bad} are NaN/inf"
+    if result.model.dim:
+        with torch.no_grad():
+            u, _ = result.draw(64, seed=0)
+            z, _ = result.model.constrain(u)
+        worse = [k for k, v in z.items() if not bool(torch.isfinite(v).all())]
+        if not bool(torch.isfinite(u).all()) or worse:
+            return f"its draws of {worse or 'the unconstrained coordinates'} are NaN/inf"
+    return ""
 
 
 def _write_checkpoint(state, path, settings):

@@ -186,3 +186,24 @@ def test_sample_is_bit_identical_across_processes_derived_included(tmp_path):
         assert run.returncode == 0, run.stderr[-2000:]
         out.append(run.stdout.strip().splitlines()[-1])
     assert out[0] == out[1] and len(out[0]) == 64
+
+
+def _standard_normal_2d():
+    return bbvi.Model(lambda z, d: Normal(0.0, 1.0).log_prob(z["x"]).sum(-1), {"x": bbvi.Latent((2,))}, name="std2")
+
+
+def test_a_q_collapsed_to_a_point_is_warned_not_read_as_exact():
+    """Red team: steps=300, lr=10 shrinks q to a point (sd 3e-20); its weights are constant, and the check read
+    k-hat -inf, 'good: q equals the posterior', with no warning."""
+    fit, warned = _recording(lambda: bbvi.fit(_standard_normal_2d(), steps=300, lr=10.0, seed=0))
+    assert float(fit.sample(2000)["x"].std(0).max()) < 1e-6  # the collapse itself
+    assert len(warned) == 1 and "collapsed to a point" in warned[0]
+    assert fit.diagnostics(num_draws=2000)["khat_reading"].startswith("not computable: q has collapsed")
+
+
+def test_a_fit_whose_q_blew_up_is_a_fit_error_not_completed():
+    """Red team: lr=1e6: 99 of 100 steps failed, q's scales overflowed (draws NaN), yet status 'completed' and the
+    final ELBO came from the one good step. Now a FitError holding the fit, saying why and what to try."""
+    with pytest.raises(bbvi.FitError, match="cannot be used.*NaN/inf.*smaller lr") as caught:
+        bbvi.fit(_standard_normal_2d(), steps=100, lr=1e6, seed=0)
+    assert caught.value.result is not None and caught.value.result.status == "failed"
