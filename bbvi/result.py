@@ -1,5 +1,7 @@
 """The fitted result: samples in constrained space, the ELBO trace, ArviZ conversion, gradient samples."""
 import dataclasses
+import math
+import numbers
 
 import torch
 
@@ -9,6 +11,24 @@ from .saving import FORMAT, atomic_save, check_signature, config_of, model_signa
     plan_from, read
 
 __all__ = ["Result", "load_result"]
+
+
+SEED_LIMIT = 2 ** 63  # bbvi.fit's rule: a seed is an int in [0, 2**63)
+
+
+def check_seed(seed, where):
+    """The one rule for a seed, shared by every Result method and the same as bbvi.fit's: an int (not a bool)
+    in [0, 2**63). Returns it as a Python int; anything else is a ConfigError naming `where`."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < SEED_LIMIT:
+        raise ConfigError(f"{where}: seed must be an int in [0, 2**63) (as for bbvi.fit), got {seed!r}")
+    return int(seed)
+
+
+def check_count(name, value, where):
+    """A count argument (num_draws, num_samples, num_particles): a positive int, else a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(f"{where}: {name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def _detached(params):
@@ -79,9 +99,36 @@ class Result:
     def _reference_tensor(self):
         return next(t for g in self.params.values() for t in g.values())
 
-    def _generator(self, seed):
+    def _generator(self, seed, where="fit"):
         ref = self._reference_tensor()
-        return torch.Generator(device=ref.device).manual_seed(seed)
+        return torch.Generator(device=ref.device).manual_seed(check_seed(seed, where))
+
+    def _values_per_draw(self):
+        """Numbers one draw from q takes: its unconstrained coordinates, its constrained values, and the
+        Gumbel noise of every discrete entry (one per category)."""
+        latents = self.model.latents.values()
+        return (self.model.dim + sum(math.prod(lat.shape) for lat in latents)
+                + sum(math.prod(lat.shape) * k for lat, _, k in self.model.discrete.values()))
+
+    def _check_memory(self, name, num, where, per=None, factor=3):
+        """ConfigError when `num` draws (or particles) would need more memory than the device has: num x values
+        per draw x element size x `factor` (the work copies alongside), against the device's total memory."""
+        from .families import _memory_bytes
+        ref = self._reference_tensor()
+        per = max(1, self._values_per_draw() if per is None else per)
+        unit = per * ref.element_size() * factor
+        have = _memory_bytes(ref.device)
+        if have is not None and num * unit > have:
+            raise ConfigError(f"{where}: {name}={num} needs about {num * unit / 2 ** 30:.3g} GiB ({num} x {per} "
+                              f"values x {ref.element_size()} bytes x {factor} work copies), more than this "
+                              f"machine's {have / 2 ** 30:.1f} GiB ({ref.device}): use a smaller {name} (at most "
+                              f"about {max(1, have // unit)})")
+
+    def _check_draws(self, num_draws, seed, where):
+        num_draws = check_count("num_draws", num_draws, where)
+        seed = check_seed(seed, where)
+        self._check_memory("num_draws", num_draws, where)
+        return num_draws, seed
 
     # ---- q on the model's unconstrained scale ----------------------------------------------------------------
     def unconstrained_mean(self):
@@ -106,17 +153,19 @@ class Result:
     # ---- draws ----------------------------------------------------------------------------------------------
     def draw(self, num, seed=0):
         """(u (num, D) unconstrained continuous draws, dict of discrete draws) from q."""
+        num, seed = self._check_draws(num, seed, "fit.draw")
         return draw(self.model, self.family, self.discrete, self.params, num, self._generator(seed))
 
     def sample(self, num_draws=4000, seed=0):
-        """dict name -> Tensor (num_draws, *shape) of draws from q in constrained space, derived included."""
-        if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
-            raise ConfigError(f"num_draws must be a positive int, got {num_draws!r}")
+        """dict name -> Tensor (num_draws, *shape) of draws from q in constrained space, derived included.
+        num_draws: a positive int that fits in memory; seed: an int in [0, 2**63), as for bbvi.fit."""
+        num_draws, seed = self._check_draws(num_draws, seed, "fit.sample")
         return self.model.named_draws(*self.draw(num_draws, seed), seed=seed)
 
     def weighted_draws(self, num_draws=4000, seed=0):
         """(u, k, log_w): draws from q as in `draw` and their log importance weights log p(x, z) - log q(z),
         shape (num_draws,)."""
+        num_draws, seed = self._check_draws(num_draws, seed, "fit.weighted_draws")
         u, k = self.draw(num_draws, seed)
         chunk = 1024  # bounded memory for big models; a particle whose log-joint raises gets NaN (weight 0)
         with torch.no_grad():
@@ -130,6 +179,7 @@ class Result:
 
     def log_weights(self, num_draws=4000, seed=0):
         """log p(x, z) - log q(z) for num_draws draws from q, shape (num_draws,): the raw importance weights."""
+        num_draws, seed = self._check_draws(num_draws, seed, "fit.log_weights")
         return self.weighted_draws(num_draws, seed)[2]
 
     def to_arviz(self, num_draws=4000, seed=0):
@@ -140,6 +190,7 @@ class Result:
 
         from .reference import arviz_dims, check_arviz_names
         where = f"to_arviz (model {self.model.name!r})"
+        num_draws, seed = self._check_draws(num_draws, seed, "fit.to_arviz")
         check_arviz_names(self.model.latents, where)
         draws = self.sample(num_draws, seed)
         check_arviz_names(draws, where, "derived quantity")
@@ -163,15 +214,26 @@ class Result:
         """Tensor (num_samples, P): independent estimates of the ELBO gradient at the fitted q, P the number of
         variational parameters (flattened in the order of `self.params`). estimator/baseline default to the
         fit's own; an EMA baseline starts from the fit's final average and keeps averaging across samples (its
-        value never depends on the current draw, so each estimate stays unbiased)."""
+        value never depends on the current draw, so each estimate stays unbiased). num_samples: a positive int;
+        num_particles: None (the fit's own) or a positive int; seed: an int in [0, 2**63), as for bbvi.fit."""
+        where = "fit.gradient_samples"
+        num_samples = check_count("num_samples", num_samples, where)
+        if num_particles is None:
+            num_particles = int(self.settings["num_particles"])
+        elif isinstance(num_particles, bool) or not isinstance(num_particles, numbers.Integral) or num_particles < 1:
+            raise ConfigError(f"{where}: num_particles must be None (the fit's own, "
+                              f"{self.settings['num_particles']}) or a positive int, got {num_particles!r}")
+        num_particles = int(num_particles)
+        seed = check_seed(seed, where)
+        self._check_memory("num_particles", num_particles, where, factor=8)  # particles, their graph, gradients
+        num_params = sum(t.numel() for group in self.params.values() for t in group.values())
+        self._check_memory("num_samples", num_samples, where, per=num_params, factor=2)
         if estimator is None:
             plan = self.plan
-            num_particles = num_particles or int(self.settings["num_particles"])
         else:
-            num_particles = num_particles or int(self.settings["num_particles"])
             est = resolve_estimator(estimator, baseline)
             plan = plan_for(est, self.model, self.report, num_particles)
-        g = self._generator(seed)
+        g = self._generator(seed, where)
         params = {grp: {k: t.clone().requires_grad_(True) for k, t in group.items()}
                   for grp, group in self.params.items()}
         leaves = [t for group in params.values() for t in group.values()]
@@ -190,12 +252,15 @@ class Result:
     # ---- reading the fit ------------------------------------------------------------------------------------
     def diagnostics(self, num_draws=16000, seed=0):
         """dict: PSIS k-hat of the fit with its Monte Carlo interval and its reading (Yao et al. 2018), plus fit
-        status and fault counts (bbvi.diagnostics.fit_diagnostics)."""
+        status and fault counts (bbvi.diagnostics.fit_diagnostics). num_draws: a positive int that fits in memory;
+        seed: an int in [0, 2**63), as for bbvi.fit."""
+        num_draws, seed = self._check_draws(num_draws, seed, "fit.diagnostics")
         from .diagnostics import fit_diagnostics
         return fit_diagnostics(self, num_draws=num_draws, seed=seed)
 
     def summary(self, num_draws=4000, seed=0):
         """A short text table: mean, sd, 5% and 95% quantiles of every scalar latent and derived quantity."""
+        num_draws, seed = self._check_draws(num_draws, seed, "fit.summary")
         draws = self.sample(num_draws, seed)
         lines = [f"bbvi fit of {self.model.name!r}: {self.status} after {self.num_steps} steps "
                  f"({self.wall_time:.2f} s), final ELBO {self.final_elbo():.4g}, "
@@ -245,6 +310,34 @@ class Result:
                 f"final ELBO {self.final_elbo():.4g}>")
 
 
+def _saved_family_name(cfg):
+    if cfg is None:
+        return "none"
+    fields = cfg.get("fields") or {}
+    return f"{cfg['type']}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
+def _check_loaded_family(family, saved_cfg, params, dim, path):
+    """ConfigError when `family` (given to bbvi.load) cannot hold the saved parameters: its parameters (names
+    and shapes, from family.init at the saved dimension) must be those in the file."""
+    if not dim or not params:
+        return
+    loc = next(iter(params.values())).new_zeros(dim)
+    try:
+        expected = family.init(dim, loc)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - a family whose init cannot run here: nothing to compare with
+        return
+    want = {k: tuple(t.shape) for k, t in expected.items()}
+    got = {k: tuple(t.shape) for k, t in params.items()}
+    if want != got:
+        raise ConfigError(f"bbvi.load({str(path)!r}): the file holds a fit with family {_saved_family_name(saved_cfg)} "
+                          f"(parameters {got}), but family={family!r} was given, whose parameters are {want}: leave "
+                          f"family out to use the saved {saved_cfg['type'] if saved_cfg else 'family'}, or pass one "
+                          f"of the same kind (family= is for a saved family bbvi cannot rebuild by itself)")
+
+
 def load_result(path, model, device="cpu", family=None):
     """A Result saved by `Result.save`, attached to `model` (the same latents; its data may be new). `family`:
     the family object, needed only when the saved one is a class bbvi cannot rebuild from the file."""
@@ -258,7 +351,11 @@ def load_result(path, model, device="cpu", family=None):
     if saved["preconditioner"]:
         model = model.preconditioned(*saved["preconditioner"])
     model = model.to(device, dtype)
-    family = resolve_family(family) if family is not None else object_from(saved["family"], families, "family")
+    if family is None:
+        family = object_from(saved["family"], families, "family")
+    else:
+        family = resolve_family(family)
+        _check_loaded_family(family, saved["family"], params["continuous"], model.dim, path)
     return Result(model=model, family=family, discrete=Discrete.for_model(model), plan=plan_from(saved["plan"]),
                   report=CheckReport(saved["report"]["differentiable"], tuple(saved["report"]["nondifferentiable"])),
                   params=params, elbo=saved["elbo"], settings=dict(saved["settings"]), status=saved["status"],
