@@ -158,6 +158,8 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={str(device)!r}, but torch has no CUDA device here "
                           f"(torch {torch.__version__}); use device='cpu'")
+    _check_device(device)
+    _check_particle_memory(model, num_particles, device, dtype)
     family = resolve_family(family)
     estimator = resolve_estimator(estimator, baseline)
     natural = isinstance(optimizer, str) and optimizer == "natural"
@@ -191,7 +193,7 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         probe = _probe_count(model)
         u, k = draw(model, family, discrete, params, probe, generator)
         u[0] = loc
-    report = model.check(u, k)
+    report = model.check(u, k, particles=False)  # the particle check comes after the start (check_particles)
     plan = plan_for(estimator, model, report, num_particles)
     structure = None
     if report.factors is not None and plan.has_score_terms:  # Rao-Blackwellized score terms
@@ -199,6 +201,7 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         structure = discover(model, discrete, report, u.detach()[:2], {n: v[:2] for n, v in k.items()},
                              report.differentiable)
     model, start_info = choose_start(init_strategy, model, family, params, report, k)
+    report = model.check_particles(report)
     leaves = [t for g in params.values() for t in g.values()]
     base_lr = rule.lr if rule is not None else (0.05 if lr is None else lr)
     opt = NaturalGradient(params, family, lr=base_lr) if natural else make_opt(leaves, lr=base_lr)
@@ -211,6 +214,43 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         state.tracker = rule.tracker(state)
         state.schedule = state.tracker.factor
     return state
+
+
+def _check_device(device):
+    """ConfigError for a device a fit cannot run on: anything but the CPU, an existing CUDA device, or MPS where
+    torch has it (e.g. 'meta', whose tensors hold no data, or a backend this torch was not built with)."""
+    if device.type == "cpu" or (device.type == "mps" and torch.backends.mps.is_available()):
+        return
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device={str(device)!r}, but torch sees {count} CUDA device(s) here (cuda:0 to "
+                              f"cuda:{count - 1}); use one of them or device='cpu'")
+        return
+    usable = ["'cpu'"] + (["'cuda'"] if torch.cuda.is_available() else [])
+    raise ConfigError(f"device={str(device)!r}: a fit runs on the CPU, a CUDA GPU or Apple's MPS where torch has "
+                      f"them; {device.type!r} is not one of them or is not available here"
+                      + (" ('meta' tensors hold no values to compute with)" if device.type == "meta" else "")
+                      + f". Use device={' or '.join(usable)}")
+
+
+def _check_particle_memory(model, num_particles, device, dtype, work=8):
+    """ConfigError when num_particles particles cannot fit in the device's memory: every step holds the (S, D)
+    draws, their noise, the constrained values, gradients and the log-joint's own work (`work` copies, a lower
+    bound), and for each discrete entry its (S, K) Gumbel noise."""
+    from .families import _memory_bytes
+    have = _memory_bytes(device)
+    if have is None:
+        return
+    width = model.dim + sum(lat.numel * (k + 1) for lat, _, k in model.discrete.values())
+    per_particle = max(width, 1) * (torch.finfo(dtype).bits // 8) * work
+    need = num_particles * per_particle
+    if need > have:
+        fits = have // (2 * per_particle)
+        raise ConfigError(f"num_particles={num_particles} needs at least {need / 2**30:.0f} GiB per step "
+                          f"({num_particles} particles x {width} values x {torch.finfo(dtype).bits // 8} bytes x "
+                          f"{work} working copies), more than this machine's {have / 2**30:.1f} GiB on "
+                          f"{str(device)!r}: use num_particles <= {fits} (a few tens to a few thousand is usual)")
 
 
 _ALIASES = {"n_particles": "num_particles", "particles": "num_particles", "num_samples": "num_particles",

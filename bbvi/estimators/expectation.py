@@ -102,10 +102,18 @@ def _values(f, x):
     out = f(x)
     if not torch.is_tensor(out):
         out = torch.as_tensor(out)
-    out = out.to(x.dtype if x.is_floating_point() else torch.float64)
-    if tuple(out.shape) != (x.shape[0],):
-        raise ConfigError(f"f must return one value per draw, shape ({x.shape[0]},); got {tuple(out.shape)}")
-    return out
+    _check_values(out, x.shape[0])
+    return out.to(x.dtype if x.is_floating_point() else torch.float64)
+
+
+def _check_values(out, num):
+    """ConfigError unless f's values `out` are real, one per draw: shape (num,)."""
+    if out.is_complex():
+        raise ConfigError(f"f returned complex values (dtype {out.dtype}); E[f] is estimated for real f: take "
+                          f"the real and imaginary parts as two expectations (f = lambda x: g(x).real, then .imag)")
+    if tuple(out.shape) != (num,):
+        hint = (": f returned a scalar; return the per-draw values, bbvi averages them" if out.dim() == 0 else "")
+        raise ConfigError(f"f must return one value per draw, shape ({num},); got {tuple(out.shape)}{hint}")
 
 
 def _leaves(t):
@@ -216,6 +224,9 @@ def expectation(f, dist, *, num_samples, estimator="auto", baseline="loo", propo
     dist = _as_distribution(dist)
     if estimator not in ("auto", "score", "pathwise"):
         raise ConfigError(f"estimator must be 'auto', 'score' or 'pathwise', got {estimator!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ConfigError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None "
+                          f"(a fresh one seeded 0), got {type(generator).__name__} {generator!r:.60}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     if proposal is not None:
         value, info = _importance(f, dist, proposal, num_samples, generator, baseline, standardize, clip,
@@ -239,6 +250,8 @@ def expectation(f, dist, *, num_samples, estimator="auto", baseline="loo", propo
                                       f"{type(e).__name__}: {e}") from e
                 differentiable = False
             note = None
+            if torch.is_tensor(values):
+                _check_values(values, x.shape[0])
             if differentiable and estimator == "auto":
                 note = _piecewise_constant(values, x)
                 differentiable = note is None
@@ -266,6 +279,58 @@ def expectation(f, dist, *, num_samples, estimator="auto", baseline="loo", propo
     return (value, info) if return_info else value
 
 
+def _proposal_log_prob(q, x):
+    """(num,) log density of proposal q at x, -inf where x is outside q's support (torch's argument validation
+    raises ValueError there; a mixture's other proposals may still cover those points)."""
+    try:
+        return _log_prob(q, x)
+    except ValueError:
+        if not isinstance(q, D.Distribution):
+            raise
+    inside = torch.as_tensor(q.support.check(x)).reshape(x.shape[0], -1).all(-1)
+    out = torch.full((x.shape[0],), -math.inf, dtype=x.dtype if x.is_floating_point() else torch.float64,
+                     device=x.device)
+    if bool(inside.any()):
+        out[inside] = _log_prob(q, x[inside]).to(out.dtype)
+    return out
+
+
+def _check_covers(dist, proposals, generator, num=256):
+    """ConfigError when the proposals together do not cover the target's support: at a draw x from `dist` every
+    proposal's log density is -inf or NaN (or torch's validation rejects x), so p(x) / q(x) is undefined there
+    and the importance-sampling estimate silently leaves that region out. The `num` points come from a copy of
+    `generator` (the estimate's draws are unchanged) for torch distributions and bbvi families; a user's
+    distribution object (draw(num, generator): e.g. whole episodes) is not drawn from here."""
+    if not isinstance(dist, (D.Distribution, FamilyDistribution)):
+        return
+    own = torch.Generator(device=generator.device)
+    own.set_state(generator.get_state())
+    try:
+        with torch.no_grad():
+            points = draw(dist, num, own)
+    except ConfigError:  # a target torch has but `draw` cannot draw with a generator: nothing to check with
+        return
+    with torch.no_grad():
+        covered = torch.zeros(num, dtype=torch.bool, device=points.device)
+        for q in proposals:
+            try:
+                lq = _proposal_log_prob(q, points)
+            except Exception:  # noqa: BLE001 - not a support question (a shape, a dtype): the estimate says it
+                return
+            covered |= (lq > -math.inf) & ~lq.isnan()
+    if bool(covered.all()):
+        return
+    bad = points[~covered][0]
+    example = bad.item() if bad.numel() == 1 else [round(v, 4) for v in bad.reshape(-1).tolist()[:6]]
+    supports = ", ".join(str(getattr(q, "support", "?")) for q in proposals)
+    raise ConfigError(f"the proposal does not cover the target's support: {int((~covered).sum())} of {num} draws "
+                      f"from the target (e.g. x = {example}) have proposal density 0 (log density -inf; proposal "
+                      f"support: {supports}; target support: {getattr(dist, 'support', '?')}), so the importance "
+                      f"weights p/q are undefined there and the estimate would leave that part of the target out. "
+                      f"Use a proposal whose support contains the target's (e.g. a Normal or Cauchy wider than the "
+                      f"target), or add one to a list of proposals")
+
+
 def _importance(f, dist, proposal, num_samples, generator, baseline, standardize, clip, baseline_state):
     """Draws from the proposals, weights w_s = p(x_s) / sum_j (n_j / n) q_j(x_s) (balance heuristic), and the
     weighted score term mean_s stop(w_s) B(log p(x_s)) (f_s - b_s): its derivatives are those of
@@ -274,11 +339,13 @@ def _importance(f, dist, proposal, num_samples, generator, baseline, standardize
     proposals = [_as_distribution(q) for q in proposals]
     bl = _resolve(baseline, num_samples, standardize, clip, importance=True)
     sizes = [num_samples // len(proposals) + (j < num_samples % len(proposals)) for j in range(len(proposals))]
+    used = [q for q, n in zip(proposals, sizes) if n > 0]
+    _check_covers(dist, used, generator)
     xs = [draw(q, n, generator) for q, n in zip(proposals, sizes) if n > 0]
     x = torch.cat(xs)
     with torch.no_grad():
         values = _values(f, x)
-        log_mix = torch.logsumexp(torch.stack([_log_prob(q, x) + math.log(n / num_samples)
+        log_mix = torch.logsumexp(torch.stack([_proposal_log_prob(q, x) + math.log(n / num_samples)
                                                for q, n in zip(proposals, sizes) if n > 0]), 0)
     logp = _log_prob(dist, x)
     logw = logp.detach() - log_mix
