@@ -34,8 +34,8 @@ def demo(out, quick=False):
              "Model: eight schools, noncentered (posteriordb `eight_schools_noncentered`); 10 latents.", ""]
 
     t = time.perf_counter()
-    ref = bbvi.nuts(model, num_draws=300 if quick else 1000, num_warmup=300 if quick else 1000, num_chains=4,
-                    seed=0)
+    ref = bbvi.nuts(model, num_draws=150 if quick else 1000, num_warmup=150 if quick else 1000,
+                    num_chains=2 if quick else 4, seed=0)
     nuts_wall = time.perf_counter() - t
     nuts_time = float(ref.posterior.attrs.get("sampling_time_s", nuts_wall))
     cached = nuts_wall < 0.5 * nuts_time
@@ -49,12 +49,12 @@ def demo(out, quick=False):
         "fullrank, reparam": bbvi.fit(model, family="fullrank", estimator="reparam", num_particles=16,
                                       steps=steps, lr=0.05, seed=0),
     }
-    lines += [f"NUTS reference (Pyro, 4 chains x {ref.posterior.sizes['draw']} draws): {nuts_time:.1f} s of "
+    lines += [f"NUTS reference (Pyro, {ref.posterior.sizes['chain']} chains x {ref.posterior.sizes['draw']} draws): {nuts_time:.1f} s of "
               f"sampling" + (" (this run loaded it from the cache)" if cached else "") + ".", ""]
     for label, fit in fits.items():
         diag = fit.diagnostics()
         vs_nuts = bbvi.compare(fit, ref)
-        vs_pdb = bbvi.compare(fit, pdb)
+        vs_pdb = bbvi.compare(fit, pdb, var_names=[k for k in pdb.posterior.data_vars])  # it stores theta, not theta_trans
         print(f"\n== {label}: {fit.num_steps} steps in {fit.wall_time:.2f} s "
               f"({1e3 * fit.wall_time / max(fit.num_steps, 1):.2f} ms/step); PSIS k-hat {diag['khat']:.2f}: "
               f"{diag['khat_reading']}")

@@ -126,7 +126,11 @@ def laplace_start(model, family, params, report, discrete_draw, max_iter=500):
     if not torch.isfinite(u).all() or not torch.isfinite(value):
         raise _NoMode(f"init_strategy='map': the optimiser left the support of model {model.name!r} or the log "
                       f"density grew without bound (no mode)")
-    hess = torch.autograd.functional.hessian(lambda v: -model.log_density(v[None], k1)[0], u)
+    try:
+        hess = torch.autograd.functional.hessian(lambda v: -model.log_density(v[None], k1)[0], u)
+    except Exception as e:  # noqa: BLE001 - the log-joint raised at the optimum: no Laplace start there
+        raise ConfigError(f"init_strategy='map': the log-joint raised {type(e).__name__} in the Hessian at the "
+                          f"optimum") from e
     hess = 0.5 * (hess + hess.T)
     if not bool(torch.isfinite(hess).all()) or torch.linalg.eigvalsh(hess).min() <= 0:
         raise _NoMode(f"init_strategy='map': the Hessian at the end of L-BFGS on model {model.name!r} is not "
