@@ -27,7 +27,7 @@ def run_one(job):
     t = time.perf_counter()
     try:
         fit = bbvi.fit(model, family=family, estimator=estimator, baseline=baseline, steps=steps, num_particles=16,
-                       lr=0.05, seed=0, dtype=torch.float64, init_strategy=init)
+                       lr=0.05, seed=0, dtype=torch.float64, init_strategy=init, diagnose=False)  # k-hat: compare
         status = fit.status
     except bbvi.FitError as e:
         fit, status = e.result, "failed"

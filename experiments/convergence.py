@@ -32,7 +32,8 @@ def main(argv=None):
             label = est if est != "score" else f"score+{bl}"
             record = {"t0": time.perf_counter(), "paused": 0.0, "first": None}
             check = _checker(record, traces, ref, ref_vars, name, label, every)
-            bbvi.fit(model, estimator=est, baseline=bl, steps=steps, seed=0, dtype=torch.float64, callbacks=[check])
+            bbvi.fit(model, estimator=est, baseline=bl, steps=steps, seed=0, dtype=torch.float64, callbacks=[check],
+                     diagnose=False)
             first = record["first"] or (np.nan, np.nan)
             summary.append(dict(posterior=name, estimator=label, steps_to_0_1_sd=first[0], seconds_to_0_1_sd=first[1],
                                 final_max_mean_err_sd=traces[-1]["max_mean_err_sd"]))

@@ -15,7 +15,8 @@ def main(argv=None):
     rows = []
     for seed in ([0] if args.quick else [0, 1, 2]):
         for name, key in [("mixture", "z"), ("latent_features", "s"), ("changepoint", "tau")]:
-            fit = bbvi.fit(discrete.MODELS[name], estimator="auto", steps=steps, seed=seed, dtype=torch.float64)
+            fit = bbvi.fit(discrete.MODELS[name], estimator="auto", steps=steps, seed=seed, dtype=torch.float64,
+                           diagnose=False)
             q = fit.discrete.probs(fit.params["discrete"])[key]
             ex = discrete.exact(name)
             if key == "tau":

@@ -27,8 +27,8 @@ def main(argv=None):
     rows = []
     bar = tqdm(total=len(models) * 2 * len(CONFIGS) * len(particles), desc="gradient variance")
     for mname, model in models.items():
-        start = bbvi.fit(model, steps=0, dtype=torch.float64)
-        fitted = bbvi.fit(model, estimator="reparam", steps=steps, dtype=torch.float64, seed=0)
+        start = bbvi.fit(model, steps=0, dtype=torch.float64, diagnose=False)
+        fitted = bbvi.fit(model, estimator="reparam", steps=steps, dtype=torch.float64, seed=0, diagnose=False)
         for where, res in (("initial q", start), ("fitted q", fitted)):
             for est, bl in CONFIGS:
                 for S in particles:

@@ -36,9 +36,10 @@ def test_steps_that_keep_failing_stop_with_an_error_that_keeps_the_fit():
     with pytest.raises(bbvi.FitError, match="20 steps in a row failed.*ELBO estimate is nan") as err:
         bbvi.fit(model, steps=500, max_consecutive_failures=20, init_strategy="zero")   # counts log-joint calls
     result = err.value.result
-    assert result.status == "failed" and result.num_failed_steps == 20 and result.num_steps == 48
+    # 48 steps before the particle-mixing check of the first call (issue 16) added 2 calls: now 46
+    assert result.status == "failed" and result.num_failed_steps == 20 and result.num_steps == 46
     assert torch.isfinite(result.params["continuous"]["loc"]).all()
-    assert torch.isfinite(result.elbo[:28]).all() and torch.isnan(result.elbo[28:]).all()
+    assert torch.isfinite(result.elbo[:26]).all() and torch.isnan(result.elbo[26:]).all()
 
 def test_transforms_never_overflow():
     model = bbvi.Model(lambda z, d: -z["lam"] - z["p"], {"lam": bbvi.Latent(support=constraints.positive),
