@@ -54,7 +54,7 @@ def main(argv=None):
     names = posteriordb.names()
     steps = 200 if args.quick else 5000
     if args.quick:
-        names = names[:2]
+        names = names[:1]  # arK: the quick run checks the script end to end (diamonds, N=5000, cost 45 s of it)
     jobs = [(n, f, e, i, steps) for n in names for i in INITS for f in FAMILIES for e in ESTIMATORS]
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
         rows = list(tqdm(pool.imap(run_one, jobs), total=len(jobs), desc="accuracy"))
