@@ -6,12 +6,16 @@ generator state, the baseline state, the ELBO trace, the step and the fault coun
 bit for bit the fit an uninterrupted run with the same seed would have given. `read_checkpoint` lets a resume
 change the fit's length (`LENGTH`); bbvi.fit decides what such an extension means.
 """
+import functools
+import hashlib
+import types
+
 import torch
 
 from .errors import ConfigError
-from .saving import FORMAT, atomic_save, check_signature, config_of, model_signature, plan_config, read
+from .saving import FORMAT, describe, atomic_save, check_signature, config_of, model_signature, plan_config, read
 
-__all__ = ["save_checkpoint", "restore_checkpoint", "read_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "restore_checkpoint", "read_checkpoint", "load_checkpoint", "setting", "Keeper"]
 
 LENGTH = ("steps", "max_steps")   # the settings a resume may change: how long the fit runs
 
@@ -79,3 +83,78 @@ def restore_checkpoint(state, path, settings):
     """Load the checkpoint at `path` into a freshly initialised FitState (same model, family, estimator and
     settings, or a ConfigError says what differs)."""
     return load_checkpoint(state, read_checkpoint(state, path, settings))
+
+
+def setting(value):
+    """A stable text for the optimizer or schedule setting, compared on resume (also in another process): a
+    name as it is, a class by its repr, a function by its module, qualified name and a hash of its code (never
+    its memory address, which str() shows and which differs from process to process), a partial by its
+    function and arguments, a configuration object by `saving.describe`."""
+    if value is None or isinstance(value, (str, bool, int, float, type)):
+        return str(value)
+    if isinstance(value, functools.partial):
+        return (f"functools.partial({', '.join(setting(v) for v in (value.func, *value.args))}"
+                + "".join(f", {k}={setting(v)}" for k, v in value.keywords.items()) + ")")
+    fn = getattr(value, "__func__", value)   # a bound method: its function
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        h = hashlib.sha256(code.co_code)
+        h.update(repr([c for c in code.co_consts if not isinstance(c, types.CodeType)]).encode())
+        h.update(repr(code.co_names).encode())
+        return f"<function {fn.__module__}.{fn.__qualname__} code {h.hexdigest()[:12]}>"
+    if callable(value) and hasattr(value, "__qualname__"):   # a builtin function
+        return f"<{getattr(value, '__module__', None)}.{value.__qualname__}>"
+    return describe(value)
+
+
+# What a step (and the adaptive rule's look at it) changes, besides the tensors and the rule's state.
+_STEP_FIELDS = ("step", "num_failed_steps", "num_rescaled_steps", "consecutive_failures", "last_failure",
+                "num_bad_particles", "num_raised_steps", "last_exception", "baseline_state")
+
+
+class Keeper:
+    """Keeps, before each step, what the step and the adaptive rule's look at it change, so that a step a
+    KeyboardInterrupt cuts short can be undone: the values of the parameters and of the optimizer's
+    per-parameter state tensors (one foreach copy into buffers reused from step to step), which state tensors
+    the optimizer holds, its groups' settings, the generator state, the counters, the ELBO trace's length and
+    the adaptive rule's state (bbvi.convergence)."""
+
+    def __init__(self):
+        self.sources, self.targets, self.buffers = [], [], []
+
+    def keep(self, state):
+        opt = state.optimizer
+        held = {p: dict(s) for p, s in opt.state.items()}
+        live = state.leaves() + [v for s in held.values() for v in s.values() if torch.is_tensor(v)]
+        if len(live) == len(self.sources) and all(a is b for a, b in zip(live, self.sources)):
+            torch._foreach_copy_(self.buffers, self.targets)
+        else:  # the first step, or the optimizer made new state tensors (Adam's first step, a restart)
+            self.sources, self.targets = live, [t.detach() for t in live]
+            self.buffers = [t.clone() for t in self.targets]
+        return (held, [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                state.generator.get_state(), {f: getattr(state, f) for f in _STEP_FIELDS}, len(state.elbo),
+                state.tracker.snapshot() if state.tracker is not None else None)
+
+    def undo(self, state, kept):
+        """Put back what `keep` kept (again if a second Ctrl-C lands while doing it)."""
+        held, groups, generator, fields, num_elbo, tracker = kept
+        while True:
+            try:
+                opt = state.optimizer
+                opt.state.clear()
+                opt.state.update({p: dict(s) for p, s in held.items()})
+                with torch.no_grad():
+                    torch._foreach_copy_(self.targets, self.buffers)
+                for p in state.leaves():
+                    p.grad = None
+                for g, saved in zip(opt.param_groups, groups):
+                    g.update(saved)
+                state.generator.set_state(generator)
+                for f, v in fields.items():
+                    setattr(state, f, v)
+                del state.elbo[num_elbo:]
+                if tracker is not None:
+                    state.tracker.restore(tracker)
+                return
+            except KeyboardInterrupt:
+                continue

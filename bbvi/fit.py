@@ -12,18 +12,15 @@ plus the convergence test, callbacks, a progress bar and fault handling:
   windows of `check_every` steps: stop when the mean or the median of recent relative changes falls below it.
 """
 import dataclasses
-import functools
-import hashlib
 import math
 import os
 import sys
 import time
-import types
 import warnings
 
 import torch
 
-from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import Keeper, load_checkpoint, read_checkpoint, save_checkpoint, setting
 from .errors import ConfigError, FitError
 from .convergence import Adaptive, RelativeTolerance
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, plan_for, resolve_estimator
@@ -368,81 +365,6 @@ def step(state):
     return elbo
 
 
-def _setting(value):
-    """A stable text for the optimizer or schedule setting, compared on resume (also in another process): a
-    name as it is, a class by its repr, a function by its module, qualified name and a hash of its code (never
-    its memory address, which str() shows and which differs from process to process), a partial by its
-    function and arguments, a configuration object by `saving.describe`."""
-    if value is None or isinstance(value, (str, bool, int, float, type)):
-        return str(value)
-    if isinstance(value, functools.partial):
-        return (f"functools.partial({', '.join(_setting(v) for v in (value.func, *value.args))}"
-                + "".join(f", {k}={_setting(v)}" for k, v in value.keywords.items()) + ")")
-    fn = getattr(value, "__func__", value)   # a bound method: its function
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        h = hashlib.sha256(code.co_code)
-        h.update(repr([c for c in code.co_consts if not isinstance(c, types.CodeType)]).encode())
-        h.update(repr(code.co_names).encode())
-        return f"<function {fn.__module__}.{fn.__qualname__} code {h.hexdigest()[:12]}>"
-    if callable(value) and hasattr(value, "__qualname__"):   # a builtin function
-        return f"<{getattr(value, '__module__', None)}.{value.__qualname__}>"
-    return describe(value)
-
-
-# What a step (and the adaptive rule's look at it) changes, besides the tensors and the rule's state.
-_STEP_FIELDS = ("step", "num_failed_steps", "num_rescaled_steps", "consecutive_failures", "last_failure",
-                "num_bad_particles", "num_raised_steps", "last_exception", "baseline_state")
-
-
-class _Keeper:
-    """Keeps, before each step, what the step and the adaptive rule's look at it change, so that a step a
-    KeyboardInterrupt cuts short can be undone: the values of the parameters and of the optimizer's
-    per-parameter state tensors (one foreach copy into buffers reused from step to step), which state tensors
-    the optimizer holds, its groups' settings, the generator state, the counters, the ELBO trace's length and
-    the adaptive rule's state (bbvi.convergence)."""
-
-    def __init__(self):
-        self.sources, self.targets, self.buffers = [], [], []
-
-    def keep(self, state):
-        opt = state.optimizer
-        held = {p: dict(s) for p, s in opt.state.items()}
-        live = state.leaves() + [v for s in held.values() for v in s.values() if torch.is_tensor(v)]
-        if len(live) == len(self.sources) and all(a is b for a, b in zip(live, self.sources)):
-            torch._foreach_copy_(self.buffers, self.targets)
-        else:  # the first step, or the optimizer made new state tensors (Adam's first step, a restart)
-            self.sources, self.targets = live, [t.detach() for t in live]
-            self.buffers = [t.clone() for t in self.targets]
-        return (held, [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
-                state.generator.get_state(), {f: getattr(state, f) for f in _STEP_FIELDS}, len(state.elbo),
-                state.tracker.snapshot() if state.tracker is not None else None)
-
-    def undo(self, state, kept):
-        """Put back what `keep` kept (again if a second Ctrl-C lands while doing it)."""
-        held, groups, generator, fields, num_elbo, tracker = kept
-        while True:
-            try:
-                opt = state.optimizer
-                opt.state.clear()
-                opt.state.update({p: dict(s) for p, s in held.items()})
-                with torch.no_grad():
-                    torch._foreach_copy_(self.targets, self.buffers)
-                for p in state.leaves():
-                    p.grad = None
-                for g, saved in zip(opt.param_groups, groups):
-                    g.update(saved)
-                state.generator.set_state(generator)
-                for f, v in fields.items():
-                    setattr(state, f, v)
-                del state.elbo[num_elbo:]
-                if tracker is not None:
-                    state.tracker.restore(tracker)
-                return
-            except KeyboardInterrupt:
-                continue
-
-
 def _saved_int(text):
     return None if text in (None, "None") else int(text)
 
@@ -560,7 +482,7 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     if not all(callable(c) for c in callbacks):
         raise ConfigError("callbacks must be callables (state) -> bool")
     settings = dict(model=model.name, family=describe(resolve_family(family)), num_particles=num_particles,
-                    steps=steps, lr=lr, optimizer=_setting(optimizer), schedule=_setting(schedule),
+                    steps=steps, lr=lr, optimizer=setting(optimizer), schedule=setting(schedule),
                     clip_grad=clip_grad, tol_rel_obj=tol_rel_obj, seed=seed, device=str(device),
                     init_strategy=init_strategy, max_steps=max_steps)
     grad_mode = torch.is_grad_enabled()
@@ -603,7 +525,7 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
         bar = tqdm(total=cap, initial=state.step, desc=f"bbvi {model.name}", leave=False)
     status = "completed" if tracker is None else "max_steps"
     callback_error = save_error = None
-    keeper = _Keeper()
+    keeper = Keeper()
     began = time.perf_counter()
     try:
         while state.step < cap and not (tracker is not None and tracker.converged):
