@@ -11,6 +11,7 @@ from .errors import BBVIError, ConfigError, FitError, ModelError, ReliabilityWar
 from .estimators import CV, EMA, LOO, STL, Auto, Reparam, Score
 from .estimators.expectation import expectation
 from .families import FullRank, LowRank, MeanField
+from .flows import Flow
 from .fit import FitState, fit, init, step
 from .model import Latent, Model
 from .result import Result
@@ -37,5 +38,5 @@ def compare(fit_result, reference, **kwargs):
 
 
 __all__ = ["Model", "Latent", "fit", "init", "step", "FitState", "Result", "load", "nuts", "compare", "MeanField",
-           "FullRank", "LowRank", "Score", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "BBVIError",
+           "FullRank", "LowRank", "Flow", "Score", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "BBVIError",
            "ModelError", "ConfigError", "FitError", "SamplerError", "ReliabilityWarning", "Adaptive", "constraints", "expectation"]

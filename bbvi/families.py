@@ -7,7 +7,8 @@ owns (no parameter store). Every family has
     rsample(params, num, generator) -> (S, D)    differentiable in params (pathwise)
     sample(params, num, generator) -> (S, D)     no gradient
     log_prob(params, u) -> (S,)                  u: (S, D)
-    entropy(params) -> ()                        closed form
+    entropy(params) -> ()                        closed form; a family without one sets `entropy = None`
+                                                 (the pathwise ELBO then uses -log q of its draws)
     mean(params) -> (D,), covariance(params) -> (D, D), marginal_sd(params) -> (D,)
     init_from_precision(params, H) -> params     optional: the MAP start's q from a Hessian (needs params["loc"])
 
@@ -275,21 +276,25 @@ class Discrete:
         return {name: torch.softmax(params[name], -1) for name, *_ in self.spec}
 
 
-_FAMILIES = {"meanfield": MeanField, "fullrank": FullRank, "lowrank": LowRank}
+_FAMILIES = {"meanfield": MeanField, "fullrank": FullRank, "lowrank": LowRank, "flow": None}
 
 
 PROTOCOL = ("init", "rsample", "sample", "log_prob", "entropy", "mean", "covariance", "marginal_sd")
 
 
 def resolve_family(family):
-    """'meanfield' | 'fullrank' | 'lowrank' | any object with the family protocol -> a family object."""
+    """'meanfield' | 'fullrank' | 'lowrank' | 'flow' | any object with the family protocol -> a family object."""
     if isinstance(family, str) and family in _FAMILIES:
+        if family == "flow":
+            from .flows import Flow  # imports zuko
+            return Flow()
         return _FAMILIES[family]()
     if not isinstance(family, (str, type)) and family is not None:
-        missing = [m for m in PROTOCOL if not callable(getattr(family, m, None))]
+        missing = [m for m in PROTOCOL if not callable(getattr(family, m, None))
+                   and not (m == "entropy" and getattr(family, m, 0) is None)]
         if not missing:
             return family
         raise ConfigError(f"family {family!r} lacks {missing} of the family protocol {list(PROTOCOL)} "
                           f"(see bbvi/families.py)")
-    raise ConfigError(f"family must be one of {sorted(_FAMILIES)} or a bbvi.MeanField/FullRank/LowRank object, "
+    raise ConfigError(f"family must be one of {sorted(_FAMILIES)} or a bbvi.MeanField/FullRank/LowRank/Flow object, "
                       f"got {family!r}")

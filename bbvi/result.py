@@ -5,7 +5,7 @@ import numbers
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, FitError
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, log_q, plan_for, resolve_estimator
 from .saving import FORMAT, atomic_save, check_signature, config_of, model_signature, object_from, plan_config, \
     plan_from, read
@@ -43,7 +43,8 @@ class Result:
     `num_rescaled_steps`: steps whose gradient was so large that it was scaled down to keep the optimizer's
     statistics finite (a sign of a far-off start or a badly scaled model); `start`: what the start did
     (bbvi.start.Start: strategy, note, gradient evaluations); `levels`: the adaptive rule's levels (lr, steps,
-    stationary, change); `reliability`: the end-of-fit check (k-hat, PSIS mean/sd shifts, warnings)."""
+    stationary, change); `reliability`: the end-of-fit check (k-hat, PSIS mean/sd shifts, warnings);
+    `resample_info`: k-hat, its interval and ESS of the last `sample(..., importance_resample=True)`."""
 
     model: object
     family: object
@@ -67,6 +68,7 @@ class Result:
     last_exception: str = ""
     reliability: dict = dataclasses.field(default_factory=dict)
     structure: object = None
+    resample_info: dict = dataclasses.field(default_factory=dict)  # the last importance-resampled sample's k-hat
 
     @classmethod
     def from_state(cls, state, *, settings, status, wall_time, start_time=0.0):
@@ -156,11 +158,54 @@ class Result:
         num, seed = self._check_draws(num, seed, "fit.draw")
         return draw(self.model, self.family, self.discrete, self.params, num, self._generator(seed))
 
-    def sample(self, num_draws=4000, seed=0):
+    def sample(self, num_draws=4000, seed=0, importance_resample=False):
         """dict name -> Tensor (num_draws, *shape) of draws from q in constrained space, derived included.
-        num_draws: a positive int that fits in memory; seed: an int in [0, 2**63), as for bbvi.fit."""
+        num_draws: a positive int that fits in memory; seed: an int in [0, 2**63), as for bbvi.fit.
+
+        importance_resample=True: draws corrected toward the posterior (sampling-importance-resampling with
+        Pareto-smoothed weights, Vehtari et al. 2024): max(16000, 4 num_draws) draws from q, their PSIS weights
+        p / q, and num_draws of them picked with replacement in proportion to the weights. Only as good as
+        k-hat allows: where k-hat (with its Monte Carlo error) reaches 0.7 the weights cannot correct q and a
+        ReliabilityWarning says so; the draws repeat (importance-sampling ESS well under num_draws means few
+        distinct draws). The k-hat, its interval and the ESS are in `self.resample_info`."""
         num_draws, seed = self._check_draws(num_draws, seed, "fit.sample")
-        return self.model.named_draws(*self.draw(num_draws, seed), seed=seed)
+        if not isinstance(importance_resample, bool):
+            raise ConfigError(f"fit.sample: importance_resample must be True or False, got {importance_resample!r}")
+        if not importance_resample:
+            return self.model.named_draws(*self.draw(num_draws, seed), seed=seed)
+        return self.model.named_draws(*self._resampled(num_draws, seed), seed=seed)
+
+    def _resampled(self, num_draws, seed):
+        """(u, k): num_draws draws picked from a pool of q's draws by their PSIS weights (see `sample`)."""
+        import warnings
+
+        import numpy as np
+
+        from .diagnostics import khat_estimate, khat_reading
+        from .errors import ReliabilityWarning
+        pool = max(16000, 4 * num_draws)
+        self._check_memory("num_draws", pool, "fit.sample(importance_resample=True)")
+        u, k, lw = self.weighted_draws(pool, seed)
+        est = khat_estimate(lw.double().cpu().numpy())
+        smoothed = np.asarray(est["smoothed"], dtype=np.float64)
+        finite = np.isfinite(smoothed)
+        if not finite.any():
+            raise FitError("fit.sample(importance_resample=True): no draw of q has a finite weight (the log-joint "
+                           "is -inf or NaN at every draw)", self)
+        w = np.where(finite, np.exp(smoothed - np.logaddexp.reduce(smoothed[finite])), 0.0)
+        ess = float(1.0 / np.sum(w ** 2))
+        khat, interval = est["khat"], est["khat_interval"]
+        reading = khat_reading(khat, interval)
+        self.resample_info = {"khat": khat, "khat_interval": interval, "khat_reading": reading, "is_ess": ess,
+                              "pool": pool}
+        if not interval[1] < 0.7:
+            warnings.warn(f"fit.sample(importance_resample=True) on {self.model.name!r}: PSIS k-hat is {khat:.2f} "
+                          f"({reading}); the importance weights cannot correct this q, so the resampled draws are "
+                          f"not reliable (importance-sampling ESS {ess:.0f} of {pool} draws). Try a richer family "
+                          f"(family='flow') or bbvi.nuts(model)", ReliabilityWarning, stacklevel=3)
+        g = self._generator((seed + 0x9E3779B97F4A7C15) % 2**63)  # a stream of its own, not the draws' noise
+        idx = torch.multinomial(torch.as_tensor(w, device=u.device), num_draws, replacement=True, generator=g)
+        return u[idx], {name: v[idx] for name, v in k.items()}
 
     def weighted_draws(self, num_draws=4000, seed=0):
         """(u, k, log_w): draws from q as in `draw` and their log importance weights log p(x, z) - log q(z),
@@ -352,7 +397,10 @@ def load_result(path, model, device="cpu", family=None):
         model = model.preconditioned(*saved["preconditioner"])
     model = model.to(device, dtype)
     if family is None:
-        family = object_from(saved["family"], families, "family")
+        from types import SimpleNamespace
+
+        from .flows import Flow
+        family = object_from(saved["family"], SimpleNamespace(**vars(families), Flow=Flow), "family")
     else:
         family = resolve_family(family)
         _check_loaded_family(family, saved["family"], params["continuous"], model.dim, path)

@@ -16,16 +16,22 @@ def _any_tensor(params):
     return next(t for group in params.values() for t in group.values())
 
 
-def draw(model, family, discrete, params, num, generator, *, pathwise=False):
+def draw(model, family, discrete, params, num, generator, *, pathwise=False, with_log_q=False):
     """(u (num, D), k dict name -> (num, *shape)) from q; u differentiable in the family's parameters when
-    `pathwise` (rsample), else drawn without gradient. The generator is consumed continuous block first."""
+    `pathwise` (rsample), else drawn without gradient. The generator is consumed continuous block first.
+    with_log_q (pathwise only): return (u, k, log q_c(u) or None), log q_c from the draw itself where the family
+    has `rsample_and_log_prob` (a flow: the density of its own draws costs no inverse pass)."""
     pc, pd = params["continuous"], params["discrete"]
+    lq_c = None
     if model.dim > 0:
-        u = family.rsample(pc, num, generator) if pathwise else family.sample(pc, num, generator)
+        if with_log_q and pathwise and callable(getattr(family, "rsample_and_log_prob", None)):
+            u, lq_c = family.rsample_and_log_prob(pc, num, generator)
+        else:
+            u = family.rsample(pc, num, generator) if pathwise else family.sample(pc, num, generator)
     else:
         u = _any_tensor(params).new_zeros(num, 0)
     k = discrete.sample(pd, num, generator) if discrete.spec else {}
-    return u, k
+    return (u, k, lq_c) if with_log_q else (u, k)
 
 
 def log_q(model, family, discrete, params, u, k):
@@ -40,7 +46,8 @@ class Particles:
     """S evaluated particles. u (S, D), k dict name -> (S, *shape); log_p (S,) the unconstrained log density,
     zero where not finite; valid (S,) bool, finite log_p; mask (S,) float 0/1 or None when every particle is
     valid; n the number of valid particles (a float, or a 0-dim tensor under a mask); num_bad (0-dim int tensor)
-    or None; error: the exception the log-joint raised at some particles, or None."""
+    or None; error: the exception the log-joint raised at some particles, or None; log_q_c: log q_c(u) (S,)
+    differentiable in q's parameters, where the draw gave it (a flow's pathwise draws), else None."""
 
     u: torch.Tensor
     k: dict
@@ -51,6 +58,7 @@ class Particles:
     num_bad: object
     error: object
     infeasible: object = None
+    log_q_c: object = None
 
     @property
     def num(self):

@@ -1,7 +1,8 @@
 """Pathwise estimators of the continuous block: u = T_theta(eps) drawn differentiably (rsample).
 
     reparam  (Kingma & Welling 2014; Titsias & Lazaro-Gredilla 2014)
-             g = grad [ mean_s log p(u_s(theta)) + H(q) ]    closed-form Gaussian entropy H
+             g = grad [ mean_s log p(u_s(theta)) + H(q) ]    closed-form entropy H where the family has one
+                                                            (family.entropy), else H = -mean_s log q(u_s(theta))
     stl      (sticking the landing, Roeder et al. 2017)
              g = grad mean_s [ log p(u_s(theta)) - log q_{stop(theta)}(u_s(theta)) ]   zero variance when q = p
 
@@ -12,6 +13,14 @@ discrete latents (estimator='auto'); STL has no such form (its score-free value 
 import dataclasses
 
 __all__ = ["Reparam", "STL"]
+
+
+def _entropy(particles, family, params):
+    """H(q): closed form where the family has one, else -mean_s log q_theta(u_s(theta)) over the draws (a flow)."""
+    if getattr(family, "entropy", None) is not None:
+        return family.entropy(params)
+    lq = particles.log_q_c if particles.log_q_c is not None else family.log_prob(params, particles.u)
+    return -particles.average(lq)
 
 
 class _Pathwise:
@@ -33,16 +42,17 @@ class _Pathwise:
 
 @dataclasses.dataclass(frozen=True)
 class Reparam(_Pathwise):
-    """The reparameterization (pathwise) gradient with the closed-form entropy."""
+    """The reparameterization (pathwise) gradient with the closed-form entropy (a Monte Carlo one for a family
+    without: -log q of the draws, differentiated through the draws and the parameters)."""
 
     name = "reparam"
 
     def alone(self, particles, family, params):
-        return particles.average(particles.log_p) + family.entropy(params)
+        return particles.average(particles.log_p) + _entropy(particles, family, params)
 
     def terms(self, particles, family, params):
         lq_c = family.log_prob(params, particles.u.detach())
-        return particles.average(particles.log_p) + family.entropy(params), lq_c, None, []
+        return particles.average(particles.log_p) + _entropy(particles, family, params), lq_c, None, []
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,8 +126,11 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     pc, pd = params["continuous"], params["discrete"]
     path = plan.continuous
     pathwise = path is not None and path.pathwise
-    u, k = draw(model, family, discrete, params, num_particles, generator, pathwise=pathwise)
+    u, k, lq_draw = draw(model, family, discrete, params, num_particles, generator, pathwise=pathwise,
+                         with_log_q=True)
     p = evaluate(model, u, k, grad=pathwise)
+    if lq_draw is not None:
+        p = dataclasses.replace(p, log_q_c=lq_draw)
     if pathwise and u.requires_grad:
         p = _drop_nonfinite_gradients(p)
     if path is not None and not plan.has_discrete:

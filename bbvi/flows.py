@@ -1,0 +1,208 @@
+"""Normalizing-flow family: a Gaussian (full-rank affine) start bent by coupling layers from zuko.
+
+    u = loc + L z,   z = T(eps),   eps ~ N(0, I),   T = t_K o ... o t_1
+
+L is lower triangular with diagonal exp(log_diag) (as in FullRank); each t_i is a zuko coupling layer
+(`MaskedAutoregressiveTransform` with passes=2: half the coordinates, a fixed random half per layer, are
+transformed elementwise conditioned on the other half) with rational-quadratic splines (kind='nsf', Durkan et
+al. 2019) or affine maps (kind='affine', Real NVP, Dinh et al. 2017). Both directions of a coupling layer cost
+one pass, so drawing and log_prob are equally cheap. The last layer of every conditioner starts at zero, so T
+starts as the identity and q starts as the Gaussian N(loc, L L^T): the MAP start's Laplace approximation
+(init_from_precision) or the zero start. A spline acts on [-bound, bound] of the standardized coordinates z and
+is the identity outside.
+
+Parameters live in the fit's plain dict like every family: 'loc', 'log_diag', 'off_diag' and one entry per
+conditioner tensor ('flow.<layer>.<zuko name>'); the zuko modules are architecture templates evaluated with
+`torch.func.functional_call`, so their own parameters are never used, and every draw of initial weights comes
+from the fit's generator (no global RNG). The layer masks are fixed by the architecture (seeded by layer index).
+
+q has no closed-form entropy or moments: `entropy` is None (the pathwise ELBO uses -log q of the draws, and STL
+works as written), and mean / covariance / marginal_sd are Monte Carlo estimates from `moment_draws` draws of a
+fixed seed (common random numbers: smooth in the parameters, exact only as moment_draws grows; the sd of a mean's
+error is about sd / sqrt(moment_draws)).
+"""
+import dataclasses
+import math
+
+import torch
+
+from .errors import ConfigError
+from .families import FullRank, _check_scale
+
+__all__ = ["Flow"]
+
+_KINDS = ("nsf", "affine")
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class _Stack(torch.nn.Module):
+    """The coupling layers; forward(x, inverse) -> (image, sum of log |det Jacobian|) of T^-1 (z -> eps) or,
+    with inverse=True, of T (eps -> z). One conditioner evaluation per layer either way. Run under
+    functional_call only."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, x, inverse):
+        ladj = x.new_zeros(x.shape[:-1])
+        for layer in (reversed(self.layers) if inverse else self.layers):
+            coupling = hasattr(layer, "mask")
+            if coupling:  # x_a conditions the elementwise map of x_b
+                idx_a, idx_b = layer.mask.nonzero().squeeze(-1), (~layer.mask).nonzero().squeeze(-1)
+                x_a, x_b = x[..., idx_a], x[..., idx_b]
+                f = layer.meta(None, x_a)
+            else:         # one coordinate: an elementwise map
+                x_b, f = x, layer(None)
+            if inverse:
+                y_b = f.inv(x_b)
+                l = -f.log_abs_det_jacobian(y_b, x_b)
+            else:
+                y_b, l = f.call_and_ladj(x_b)
+            ladj = ladj + l
+            if coupling:
+                y = torch.empty_like(x)
+                y[..., idx_a], y[..., idx_b] = x_a, y_b
+                x = y
+            else:
+                x = y_b
+        return x, ladj
+
+
+@dataclasses.dataclass(frozen=True)
+class Flow:
+    """A normalizing flow over the unconstrained latents (family='flow').
+
+    kind: 'nsf' (rational-quadratic spline couplings, the default) | 'affine' (Real NVP couplings);
+    transforms: number of coupling layers; hidden: the conditioner MLP's hidden widths; bins: spline bins (nsf);
+    bound: the spline's interval [-bound, bound] in standardized coordinates (nsf); init_scale: the affine
+    part's initial scale under the zero start; moment_draws: draws behind mean / covariance / marginal_sd."""
+
+    kind: str = "nsf"
+    transforms: int = 4
+    hidden: tuple = (32, 32)
+    bins: int = 8
+    bound: float = 5.0
+    init_scale: float = 0.1
+    moment_draws: int = 4096
+
+    entropy = None  # no closed form: estimators use -log q of the draws
+
+    def __post_init__(self):
+        _check_scale(self.init_scale)
+        if self.kind not in _KINDS:
+            raise ConfigError(f"Flow kind must be one of {list(_KINDS)}, got {self.kind!r}")
+        for name in ("transforms", "bins", "moment_draws"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"Flow {name} must be a positive int, got {v!r}")
+        hidden = self.hidden
+        if isinstance(hidden, int) and not isinstance(hidden, bool):
+            hidden = (hidden,)
+        try:
+            hidden = tuple(hidden)
+        except TypeError:
+            hidden = None
+        if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+            raise ConfigError(f"Flow hidden must be a tuple of positive ints (the conditioner's hidden widths), "
+                              f"got {self.hidden!r}")
+        object.__setattr__(self, "hidden", hidden)
+        if isinstance(self.bound, bool) or not isinstance(self.bound, (int, float)) or not self.bound > 0:
+            raise ConfigError(f"Flow bound must be a positive number, got {self.bound!r}")
+        object.__setattr__(self, "_templates", {})
+
+    # ---- architecture ----------------------------------------------------------------------------------------
+    def _template(self, dim, like):
+        """The zuko layers for `dim` coordinates on like's device and dtype (built once per family object)."""
+        key = (dim, str(like.device), like.dtype)
+        if key not in self._templates:
+            with torch.random.fork_rng(devices=[]):  # zuko draws initial weights from the global RNG: keep the
+                layers = self._layers(dim)            # caller's stream untouched (init redraws them anyway)
+            self._templates[key] = _Stack(layers).to(device=like.device, dtype=like.dtype)
+        return self._templates[key]
+
+    def _layers(self, dim):
+        from zuko.flows.coupling import GeneralCouplingTransform
+        from zuko.flows.gaussianization import ElementWiseTransform
+        from zuko.transforms import MonotonicRQSTransform
+        options = {}
+        if self.kind == "nsf":
+            spline = lambda *p: MonotonicRQSTransform(*p, bound=float(self.bound))  # noqa: E731
+            options.update(univariate=spline, shapes=((self.bins,), (self.bins,), (self.bins - 1,)))
+        if dim == 1:  # nothing to condition on: elementwise maps with free parameters
+            return [ElementWiseTransform(1, **options) for _ in range(self.transforms)]
+        # a random half conditions the other half, a new split per layer (fixed by the layer's index)
+        masks = [torch.randperm(dim, generator=torch.Generator().manual_seed(1000 + i)) < dim // 2
+                 for i in range(self.transforms)]
+        return [GeneralCouplingTransform(dim, mask=m, hidden_features=self.hidden, **options) for m in masks]
+
+    def _run(self, params, x, inverse):
+        dim = params["loc"].shape[0]
+        weights = {name[5:]: t for name, t in params.items() if name.startswith("flow.")}
+        return torch.func.functional_call(self._template(dim, params["loc"]), weights, (x, inverse))
+
+    # ---- the family protocol ---------------------------------------------------------------------------------
+    # the affine part is FullRank's (its parameters, its memory check and its Laplace start)
+    def _affine(self):
+        return FullRank(init_scale=self.init_scale)
+
+    def init_from_precision(self, params, precision):
+        """L = chol(H^-1) and T the identity: q equals the Laplace approximation."""
+        return self._affine().init_from_precision(params, precision)
+
+    def scale_tril(self, params):
+        return self._affine().scale_tril(params)
+
+    def init(self, dim, loc, generator=None):
+        params = self._affine().init(dim, loc, generator)
+        stack = self._template(dim, loc)
+        for name, p in stack.named_parameters():
+            # zuko's own init uses the global RNG: redraw from the fit's generator; the conditioners' last layers
+            # (and the elementwise parameters of a 1-D flow) start at zero, so that T starts as the identity
+            last = name.endswith(f"hyper.{len(self.hidden) * 2}.weight") or \
+                name.endswith(f"hyper.{len(self.hidden) * 2}.bias") or ".phi." in name
+            if last:
+                value = torch.zeros_like(p)
+            else:
+                fan_in = p.shape[-1] if p.dim() > 1 else stack.get_parameter(name[:-len("bias")] + "weight").shape[-1]
+                bound = 1 / math.sqrt(fan_in)
+                value = (torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype) * 2 - 1) * bound
+            params["flow." + name] = value
+        return params
+
+    def rsample(self, params, num, generator):
+        return self.rsample_and_log_prob(params, num, generator)[0]
+
+    def sample(self, params, num, generator):
+        with torch.no_grad():
+            return self.rsample(params, num, generator)
+
+    def rsample_and_log_prob(self, params, num, generator):
+        """(u, log q(u)) from one pass: log q(u) = log N(eps) - log |det dT/deps| - sum log_diag."""
+        loc = params["loc"]
+        eps = torch.randn(num, loc.shape[0], generator=generator, device=loc.device, dtype=loc.dtype)
+        z, ladj = self._run(params, eps, inverse=True)
+        u = params["loc"] + z @ self.scale_tril(params).T
+        log_q = -0.5 * (eps * eps).sum(-1) - 0.5 * eps.shape[-1] * _LOG_2PI - ladj - params["log_diag"].sum()
+        return u, log_q
+
+    def log_prob(self, params, u):
+        L = self.scale_tril(params)
+        z = torch.linalg.solve_triangular(L, (u - params["loc"]).T, upper=False).T
+        eps, ladj = self._run(params, z, inverse=False)
+        return -0.5 * (eps * eps).sum(-1) - 0.5 * u.shape[-1] * _LOG_2PI + ladj - params["log_diag"].sum()
+
+    def _moment_draws(self, params):
+        g = torch.Generator(device=params["loc"].device).manual_seed(0)
+        with torch.no_grad():
+            return self.rsample(params, self.moment_draws, g)
+
+    def mean(self, params):
+        return self._moment_draws(params).mean(0)
+
+    def covariance(self, params):
+        u = self._moment_draws(params)
+        return torch.atleast_2d(torch.cov(u.T))
+
+    def marginal_sd(self, params):
+        return self._moment_draws(params).std(0)
