@@ -276,7 +276,9 @@ def _summary(state):
     if not pc:
         return torch.zeros(0)
     with torch.no_grad():
-        return torch.cat([state.family.mean(pc), state.family.marginal_sd(pc).log()])
+        cheap = getattr(state.family, "summary_moments", None)  # a family whose moments are Monte Carlo (a flow)
+        mean, sd = cheap(pc) if cheap is not None else (state.family.mean(pc), state.family.marginal_sd(pc))
+        return torch.cat([mean, sd.log()])
 
 
 def _probs(state):

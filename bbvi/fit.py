@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from .checkpoint import Keeper, load_checkpoint, read_checkpoint, save_checkpoint, setting
-from .errors import ConfigError, FitError
+from .errors import ConfigError, FitError, ReliabilityWarning
 from .convergence import Adaptive, RelativeTolerance
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, plan_for, resolve_estimator
 from .estimators.rao_blackwell import check_baseline, discover
@@ -171,6 +171,8 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         if make_opt is None or not callable(make_opt):
             raise ConfigError(f"optimizer must be one of {sorted(_OPTIMIZERS) + ['natural']} or a callable "
                               f"(params, lr) -> torch.optim.Optimizer, got {optimizer!r}")
+    if lr is None and not natural and not isinstance(schedule, Adaptive):
+        lr = getattr(family, "default_lr", None)  # a flow's conditioners want smaller steps than a Gaussian's 0.05
     rule = _rule(schedule, steps, lr, max_steps)
     factor = None if rule is not None else _schedule("cosine" if schedule == "auto" else schedule, max(steps, 1))
 
@@ -197,6 +199,8 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         check_baseline(plan.baseline)
         structure = discover(model, discrete, report, u.detach()[:2], {n: v[:2] for n, v in k.items()},
                              report.differentiable)
+    if plan.path == "score" and getattr(family, "score_path_warning", None):
+        warnings.warn(family.score_path_warning, ReliabilityWarning, stacklevel=3)
     model, start_info = choose_start(init_strategy, model, family, params, report, k)
     report = model.check_particles(report)
     leaves = [t for g in params.values() for t in g.values()]
@@ -430,8 +434,9 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     PSIS k-hat and a PSIS check of q's means and sds, with a bbvi.ReliabilityWarning when the fit cannot be
     trusted (`fit.reliability` holds what was checked; diagnose=False skips it).
 
-    family: 'meanfield' | 'fullrank' | 'lowrank' (or bbvi.MeanField/FullRank/LowRank(...)); discrete latents
-    get mean-field Categorical factors. estimator: 'auto' | 'score' | 'reparam' | 'stl' (or bbvi.Score(...)
+    family: 'meanfield' | 'fullrank' | 'lowrank' | 'flow' (or bbvi.MeanField/FullRank/LowRank/Flow(...); a flow
+    bends a full-rank Gaussian with coupling layers, lr 0.01 by default, bbvi.flows); discrete latents get
+    mean-field Categorical factors. estimator: 'auto' | 'score' | 'reparam' | 'stl' (or bbvi.Score(...)
     ...); baseline (score terms): None | 'ema' | 'loo' | 'cv', LOO by default. optimizer: 'adam' | 'adagrad' |
     'sgd' | 'rmsprop' | 'natural' (natural-gradient steps in q's Fisher geometry, meanfield/fullrank and
     Categorical factors, bbvi.natural; lr is then the step size rho, 0.3 by default) or a

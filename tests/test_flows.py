@@ -118,9 +118,10 @@ def test_flow_fits_resume_save_load_and_report(tmp_path):
     assert set(table.index) == {"w[0]", "w[1]"}
 
 
-def test_score_path_fits_a_flow_where_torch_cannot_differentiate():
-    """The conjugate normal model computed in numpy (no torch gradient): the score path with the LOO baseline
-    trains the flow's conditioners too. Exact posterior N(0.762, 0.436^2) per coordinate."""
+def test_a_flow_on_the_score_path_is_warned_as_unreliable():
+    """The conjugate normal model computed in numpy (no torch gradient): the score path trains the flow's
+    conditioners too, but measured unreliably (experiments/flows.py: fits from exact to collapsed, by lr and
+    particles, where fullrank is exact), so the fit says so at its start."""
     y = np.array([0.3, 1.2, -0.4, 2.0, 0.9])
 
     def log_joint(z, d):
@@ -128,13 +129,9 @@ def test_score_path_fits_a_flow_where_torch_cannot_differentiate():
         return torch.as_tensor(-0.5 * ((y[None, :, None] - mu[:, None, :]) ** 2).sum((1, 2))
                                - 0.125 * (mu ** 2).sum(-1))
     model = bbvi.Model(log_joint, {"mu": bbvi.Latent(shape=(2,))}, name="numpy normal")
-    fit = bbvi.fit(model, family=bbvi.Flow(kind="affine", transforms=2), steps=1500, dtype=F64, seed=0,
-                   diagnose=False)
-    assert fit.plan.path == "score"
-    x = fit.sample(20000, seed=1)["mu"].numpy()
-    exact_mean, exact_sd = y.sum() / 5.25, 5.25 ** -0.5
-    assert np.abs(x.mean(0) - exact_mean).max() < 0.1 * exact_sd
-    assert np.abs(x.std(0) / exact_sd - 1).max() < 0.1
+    with pytest.warns(bbvi.ReliabilityWarning, match="score path"):
+        fit = bbvi.fit(model, family=bbvi.Flow(kind="affine", transforms=2), steps=50, dtype=F64, diagnose=False)
+    assert fit.plan.path == "score" and torch.isfinite(fit.elbo[-10:]).all()
 
 
 def test_importance_resampling_corrects_a_mean_field_fit():
