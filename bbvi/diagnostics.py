@@ -8,7 +8,7 @@ import torch
 
 from .errors import ConfigError, FitError
 
-__all__ = ["compare", "reference_warnings", "fit_diagnostics", "psis", "importance_resample", "khat_reading",
+__all__ = ["compare", "reference_warnings", "fit_diagnostics", "psis", "resample", "importance_resample", "khat_reading",
            "check_reliability"]
 
 RHAT_MAX, ESS_MIN = 1.01, 400
@@ -235,19 +235,37 @@ def check_reliability(result, num_draws=16000, seed=0, warn=True):
     return info
 
 
-def importance_resample(result, num_draws=4000, seed=0, num_proposals=None, max_khat=0.7):
-    """Draws from q reweighted towards the posterior with PSIS and resampled (with replacement): dict name ->
-    (num_draws, *shape). Raises FitError when k-hat >= max_khat, where the weights cannot be trusted."""
-    num_proposals = num_proposals or 4 * num_draws
+def resample(result, num_draws, seed, num_proposals=None):
+    """(u, k, info): num_draws draws picked, with replacement, from num_proposals (default max(16000, 4 num_draws))
+    draws of q in proportion to their Pareto-smoothed importance weights p / q (sampling-importance-resampling).
+    info: 'khat', 'khat_interval' (khat_estimate), 'khat_reading', 'is_ess' (of the proposals), 'num_proposals'.
+    The picks use a stream of their own (seed-derived), not the draws' noise."""
+    num_proposals = num_proposals or max(16000, 4 * num_draws)
     u, k, log_w = result.weighted_draws(num_proposals, seed)
-    smoothed, khat = psis(log_w.double().cpu().numpy())
-    if not khat < max_khat:
-        raise FitError(f"importance resampling of the fit of {result.model.name!r}: k-hat = {khat:.2f} >= "
+    est = khat_estimate(log_w.double().cpu().numpy())
+    smoothed = np.asarray(est["smoothed"], dtype=np.float64)
+    finite = np.isfinite(smoothed)
+    if not finite.any():
+        raise FitError(f"importance resampling of the fit of {result.model.name!r}: no draw of q has a finite "
+                       f"weight (the log-joint is -inf or NaN at every draw)", result)
+    w = np.where(finite, np.exp(smoothed - np.logaddexp.reduce(smoothed[finite])), 0.0)
+    info = {"khat": est["khat"], "khat_interval": est["khat_interval"],
+            "khat_reading": khat_reading(est["khat"], est["khat_interval"]), "is_ess": float(1.0 / np.sum(w ** 2)),
+            "num_proposals": num_proposals}
+    g = torch.Generator(device=u.device).manual_seed((seed + 0x9E3779B97F4A7C15) % 2**63)
+    idx = torch.multinomial(torch.as_tensor(w, device=u.device), num_draws, replacement=True, generator=g)
+    return u[idx], {name: v[idx] for name, v in k.items()}, info
+
+
+def importance_resample(result, num_draws=4000, seed=0, num_proposals=None, max_khat=0.7):
+    """Draws from q reweighted towards the posterior with PSIS and resampled (`resample`): dict name ->
+    (num_draws, *shape). Raises FitError when k-hat >= max_khat, where the weights cannot be trusted
+    (`fit.sample(..., importance_resample=True)` warns instead)."""
+    u, k, info = resample(result, num_draws, seed, num_proposals)
+    if not info["khat"] < max_khat:
+        raise FitError(f"importance resampling of the fit of {result.model.name!r}: k-hat = {info['khat']:.2f} >= "
                        f"{max_khat}; the importance weights cannot correct this fit (try a richer family)")
-    probs = torch.from_numpy(np.exp(smoothed - np.logaddexp.reduce(smoothed)))
-    g = torch.Generator().manual_seed(seed + 1)
-    idx = torch.multinomial(probs, num_draws, replacement=True, generator=g).to(u.device)
-    return result.model.named_draws(u[idx], {name: v[idx] for name, v in k.items()}, seed=seed)
+    return result.model.named_draws(u, k, seed=seed)
 
 
 # ---- references ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import numbers
 
 import torch
 
-from .errors import ConfigError, FitError
+from .errors import ConfigError
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, log_q, plan_for, resolve_estimator
 from .saving import FORMAT, atomic_save, check_signature, config_of, model_signature, object_from, plan_config, \
     plan_from, read
@@ -179,33 +179,19 @@ class Result:
         """(u, k): num_draws draws picked from a pool of q's draws by their PSIS weights (see `sample`)."""
         import warnings
 
-        import numpy as np
-
-        from .diagnostics import khat_estimate, khat_reading
+        from .diagnostics import resample
         from .errors import ReliabilityWarning
         pool = max(16000, 4 * num_draws)
         self._check_memory("num_draws", pool, "fit.sample(importance_resample=True)")
-        u, k, lw = self.weighted_draws(pool, seed)
-        est = khat_estimate(lw.double().cpu().numpy())
-        smoothed = np.asarray(est["smoothed"], dtype=np.float64)
-        finite = np.isfinite(smoothed)
-        if not finite.any():
-            raise FitError("fit.sample(importance_resample=True): no draw of q has a finite weight (the log-joint "
-                           "is -inf or NaN at every draw)", self)
-        w = np.where(finite, np.exp(smoothed - np.logaddexp.reduce(smoothed[finite])), 0.0)
-        ess = float(1.0 / np.sum(w ** 2))
-        khat, interval = est["khat"], est["khat_interval"]
-        reading = khat_reading(khat, interval)
-        self.resample_info = {"khat": khat, "khat_interval": interval, "khat_reading": reading, "is_ess": ess,
-                              "pool": pool}
-        if not interval[1] < 0.7:
-            warnings.warn(f"fit.sample(importance_resample=True) on {self.model.name!r}: PSIS k-hat is {khat:.2f} "
-                          f"({reading}); the importance weights cannot correct this q, so the resampled draws are "
-                          f"not reliable (importance-sampling ESS {ess:.0f} of {pool} draws). Try a richer family "
-                          f"(family='flow') or bbvi.nuts(model)", ReliabilityWarning, stacklevel=3)
-        g = self._generator((seed + 0x9E3779B97F4A7C15) % 2**63)  # a stream of its own, not the draws' noise
-        idx = torch.multinomial(torch.as_tensor(w, device=u.device), num_draws, replacement=True, generator=g)
-        return u[idx], {name: v[idx] for name, v in k.items()}
+        u, k, info = resample(self, num_draws, seed, pool)
+        self.resample_info = info
+        if not info["khat_interval"][1] < 0.7:
+            warnings.warn(f"fit.sample(importance_resample=True) on {self.model.name!r}: PSIS k-hat is "
+                          f"{info['khat']:.2f} ({info['khat_reading']}); the importance weights cannot correct this "
+                          f"q, so the resampled draws are not reliable (importance-sampling ESS {info['is_ess']:.0f} "
+                          f"of {pool} draws). Try a richer family (family='flow') or bbvi.nuts(model)",
+                          ReliabilityWarning, stacklevel=3)
+        return u, k
 
     def weighted_draws(self, num_draws=4000, seed=0):
         """(u, k, log_w): draws from q as in `draw` and their log importance weights log p(x, z) - log q(z),
