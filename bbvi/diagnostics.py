@@ -216,9 +216,10 @@ def check_reliability(result, num_draws=16000, seed=0, warn=True):
                        + ("; the fit ran in float32: try dtype=torch.float64" if "float32" in
                           result.settings.get("dtype", "") else ""))
     family = type(result.family).__name__
-    tries = (["family='fullrank'"] if family != "FullRank" else []) + \
-            ["more particles (num_particles=64)", "a larger max_steps" if result.status == "max_steps" else
-             "a richer family, or checking against bbvi.nuts(model)"]
+    richer = {"MeanField": ["family='fullrank'", "family='flow'"], "LowRank": ["family='fullrank'", "family='flow'"],
+              "FullRank": ["family='flow'"]}.get(family, [])
+    tries = richer + ["more particles (num_particles=64)", "a larger max_steps" if result.status == "max_steps" else
+                      "checking against bbvi.nuts(model)"]
     if len(search["modes"]) > 1:  # no Gaussian family covers two modes
         tries = ["bbvi.nuts(model) to see every mode, or fits started at each mode (init_values=...)"]
     info = {"khat": khat, "khat_se": est["khat_se"], "khat_interval": est["khat_interval"],

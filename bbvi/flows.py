@@ -224,7 +224,7 @@ class Flow:
         with torch.no_grad():
             return self.rsample(params, self.moment_draws, g)
 
-    def summary_moments(self, params, num=256):
+    def summary_moments(self, params, num=64):
         """(mean, marginal sd) from `num` draws of a fixed seed: the adaptive rule's per-step summary of q (cheap,
         and smooth in the parameters: the same noise every step)."""
         g = torch.Generator(device=params["loc"].device).manual_seed(0)
