@@ -36,7 +36,7 @@ def test_the_flow_starts_as_its_gaussian(kind):
 
 @pytest.mark.parametrize("kind", ["nsf", "affine"])
 def test_the_flow_density_integrates_to_one_and_is_the_density_of_its_draws(kind):
-    flow = bbvi.Flow(kind=kind)
+    flow = bbvi.Flow(kind=kind, init_scale=0.1)
     p1 = _bent(flow, 1, seed=1)
     x = torch.linspace(-20, 20, 100001, dtype=F64)[:, None]
     assert abs(flow.log_prob(p1, x).exp().sum().item() * (x[1, 0] - x[0, 0]).item() - 1) < 1e-4  # quadrature error: a wrong Jacobian is O(1) off
@@ -74,13 +74,14 @@ def test_flow_options_are_checked():
 
 def test_a_flow_fits_a_skewed_posterior_that_no_gaussian_can():
     """x ~ Gamma(2, 1), fitted on log x: q is Gaussian in log x for every Gaussian family, and log x is skewed.
-    Quantiles of 20000 draws have Monte Carlo sd <= 0.03 here; the Gaussian's 5% quantile is 0.14 off."""
+    Quantiles of 20000 draws have Monte Carlo sd <= 0.03 here; the Gaussian's 5% quantile is 0.14 off. Splines
+    (kind='nsf') bend a single coordinate; affine couplings in one dimension are a Gaussian again."""
     from scipy.stats import gamma
     model = bbvi.Model(lambda z, d: Gamma(2.0, 1.0).log_prob(z["x"]), {"x": bbvi.Latent(support=constraints.positive)},
                        name="gamma")
     exact = gamma(2.0).ppf([0.05, 0.5, 0.95])
     errors = {}
-    for family in ["fullrank", bbvi.Flow(transforms=2)]:
+    for family in ["fullrank", bbvi.Flow(kind="nsf", transforms=2)]:
         fit = bbvi.fit(model, family=family, steps=800, dtype=F64, seed=0, diagnose=False)
         x = fit.sample(20000, seed=1)["x"].numpy()
         errors[str(family)] = np.abs(np.quantile(x, [0.05, 0.5, 0.95]) - exact)
