@@ -9,12 +9,16 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 def test_run_all_quick(tmp_path):
     import run_all
     run_all.main(["--out", str(tmp_path), "--quick", "--jobs", "1"])
-    for stem in ("defaults", "accuracy", "gradient_variance", "convergence", "discrete"):
+    for stem in ("defaults", "accuracy", "flows", "gradient_variance", "convergence", "discrete"):
         assert (tmp_path / f"{stem}.csv").stat().st_size > 100
         assert (tmp_path / f"{stem}.md").read_text().count("|") > 10
-    for fig in ("accuracy.png", "gradient_variance.png", "convergence.png"):
+    for fig in ("accuracy.png", "flows.png", "gradient_variance.png", "convergence.png"):
         assert (tmp_path / fig).stat().st_size > 5000
     assert "Accuracy on posteriordb" in (tmp_path / "experiments.md").read_text()
+    import flows
+    import pandas as pd
+    block = flows.readme_block(str(tmp_path), pd.read_csv(tmp_path / "accuracy.csv"))  # the README's flows block
+    assert "map flow stl" in block and "Flows against the best Gaussian" in block
 
 
 def test_bench_quick(tmp_path):
