@@ -18,7 +18,7 @@ def test_run_all_quick(tmp_path):
     import flows
     import pandas as pd
     block = flows.readme_block(str(tmp_path), pd.read_csv(tmp_path / "accuracy.csv"))  # the README's flows block
-    assert "map flow stl" in block and "Flows against the best Gaussian" in block
+    assert "map flow reparam" in block and "Flows against the best Gaussian" in block
 
 
 def test_bench_quick(tmp_path):
