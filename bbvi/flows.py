@@ -187,17 +187,16 @@ class Flow:
     def init(self, dim, loc, generator=None):
         params = self._affine().init(dim, loc, generator)
         stack = self._template(dim, loc)
+        # T starts as the identity: the conditioners' last layers (and a 1-D flow's elementwise parameters) are zero
+        zero = tuple(f"layers.{i}.hyper.{len(layer.hyper) - 1}." if hasattr(layer, "hyper") else f"layers.{i}.phi."
+                     for i, layer in enumerate(stack.layers))
         for name, p in stack.named_parameters():
-            # zuko's own init uses the global RNG: redraw from the fit's generator; the conditioners' last layers
-            # (and the elementwise parameters of a 1-D flow) start at zero, so that T starts as the identity
-            last = name.endswith(f"hyper.{len(self.hidden) * 2}.weight") or \
-                name.endswith(f"hyper.{len(self.hidden) * 2}.bias") or ".phi." in name
-            if last:
+            if name.startswith(zero):
                 value = torch.zeros_like(p)
-            else:
-                fan_in = p.shape[-1] if p.dim() > 1 else stack.get_parameter(name[:-len("bias")] + "weight").shape[-1]
-                bound = 1 / math.sqrt(fan_in)
-                value = (torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype) * 2 - 1) * bound
+            else:  # PyTorch's Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn from the fit's generator
+                fan_in = stack.get_parameter(name.rsplit(".", 1)[0] + ".weight").shape[-1]
+                value = (torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype) * 2 - 1) \
+                    / math.sqrt(fan_in)
             params["flow." + name] = value
         return params
 
@@ -223,25 +222,23 @@ class Flow:
         eps, ladj = self._run(params, z, inverse=False)
         return -0.5 * (eps * eps).sum(-1) - 0.5 * u.shape[-1] * _LOG_2PI + ladj - params["log_diag"].sum()
 
-    def _moment_draws(self, params):
+    def _fixed_draws(self, params, num):
+        """num draws of q from a fixed seed (no gradient): the same noise for every call."""
         g = torch.Generator(device=params["loc"].device).manual_seed(0)
         with torch.no_grad():
-            return self.rsample(params, self.moment_draws, g)
+            return self.rsample(params, num, g)
 
     def summary_moments(self, params, num=64):
         """(mean, marginal sd) from `num` draws of a fixed seed: the adaptive rule's per-step summary of q (cheap,
         and smooth in the parameters: the same noise every step)."""
-        g = torch.Generator(device=params["loc"].device).manual_seed(0)
-        with torch.no_grad():
-            u = self.rsample(params, num, g)
+        u = self._fixed_draws(params, num)
         return u.mean(0), u.std(0)
 
     def mean(self, params):
-        return self._moment_draws(params).mean(0)
+        return self._fixed_draws(params, self.moment_draws).mean(0)
 
     def covariance(self, params):
-        u = self._moment_draws(params)
-        return torch.atleast_2d(torch.cov(u.T))
+        return torch.atleast_2d(torch.cov(self._fixed_draws(params, self.moment_draws).T))
 
     def marginal_sd(self, params):
-        return self._moment_draws(params).std(0)
+        return self._fixed_draws(params, self.moment_draws).std(0)
