@@ -276,7 +276,10 @@ def plan_config(plan):
     from .estimators import STL, Reparam, ScorePath
     path = plan.continuous
     path = plan.path if path is None or type(path) in (ScorePath, Reparam, STL) else config_of(path)
-    return {"path": path, "baseline": config_of(plan.baseline), "has_discrete": plan.has_discrete}
+    cfg = {"path": path, "baseline": config_of(plan.baseline), "has_discrete": plan.has_discrete}
+    if plan.discrete is not None:  # written only when set: plans saved before it existed compare equal
+        cfg["discrete"] = config_of(plan.discrete)
+    return cfg
 
 
 def plan_from(cfg):
@@ -286,4 +289,5 @@ def plan_from(cfg):
         path = {"score": estimators.ScorePath, "reparam": estimators.Reparam, "stl": estimators.STL}[path]()
     else:
         path = object_from(path, estimators, "estimator")
-    return estimators.Plan(path, object_from(cfg["baseline"], estimators, "baseline"), cfg["has_discrete"])
+    return estimators.Plan(path, object_from(cfg["baseline"], estimators, "baseline"), cfg["has_discrete"],
+                           object_from(cfg.get("discrete"), estimators, "estimator"))

@@ -8,8 +8,10 @@ inside log p), the ELBO estimate is mean_s f_s. The estimators of its gradient i
     stl      g = grad mean_s [ log p(u_s) - log q_{stop(theta)}(u_s) ]    pathwise.py
     auto     pathwise for continuous latents, score for discrete ones     auto.py
              and for a log-joint torch cannot differentiate
+    arm, disarm  antithetic pairs for boolean latents (Yin & Zhou 2019;   antithetic.py
+             Dong, Mnih & Tucker 2020), continuous latents pathwise
 
-Discrete latents always go through score terms: g_phi = mean_s (f_s - b_s) grad_phi log q_phi(k_s). Baselines
+Discrete latents go through score terms (unless the estimator is arm/disarm): g_phi = mean_s (f_s - b_s) grad_phi log q_phi(k_s). Baselines
 b_s (baselines.py) never depend on z_s. Particles whose log-joint is NaN/inf are dropped from the step (weight
 zero) and counted (particles.py).
 
@@ -17,6 +19,7 @@ Where a new piece goes: a baseline is one class with `init_state` and `score_ter
 an estimator one class with `plan(model, report, num_particles) -> Plan`, whose continuous path has `name`,
 `pathwise`, `alone` and optionally `terms` (score.py's protocol); pass an instance as estimator= or baseline=.
 """
+from .antithetic import ARM, DisARM
 from .auto import Auto
 from .baselines import CV, EMA, LOO, NoBaseline, resolve_baseline
 from .particles import Particles, draw, evaluate, log_q
@@ -25,6 +28,6 @@ from .plan import DEFAULT, Plan, estimate, init_baseline_state, plan_for, resolv
 from .trick import magic_box, with_gradient
 from .score import Score, ScorePath
 
-__all__ = ["Score", "ScorePath", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "NoBaseline", "resolve_estimator",
+__all__ = ["ARM", "DisARM", "Score", "ScorePath", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "NoBaseline", "resolve_estimator",
            "resolve_baseline", "estimate", "Plan", "plan_for", "init_baseline_state", "with_gradient", "magic_box", "DEFAULT",
            "Particles", "draw", "evaluate", "log_q"]

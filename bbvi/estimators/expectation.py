@@ -204,6 +204,7 @@ def expectation(f, dist, *, num_samples, estimator="auto", baseline="loo", propo
     dist: a torch.distributions distribution whose parameters require grad; a pair (bbvi family, its params
     dict), e.g. (bbvi.MeanField(), {"loc": ..., "log_scale": ...}); or any object with `draw(num, generator)`
     and `log_prob(x)` (e.g. a policy's distribution over whole episodes). estimator: 'score' | 'pathwise' |
+    'arm' | 'disarm' (antithetic pairs for a Bernoulli dist, num_samples even: first derivatives; antithetic.py) |
     'auto' (pathwise where dist has rsample and f returns a tensor with gradient in x, score otherwise,
     and score where f's derivative in x is zero at every draw while f varies: a step, floor or sign whose
     pathwise gradient is zero almost everywhere; info['note'] says so). A payoff with a jump that torch
@@ -222,12 +223,16 @@ def expectation(f, dist, *, num_samples, estimator="auto", baseline="loo", propo
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples must be a positive int, got {num_samples!r}")
     dist = _as_distribution(dist)
-    if estimator not in ("auto", "score", "pathwise"):
-        raise ConfigError(f"estimator must be 'auto', 'score' or 'pathwise', got {estimator!r}")
+    if estimator not in ("auto", "score", "pathwise", "arm", "disarm"):
+        raise ConfigError(f"estimator must be 'auto', 'score', 'pathwise', 'arm' or 'disarm', got {estimator!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ConfigError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None "
                           f"(a fresh one seeded 0), got {type(generator).__name__} {generator!r:.60}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    if estimator in ("arm", "disarm"):
+        value = _antithetic(estimator, f, dist, num_samples, generator, proposal)
+        info = {"estimator": estimator, "baseline_state": baseline_state}
+        return (value, info) if return_info else value
     if proposal is not None:
         value, info = _importance(f, dist, proposal, num_samples, generator, baseline, standardize, clip,
                                   baseline_state)
@@ -277,6 +282,27 @@ def expectation(f, dist, *, num_samples, estimator="auto", baseline="loo", propo
     if estimator == "auto" and getattr(dist, "has_rsample", False) and note is not None:
         info["note"] = note
     return (value, info) if return_info else value
+
+
+def _antithetic(kind, f, dist, num_samples, generator, proposal):
+    """E[f] over a Bernoulli `dist` with the ARM / DisARM gradient (antithetic.py): num_samples / 2 pairs."""
+    from . import antithetic
+    base = dist.base_dist if isinstance(dist, D.Independent) else dist
+    if not isinstance(base, D.Bernoulli):
+        raise ConfigError(f"estimator={kind!r} is for Bernoulli distributions (or Independent of one); got "
+                          f"{type(dist).__name__}: use 'score' or 'auto'")
+    if proposal is not None:
+        raise ConfigError(f"estimator={kind!r} draws its own antithetic pairs from dist; proposal= is for 'score'")
+    if num_samples < 2 or num_samples % 2:
+        raise ConfigError(f"estimator={kind!r} evaluates f at antithetic pairs: num_samples must be even and at "
+                          f"least 2, got {num_samples}")
+    logits = base.logits
+    u, b, b_tilde = antithetic.pairs(logits, num_samples // 2, generator)
+    with torch.no_grad():
+        values = _values(f, torch.cat([b, b_tilde]))
+    half = num_samples // 2
+    g = antithetic.signal(kind, values[:half], values[half:], u, b, b_tilde, logits).mean(0)
+    return with_gradient(values.mean(), antithetic.surrogate(g, logits))
 
 
 def _proposal_log_prob(q, x):
