@@ -509,6 +509,9 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
                  schedule=schedule, steps=steps, clip_grad=clip_grad, seed=seed, device=device, dtype=dtype,
                  init_values=init_values, init_strategy=init_strategy, max_steps=max_steps)
     start_s = time.perf_counter() - began
+    objective = getattr(state.plan.whole, "objective", None)  # a step whose value is not the ELBO (VIMCO)
+    if objective is not None:
+        settings["objective"] = objective
     settings.update(estimator=describe(resolve_estimator(estimator, baseline)), plan=repr(state.plan),
                     dtype=str(next(iter(state.leaves())).dtype), start=state.start.strategy)
     tracker = state.tracker

@@ -277,8 +277,8 @@ def plan_config(plan):
     path = plan.continuous
     path = plan.path if path is None or type(path) in (ScorePath, Reparam, STL) else config_of(path)
     cfg = {"path": path, "baseline": config_of(plan.baseline), "has_discrete": plan.has_discrete}
-    if plan.discrete is not None:  # written only when set: plans saved before it existed compare equal
-        cfg["discrete"] = config_of(plan.discrete)
+    if plan.whole is not None:  # written only when set: plans saved before it existed compare equal
+        cfg["whole"] = config_of(plan.whole)
     return cfg
 
 
@@ -290,4 +290,4 @@ def plan_from(cfg):
     else:
         path = object_from(path, estimators, "estimator")
     return estimators.Plan(path, object_from(cfg["baseline"], estimators, "baseline"), cfg["has_discrete"],
-                           object_from(cfg.get("discrete"), estimators, "estimator"))
+                           object_from(cfg.get("whole"), estimators, "estimator"))

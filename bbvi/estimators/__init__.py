@@ -10,6 +10,8 @@ inside log p), the ELBO estimate is mean_s f_s. The estimators of its gradient i
              and for a log-joint torch cannot differentiate
     arm, disarm  antithetic pairs for boolean latents (Yin & Zhou 2019;   antithetic.py
              Dong, Mnih & Tucker 2020), continuous latents pathwise
+    vimco    the K-sample importance-weighted bound, leave-one-out        vimco.py
+             signals per sample (Mnih & Rezende 2016); reports the bound
 
 Discrete latents go through score terms (unless the estimator is arm/disarm): g_phi = mean_s (f_s - b_s) grad_phi log q_phi(k_s). Baselines
 b_s (baselines.py) never depend on z_s. Particles whose log-joint is NaN/inf are dropped from the step (weight
@@ -27,7 +29,8 @@ from .pathwise import STL, Reparam
 from .plan import DEFAULT, Plan, estimate, init_baseline_state, plan_for, resolve_estimator
 from .trick import magic_box, with_gradient
 from .score import Score, ScorePath
+from .vimco import VIMCO
 
-__all__ = ["ARM", "DisARM", "Score", "ScorePath", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "NoBaseline", "resolve_estimator",
+__all__ = ["ARM", "DisARM", "VIMCO", "Score", "ScorePath", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "NoBaseline", "resolve_estimator",
            "resolve_baseline", "estimate", "Plan", "plan_for", "init_baseline_state", "with_gradient", "magic_box", "DEFAULT",
            "Particles", "draw", "evaluate", "log_q"]

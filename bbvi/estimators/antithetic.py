@@ -74,7 +74,7 @@ class _Antithetic:
             raise ConfigError(f"estimator={self.name!r} takes continuous latents pathwise, but torch cannot "
                               f"differentiate model {model.name!r} in {list(report.nondifferentiable)}: use "
                               f"estimator='score'")
-        return Plan(Reparam() if model.dim else None, None, True, discrete=self)
+        return Plan(Reparam() if model.dim else None, None, True, whole=self)
 
     def estimate(self, model, family, discrete, params, num_particles, generator):
         """(surrogate, num_bad, error) of one step: num_particles / 2 pairs, the continuous draw shared within a

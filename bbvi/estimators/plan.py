@@ -12,6 +12,7 @@ import torch
 
 from ..errors import ConfigError
 from .antithetic import ARM, DisARM
+from .vimco import VIMCO
 from .auto import Auto
 from .baselines import LOO, NoBaseline, resolve_baseline
 from .particles import draw, evaluate, from_log_p, with_floor
@@ -31,7 +32,7 @@ class _Default:
 
 
 DEFAULT = _Default()
-_ESTIMATORS = {"score": Score, "reparam": Reparam, "stl": STL, "auto": Auto, "arm": ARM, "disarm": DisARM}
+_ESTIMATORS = {"score": Score, "reparam": Reparam, "stl": STL, "auto": Auto, "arm": ARM, "disarm": DisARM, "vimco": VIMCO}
 _NO_BASELINE = NoBaseline()
 
 
@@ -48,7 +49,7 @@ def resolve_estimator(estimator, baseline=DEFAULT):
             raise ConfigError(f"estimator must be one of {sorted(_ESTIMATORS)} or a bbvi.Score/Reparam/STL/Auto "
                               f"object, got {estimator!r}")
         cls = _ESTIMATORS[estimator.lower()]
-        if cls in (Reparam, STL, ARM, DisARM):
+        if cls in (Reparam, STL, ARM, DisARM, VIMCO):
             if not (_is_default(baseline) or baseline in (None, "none")):
                 raise ConfigError(f"baseline={baseline!r} applies to score-function terms only; "
                                   f"estimator={estimator!r} has no baseline. Use estimator='score' or 'auto'.")
@@ -58,7 +59,7 @@ def resolve_estimator(estimator, baseline=DEFAULT):
         if not _is_default(baseline):
             raise ConfigError("pass the baseline inside the estimator object (bbvi.Score(baseline=...)), not both")
         return dataclasses.replace(estimator, baseline=resolve_baseline(estimator.baseline))
-    if isinstance(estimator, (Reparam, STL, ARM, DisARM)):
+    if isinstance(estimator, (Reparam, STL, ARM, DisARM, VIMCO)):
         if not (_is_default(baseline) or baseline is None):
             raise ConfigError(f"baseline={baseline!r} applies to score-function terms only; {estimator} has none")
         return estimator
@@ -74,15 +75,15 @@ def resolve_estimator(estimator, baseline=DEFAULT):
 class Plan:
     """What one step computes: `continuous`, the continuous block's path (ScorePath, Reparam, STL or any object
     with the continuous-path protocol; None when there are no continuous latents), the `baseline` of the score
-    terms (None: no baseline), whether there are discrete latents, and `discrete`: their estimator when it is not
-    score terms (an object with `name` and `estimate(model, family, discrete, params, num_particles, generator)
-    -> (surrogate, num_bad, error)`, e.g. DisARM, which then computes the whole step), else None. `path` is the
-    continuous path's name: 'score' | 'reparam' | 'stl' | None."""
+    terms (None: no baseline), whether there are discrete latents, and `whole`: an estimator that computes the
+    whole step itself (an object with `name` and `estimate(model, family, discrete, params, num_particles,
+    generator) -> (surrogate, num_bad, error)`: ARM/DisARM's antithetic pairs, VIMCO's multi-sample bound), else
+    None. `path` is the continuous path's name: 'score' | 'reparam' | 'stl' | None."""
 
     continuous: object
     baseline: object
     has_discrete: bool
-    discrete: object = None
+    whole: object = None
 
     @property
     def path(self):
@@ -90,12 +91,13 @@ class Plan:
 
     @property
     def has_score_terms(self):
-        return (self.has_discrete and self.discrete is None) or \
-            (self.continuous is not None and not self.continuous.pathwise)
+        if self.whole is not None:
+            return False
+        return self.has_discrete or (self.continuous is not None and not self.continuous.pathwise)
 
     def __repr__(self):
         from ..saving import describe
-        tail = "" if self.discrete is None else f", discrete={self.discrete.name!r}"
+        tail = "" if self.whole is None else f", whole={self.whole.name!r}"
         return (f"Plan(path={self.path!r}, baseline={describe(self.baseline)}, has_discrete={self.has_discrete!r}"
                 f"{tail})")
 
@@ -127,8 +129,8 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     finite) counts particles with a NaN/inf log-joint, which were left out of the averages; `error` is the
     exception the log-joint raised for some particles (they count as NaN particles), or None. With a
     `structure` (a log-joint of factor terms; rao_blackwell.py) the score terms are Rao-Blackwellized."""
-    if plan.discrete is not None:
-        surrogate, num_bad, error = plan.discrete.estimate(model, family, discrete, params, num_particles, generator)
+    if plan.whole is not None:
+        surrogate, num_bad, error = plan.whole.estimate(model, family, discrete, params, num_particles, generator)
         return surrogate, baseline_state, num_bad, error
     if structure is not None and plan.has_score_terms:
         return _estimate_rao_blackwell(plan, model, family, discrete, params, num_particles, generator,
