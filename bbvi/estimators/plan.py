@@ -52,7 +52,8 @@ def resolve_estimator(estimator, baseline=DEFAULT):
         if cls in (Reparam, STL, ARM, DisARM, VIMCO):
             if not (_is_default(baseline) or baseline in (None, "none")):
                 raise ConfigError(f"baseline={baseline!r} applies to score-function terms only; "
-                                  f"estimator={estimator!r} has no baseline. Use estimator='score' or 'auto'.")
+                                  f"estimator={estimator!r} " + ("is pathwise" if cls in (Reparam, STL) else "takes no baseline")
+                                  + ". Use estimator='score' or 'auto'.")
             return cls()
         return cls(baseline=LOO() if _is_default(baseline) else resolve_baseline(baseline))
     if isinstance(estimator, (Score, Auto)):
