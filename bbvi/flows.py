@@ -49,6 +49,21 @@ def coupling_masks(dim, num):
     return masks
 
 
+def _zuko():
+    """zuko's layers. Importing zuko sets torch.distributions.Distribution._validate_args = False for the whole
+    process (zuko/distributions.py), which would silently switch off torch's argument checks in users' log-joints
+    (a Gamma's log_prob at a negative value returns a number instead of raising): the flag is put back."""
+    from torch.distributions import Distribution
+    before = Distribution._validate_args
+    try:
+        from zuko.flows.coupling import GeneralCouplingTransform
+        from zuko.flows.gaussianization import ElementWiseTransform
+        from zuko.transforms import MonotonicRQSTransform
+    finally:
+        Distribution._validate_args = before
+    return GeneralCouplingTransform, ElementWiseTransform, MonotonicRQSTransform
+
+
 class _Stack(torch.nn.Module):
     """The coupling layers; forward(x, inverse) -> (image, sum of log |det Jacobian|) of T^-1 (z -> eps) or,
     with inverse=True, of T (eps -> z). One conditioner evaluation per layer either way. Run under
@@ -148,9 +163,7 @@ class Flow:
         return self._templates[key]
 
     def _layers(self, dim):
-        from zuko.flows.coupling import GeneralCouplingTransform
-        from zuko.flows.gaussianization import ElementWiseTransform
-        from zuko.transforms import MonotonicRQSTransform
+        GeneralCouplingTransform, ElementWiseTransform, MonotonicRQSTransform = _zuko()
         options = {}
         if self.kind == "nsf":
             spline = lambda *p: MonotonicRQSTransform(*p, bound=float(self.bound))  # noqa: E731

@@ -61,6 +61,20 @@ def test_flow_parameters_come_from_the_generator_alone():
     assert not torch.equal(a["flow.layers.0.hyper.0.weight"], c["flow.layers.0.hyper.0.weight"])
 
 
+def test_a_flow_leaves_torch_argument_checks_on():
+    """Importing zuko switches off torch.distributions' argument validation for the whole process; bbvi puts it back
+    (before: a redteam test of bbvi.expectation failed once a flow had been fitted in the same process)."""
+    import subprocess
+    import sys
+    code = ("import torch, bbvi\n"
+            "from torch.distributions import Distribution, Exponential\n"
+            "bbvi.Flow().init(3, torch.zeros(3), torch.Generator())\n"
+            "assert Distribution._validate_args\n"
+            "try:\n    Exponential(1.0).log_prob(torch.tensor(-1.0))\nexcept ValueError:\n    print('raised')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "raised" in out.stdout, out.stderr
+
+
 def test_flow_options_are_checked():
     for bad in [dict(kind="iaf"), dict(transforms=0), dict(hidden=()), dict(hidden=(8, -1)), dict(bins=1.5),
                 dict(bound=0), dict(init_scale=-1), dict(moment_draws=0)]:
