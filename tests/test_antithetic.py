@@ -48,17 +48,22 @@ def _ising(n=5, seed=0):
     return bbvi.Model(log_joint, {"s": bbvi.Latent(shape=(n,), support=constraints.boolean)}, name="ising"), log_joint
 
 
+def _random_q(model, n, seed):
+    """A fit at its start with random logits, those logits as a leaf, every boolean state (2^n, n) and its log q."""
+    fit = bbvi.fit(model, steps=0, dtype=F64, diagnose=False)
+    fit.params["discrete"]["s"] = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    logits = fit.params["discrete"]["s"].clone().requires_grad_(True)
+    states = torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)), dtype=F64)
+    lq = torch.log_softmax(logits, -1)
+    return fit, logits, states, (states * lq[:, 1] + (1 - states) * lq[:, 0]).sum(-1)
+
+
 @pytest.mark.parametrize("estimator", ["arm", "disarm"])
 def test_antithetic_gradients_are_unbiased_against_enumeration(estimator):
     """5 boolean latents, q with random logits: the exact ELBO gradient by summing over all 32 states; the mean of
     4000 estimates (2 evaluations each) within 4 standard errors of it, coordinate by coordinate."""
     model, log_joint = _ising()
-    fit = bbvi.fit(model, steps=0, dtype=F64, diagnose=False)
-    fit.params["discrete"]["s"] = torch.randn(5, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
-    logits = fit.params["discrete"]["s"].clone().requires_grad_(True)
-    states = torch.tensor(list(itertools.product([0.0, 1.0], repeat=5)), dtype=F64)
-    lq = torch.log_softmax(logits, -1)
-    log_q = (states * lq[:, 1] + (1 - states) * lq[:, 0]).sum(-1)
+    fit, logits, states, log_q = _random_q(model, 5, seed=3)
     exact = torch.autograd.grad((log_q.exp() * (log_joint({"s": states}, None) - log_q)).sum(), logits)[0]
     G = fit.gradient_samples(4000, estimator=estimator, num_particles=2, seed=1)
     z = (G.mean(0) - exact.reshape(-1)) / (G.std(0) / 4000 ** 0.5)
@@ -115,12 +120,7 @@ def test_vimco_is_unbiased_for_the_gradient_of_the_importance_weighted_bound():
     """3 boolean latents, K = 3 samples: E[L_3] summed exactly over all 8^3 triples of states; the mean of 3000
     VIMCO estimates within 4 standard errors of its gradient. A fit reports the bound and says so."""
     model, log_joint = _ising(3, seed=4)
-    fit = bbvi.fit(model, steps=0, dtype=F64, diagnose=False)
-    fit.params["discrete"]["s"] = torch.randn(3, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
-    logits = fit.params["discrete"]["s"].clone().requires_grad_(True)
-    states = torch.tensor(list(itertools.product([0.0, 1.0], repeat=3)), dtype=F64)
-    lq = torch.log_softmax(logits, -1)
-    log_q = (states * lq[:, 1] + (1 - states) * lq[:, 0]).sum(-1)
+    fit, logits, states, log_q = _random_q(model, 3, seed=5)
     log_w = log_joint({"s": states}, None) - log_q
     idx = torch.tensor(list(itertools.product(range(8), repeat=3)))
     bound = (log_q[idx].sum(-1).exp() * (torch.logsumexp(log_w[idx], -1) - torch.log(torch.tensor(3.0)))).sum()
