@@ -253,19 +253,22 @@ class Discrete:
                 out[name] = idx.to(logits.dtype) if boolean else idx + low
         return out
 
-    def _picked(self, params, values):
-        """For each discrete latent: (S, n) log q of the value drawn for each of its n entries."""
+    def _picked(self, params, values, skip=()):
+        """For each discrete latent not in `skip`: (S, n) log q of the value drawn for each of its n entries."""
         for name, _shape, low, k, boolean in self.spec:
+            if name in skip:
+                continue
             logp = torch.log_softmax(params[name], -1)
             idx = values[name].long() - (0 if boolean else low)
             picked = torch.gather(logp.expand(idx.shape + (k,)), -1, idx.unsqueeze(-1)).squeeze(-1)
             yield picked.reshape(idx.shape[0], -1)
 
-    def log_prob(self, params, values):
-        """sum over every discrete entry of log q(value), shape (S,)."""
-        total = 0
-        for picked in self._picked(params, values):
-            total = total + picked.sum(-1)
+    def log_prob(self, params, values, skip=()):
+        """sum over every discrete entry (of the latents not in `skip`) of log q(value), shape (S,); None when
+        `skip` leaves none."""
+        total = None
+        for picked in self._picked(params, values, skip):
+            total = picked.sum(-1) if total is None else total + picked.sum(-1)
         return total
 
     def entry_log_prob(self, params, values):

@@ -196,7 +196,7 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
     report = model.check(u, k, particles=False)  # the particle check comes after the start (check_particles)
     plan = plan_for(estimator, model, report, num_particles)
     structure = None
-    if report.factors is not None and plan.has_score_terms:  # Rao-Blackwellized score terms
+    if report.factors is not None and plan.has_score_terms and not plan.sum_over:  # Rao-Blackwellized score terms
         check_baseline(plan.baseline)
         structure = discover(model, discrete, report, u.detach()[:2], {n: v[:2] for n, v in k.items()},
                              report.differentiable)

@@ -279,6 +279,8 @@ def plan_config(plan):
     cfg = {"path": path, "baseline": config_of(plan.baseline), "has_discrete": plan.has_discrete}
     if plan.whole is not None:  # written only when set: plans saved before it existed compare equal
         cfg["whole"] = config_of(plan.whole)
+    if plan.sum_over:
+        cfg["sum_over"] = list(plan.sum_over)
     return cfg
 
 
@@ -290,4 +292,4 @@ def plan_from(cfg):
     else:
         path = object_from(path, estimators, "estimator")
     return estimators.Plan(path, object_from(cfg["baseline"], estimators, "baseline"), cfg["has_discrete"],
-                           object_from(cfg.get("whole"), estimators, "estimator"))
+                           object_from(cfg.get("whole"), estimators, "estimator"), tuple(cfg.get("sum_over", ())))

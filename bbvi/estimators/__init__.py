@@ -12,6 +12,8 @@ inside log p), the ELBO estimate is mean_s f_s. The estimators of its gradient i
              Dong, Mnih & Tucker 2020), continuous latents pathwise
     vimco    the K-sample importance-weighted bound, leave-one-out        vimco.py
              signals per sample (Mnih & Rezende 2016); reports the bound
+    sum_over exact sums over the support of chosen discrete latents       sums.py
+             (Score/Auto(sum_over=...); local expectation gradients)
 
 Discrete latents go through score terms (unless the estimator is arm/disarm): g_phi = mean_s (f_s - b_s) grad_phi log q_phi(k_s). Baselines
 b_s (baselines.py) never depend on z_s. Particles whose log-joint is NaN/inf are dropped from the step (weight

@@ -17,6 +17,7 @@ from .auto import Auto
 from .baselines import LOO, NoBaseline, resolve_baseline
 from .particles import draw, evaluate, from_log_p, with_floor
 from .rao_blackwell import score_terms
+from .sums import sum_terms
 from .pathwise import STL, Reparam
 from .score import Score
 from .trick import with_gradient
@@ -79,12 +80,13 @@ class Plan:
     terms (None: no baseline), whether there are discrete latents, and `whole`: an estimator that computes the
     whole step itself (an object with `name` and `estimate(model, family, discrete, params, num_particles,
     generator) -> (surrogate, num_bad, error)`: ARM/DisARM's antithetic pairs, VIMCO's multi-sample bound), else
-    None. `path` is the continuous path's name: 'score' | 'reparam' | 'stl' | None."""
+    None; `sum_over`: discrete latents whose score terms are exact sums over their support (sums.py). `path` is the continuous path's name: 'score' | 'reparam' | 'stl' | None."""
 
     continuous: object
     baseline: object
     has_discrete: bool
     whole: object = None
+    sum_over: tuple = ()
 
     @property
     def path(self):
@@ -99,6 +101,7 @@ class Plan:
     def __repr__(self):
         from ..saving import describe
         tail = "" if self.whole is None else f", whole={self.whole.name!r}"
+        tail += f", sum_over={self.sum_over!r}" if self.sum_over else ""
         return (f"Plan(path={self.path!r}, baseline={describe(self.baseline)}, has_discrete={self.has_discrete!r}"
                 f"{tail})")
 
@@ -133,7 +136,7 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     if plan.whole is not None:
         surrogate, num_bad, error = plan.whole.estimate(model, family, discrete, params, num_particles, generator)
         return surrogate, baseline_state, num_bad, error
-    if structure is not None and plan.has_score_terms:
+    if structure is not None and plan.has_score_terms and not plan.sum_over:  # exact sums replace it
         return _estimate_rao_blackwell(plan, model, family, discrete, params, num_particles, generator,
                                        baseline_state, structure)
     pc, pd = params["continuous"], params["discrete"]
@@ -162,18 +165,24 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     f = p.log_p.detach() if lq_c is None else p.log_p.detach() - lq_c.detach()
     if plan.has_discrete:
         lq_d = discrete.log_prob(pd, k)
-        score_logq = lq_d if score_logq is None else score_logq + lq_d
-        score_params = score_params + list(pd.values())
         f = f - lq_d.detach()
+        if plan.sum_over:  # those latents' terms are exact sums; the others keep score terms
+            carrier = carrier + sum_terms(plan.sum_over, model, discrete, pd, u, k)
+            lq_d = discrete.log_prob(pd, k, skip=plan.sum_over)
+        if lq_d is not None:
+            score_logq = lq_d if score_logq is None else score_logq + lq_d
+            score_params = score_params + [t for n, t in pd.items() if n not in plan.sum_over]
     if p.infeasible is not None and not pathwise:  # -inf log-joint: push q away, do not ignore it
         p, f = with_floor(p, f)
     if p.mask is not None:
         f = f * p.mask
-        score_logq = score_logq * p.mask
     elbo = p.average(f)
-    term, baseline_state = (plan.baseline or _NO_BASELINE).score_term(f, score_logq, score_params, p, elbo,
-                                                                      baseline_state)
-    carrier = carrier + term
+    if score_logq is not None:
+        if p.mask is not None:
+            score_logq = score_logq * p.mask
+        term, baseline_state = (plan.baseline or _NO_BASELINE).score_term(f, score_logq, score_params, p, elbo,
+                                                                          baseline_state)
+        carrier = carrier + term
     return with_gradient(elbo, carrier), baseline_state, p.num_bad, p.error
 
 

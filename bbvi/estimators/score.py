@@ -13,13 +13,34 @@ __all__ = ["Score", "ScorePath"]
 
 @dataclasses.dataclass(frozen=True)
 class Score:
-    """Score-function terms for every latent, with `baseline` (None | 'ema' | 'loo' | 'cv' | a baseline)."""
+    """Score-function terms for every latent, with `baseline` (None | 'ema' | 'loo' | 'cv' | a baseline);
+    `sum_over`: discrete latents whose score terms are replaced by exact sums over their support (sums.py)."""
 
     baseline: object = None
+    sum_over: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "sum_over", _names(self.sum_over))
+
+    def __repr__(self):
+        return _repr(self)
 
     def plan(self, model, report, num_particles):
         from .plan import Plan
-        return Plan(ScorePath() if model.dim > 0 else None, self.baseline, bool(model.discrete))
+        from .sums import check_sum_over
+        return Plan(ScorePath() if model.dim > 0 else None, self.baseline, bool(model.discrete),
+                    sum_over=check_sum_over(self.sum_over, model))
+
+
+def _names(sum_over):
+    """sum_over as a tuple of names ('tau' alone is one name, not three letters)."""
+    return (sum_over,) if isinstance(sum_over, str) else tuple(sum_over)
+
+
+def _repr(estimator):
+    """Score(baseline=...) as before sum_over existed (a fit's settings compare equal on resume), sum_over when set."""
+    tail = f", sum_over={tuple(estimator.sum_over)!r}" if estimator.sum_over else ""
+    return f"{type(estimator).__name__}(baseline={estimator.baseline!r}{tail})"
 
 
 @dataclasses.dataclass(frozen=True)
