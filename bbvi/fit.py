@@ -332,7 +332,7 @@ def step(state):
     opt.zero_grad(set_to_none=True)
     surrogate, baseline_state, num_bad, error = estimate(state.plan, state.model, state.family, state.discrete,
                                                          state.params, state.num_particles, state.generator,
-                                                         state.baseline_state, state.structure)
+                                                         state.baseline_state, state.structure, step=state.step)
     raised = error is not None
     if raised:
         state.num_raised_steps += 1
@@ -512,6 +512,9 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     objective = getattr(state.plan.whole, "objective", None)  # a step whose value is not the ELBO (VIMCO)
     if objective is not None:
         settings["objective"] = objective
+    bias = getattr(state.plan.whole, "bias", None)  # an estimator biased by design (Concrete) says so
+    if bias is not None:
+        settings["bias"] = bias
     settings.update(estimator=describe(resolve_estimator(estimator, baseline)), plan=repr(state.plan),
                     dtype=str(next(iter(state.leaves())).dtype), start=state.start.strategy)
     tracker = state.tracker
@@ -636,7 +639,8 @@ def _q_settled(state, seed, num_estimates=32, threshold=0.1):
     grads = []
     for _ in range(num_estimates):
         surrogate, _, _, _ = estimate(state.plan, state.model, state.family, state.discrete, state.params,
-                                      state.num_particles, generator, state.baseline_state, state.structure)
+                                      state.num_particles, generator, state.baseline_state, state.structure,
+                                      step=state.step)
         try:
             g, = torch.autograd.grad(surrogate, [pc["loc"]], allow_unused=True)
         except RuntimeError:

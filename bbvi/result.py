@@ -86,9 +86,10 @@ class Result:
 
     @property
     def num_gradient_evals(self):
-        """Log-joint (and gradient) evaluations the fit spent: its start's (L-BFGS, Hessian) and S per step."""
-        return (self.start.num_evals if self.start is not None else 0) + self.num_steps * int(
-            self.settings["num_particles"])
+        """Log-joint (and gradient) evaluations the fit spent: its start's (L-BFGS, Hessian) and S per step (more
+        with exact sums over a latent's support: Plan.evaluations)."""
+        return (self.start.num_evals if self.start is not None else 0) + self.num_steps * self.plan.evaluations(
+            self.model, int(self.settings["num_particles"]))
 
     @property
     def interrupted(self):
@@ -259,9 +260,11 @@ class Result:
         self._check_memory("num_particles", num_particles, where, factor=8)  # particles, their graph, gradients
         num_params = sum(t.numel() for group in self.params.values() for t in group.values())
         self._check_memory("num_samples", num_samples, where, per=num_params, factor=2)
+        step = self.num_steps  # a schedule's (Concrete's temperature) where the fit ended; None for another estimator
         if estimator is None:
             plan = self.plan
         else:
+            step = None
             est = resolve_estimator(estimator, baseline)
             plan = plan_for(est, self.model, self.report, num_particles)
         g = self._generator(seed, where)
@@ -274,7 +277,7 @@ class Result:
         out = []
         for _ in range(num_samples):
             surrogate, bstate, _, _ = estimate(plan, self.model, self.family, self.discrete, params, num_particles,
-                                               g, bstate, self.structure)
+                                               g, bstate, self.structure, step=step)
             grads = torch.autograd.grad(surrogate, leaves, allow_unused=True)
             out.append(torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1)
                                   for gr, p in zip(grads, leaves)]))
@@ -296,6 +299,8 @@ class Result:
         lines = [f"bbvi fit of {self.model.name!r}: {self.status} after {self.num_steps} steps "
                  f"({self.wall_time:.2f} s), final ELBO {self.final_elbo():.4g}, "
                  f"{self.num_failed_steps} failed steps, {self.num_bad_particles} bad particles",
+                 *[f"{label}: {self.settings[key]}" for key, label in (("objective", "objective"), ("bias", "BIASED ESTIMATOR"))
+                   if self.settings.get(key)],
                  *self._reliability_lines(),
                  f"{'parameter':<24}{'mean':>12}{'sd':>12}{'5%':>12}{'95%':>12}"]
         for name, v in draws.items():

@@ -12,6 +12,9 @@ inside log p), the ELBO estimate is mean_s f_s. The estimators of its gradient i
              Dong, Mnih & Tucker 2020), continuous latents pathwise
     vimco    the K-sample importance-weighted bound, leave-one-out        vimco.py
              signals per sample (Mnih & Rezende 2016); reports the bound
+    concrete the Concrete / Gumbel-softmax relaxation of the discrete       concrete.py
+             latents, straight-through optional, temperature annealed:
+             biased, opt-in (Maddison et al. 2017; Jang et al. 2017)
     sum_over exact sums over the support of chosen discrete latents       sums.py
              (Score/Auto(sum_over=...); local expectation gradients)
 
@@ -24,6 +27,7 @@ an estimator one class with `plan(model, report, num_particles) -> Plan`, whose 
 `pathwise`, `alone` and optionally `terms` (score.py's protocol); pass an instance as estimator= or baseline=.
 """
 from .antithetic import ARM, DisARM
+from .concrete import Concrete
 from .auto import Auto
 from .baselines import CV, EMA, LOO, NoBaseline, resolve_baseline
 from .particles import Particles, draw, evaluate, log_q
@@ -33,6 +37,6 @@ from .trick import magic_box, with_gradient
 from .score import Score, ScorePath
 from .vimco import VIMCO
 
-__all__ = ["ARM", "DisARM", "VIMCO", "Score", "ScorePath", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "NoBaseline", "resolve_estimator",
+__all__ = ["ARM", "DisARM", "VIMCO", "Concrete", "Score", "ScorePath", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "NoBaseline", "resolve_estimator",
            "resolve_baseline", "estimate", "Plan", "plan_for", "init_baseline_state", "with_gradient", "magic_box", "DEFAULT",
            "Particles", "draw", "evaluate", "log_q"]

@@ -6,12 +6,14 @@ protocol of score.py, or None when there are no continuous latents), the baselin
 whether discrete latents are present (they always go through score terms). `estimate` runs a plan once.
 """
 import dataclasses
+import math
 
 import torch
 
 
 from ..errors import ConfigError
 from .antithetic import ARM, DisARM
+from .concrete import Concrete
 from .vimco import VIMCO
 from .auto import Auto
 from .baselines import LOO, NoBaseline, resolve_baseline
@@ -33,7 +35,8 @@ class _Default:
 
 
 DEFAULT = _Default()
-_ESTIMATORS = {"score": Score, "reparam": Reparam, "stl": STL, "auto": Auto, "arm": ARM, "disarm": DisARM, "vimco": VIMCO}
+_ESTIMATORS = {"score": Score, "reparam": Reparam, "stl": STL, "auto": Auto, "arm": ARM, "disarm": DisARM, "vimco": VIMCO,
+               "concrete": Concrete}
 _NO_BASELINE = NoBaseline()
 
 
@@ -50,7 +53,7 @@ def resolve_estimator(estimator, baseline=DEFAULT):
             raise ConfigError(f"estimator must be one of {sorted(_ESTIMATORS)} or a bbvi.Score/Reparam/STL/Auto "
                               f"object, got {estimator!r}")
         cls = _ESTIMATORS[estimator.lower()]
-        if cls in (Reparam, STL, ARM, DisARM, VIMCO):
+        if cls in (Reparam, STL, ARM, DisARM, VIMCO, Concrete):
             if not (_is_default(baseline) or baseline in (None, "none")):
                 raise ConfigError(f"baseline={baseline!r} applies to score-function terms only; "
                                   f"estimator={estimator!r} " + ("is pathwise" if cls in (Reparam, STL) else "takes no baseline")
@@ -61,7 +64,7 @@ def resolve_estimator(estimator, baseline=DEFAULT):
         if not _is_default(baseline):
             raise ConfigError("pass the baseline inside the estimator object (bbvi.Score(baseline=...)), not both")
         return dataclasses.replace(estimator, baseline=resolve_baseline(estimator.baseline))
-    if isinstance(estimator, (Reparam, STL, ARM, DisARM, VIMCO)):
+    if isinstance(estimator, (Reparam, STL, ARM, DisARM, VIMCO, Concrete)):
         if not (_is_default(baseline) or baseline is None):
             raise ConfigError(f"baseline={baseline!r} applies to score-function terms only; {estimator} has none")
         return estimator
@@ -91,6 +94,12 @@ class Plan:
     @property
     def path(self):
         return None if self.continuous is None else self.continuous.name
+
+    def evaluations(self, model, num_particles):
+        """Log-joint evaluations per step: one per particle, and per particle one per value of every entry of the
+        latents summed over exactly."""
+        extra = sum(math.prod(model.discrete[n][0].shape) * model.discrete[n][2] for n in self.sum_over)
+        return num_particles * (1 + extra)
 
     @property
     def has_score_terms(self):
@@ -124,7 +133,8 @@ def init_baseline_state(plan, device, dtype):
     return (plan.baseline or _NO_BASELINE).init_state(device, dtype)
 
 
-def estimate(plan, model, family, discrete, params, num_particles, generator, baseline_state, structure=None):
+def estimate(plan, model, family, discrete, params, num_particles, generator, baseline_state, structure=None,
+             step=None):
     """One Monte Carlo estimate at the current q with `num_particles` particles.
 
     Returns (surrogate, baseline_state, num_bad, error): `surrogate` is a scalar whose value is an ELBO estimate
@@ -132,9 +142,12 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     `params` is the plan's gradient estimate; `num_bad` (0-dim tensor, or None when every particle was
     finite) counts particles with a NaN/inf log-joint, which were left out of the averages; `error` is the
     exception the log-joint raised for some particles (they count as NaN particles), or None. With a
-    `structure` (a log-joint of factor terms; rao_blackwell.py) the score terms are Rao-Blackwellized."""
+    `structure` (a log-joint of factor terms; rao_blackwell.py) the score terms are Rao-Blackwellized. `step`: the
+    fit's step number, for an estimator with a schedule (`takes_step`: Concrete's temperature); None outside a fit."""
     if plan.whole is not None:
-        surrogate, num_bad, error = plan.whole.estimate(model, family, discrete, params, num_particles, generator)
+        extra = {"step": step} if getattr(plan.whole, "takes_step", False) else {}
+        surrogate, num_bad, error = plan.whole.estimate(model, family, discrete, params, num_particles, generator,
+                                                        **extra)
         return surrogate, baseline_state, num_bad, error
     if structure is not None and plan.has_score_terms and not plan.sum_over:  # exact sums replace it
         return _estimate_rao_blackwell(plan, model, family, discrete, params, num_particles, generator,
