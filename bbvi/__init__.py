@@ -8,7 +8,7 @@ matplotlib are imported where they are used.
 from . import constraints
 from .convergence import Adaptive
 from .errors import BBVIError, ConfigError, FitError, ModelError, ReliabilityWarning, SamplerError
-from .estimators import ARM, CV, EMA, LOO, STL, VIMCO, Auto, Concrete, DisARM, Reparam, Score
+from .estimators import ARM, CV, EMA, LOO, STL, VIMCO, Auto, Concrete, DisARM, RELAX, Reparam, Score
 from .estimators.expectation import expectation
 from .families import FullRank, LowRank, MeanField
 from .flows import Flow
@@ -38,5 +38,5 @@ def compare(fit_result, reference, **kwargs):
 
 
 __all__ = ["Model", "Latent", "fit", "init", "step", "FitState", "Result", "load", "nuts", "compare", "MeanField",
-           "FullRank", "LowRank", "Flow", "Score", "Reparam", "STL", "Auto", "ARM", "DisARM", "VIMCO", "Concrete", "EMA", "LOO", "CV", "BBVIError",
+           "FullRank", "LowRank", "Flow", "Score", "Reparam", "STL", "Auto", "ARM", "DisARM", "VIMCO", "Concrete", "RELAX", "EMA", "LOO", "CV", "BBVIError",
            "ModelError", "ConfigError", "FitError", "SamplerError", "ReliabilityWarning", "Adaptive", "constraints", "expectation"]

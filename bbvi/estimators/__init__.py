@@ -12,6 +12,9 @@ inside log p), the ELBO estimate is mean_s f_s. The estimators of its gradient i
              Dong, Mnih & Tucker 2020), continuous latents pathwise
     vimco    the K-sample importance-weighted bound, leave-one-out        vimco.py
              signals per sample (Mnih & Rezende 2016); reports the bound
+    relax    score terms with a learned control variate (an MLP trained    relax.py
+             on the gradient's variance) and LOO: unbiased, black-box
+             (Grathwohl et al. 2018)
     concrete the Concrete / Gumbel-softmax relaxation of the discrete       concrete.py
              latents, straight-through optional, temperature annealed:
              biased, opt-in (Maddison et al. 2017; Jang et al. 2017)
@@ -28,6 +31,7 @@ an estimator one class with `plan(model, report, num_particles) -> Plan`, whose 
 """
 from .antithetic import ARM, DisARM
 from .concrete import Concrete
+from .relax import RELAX
 from .auto import Auto
 from .baselines import CV, EMA, LOO, NoBaseline, resolve_baseline
 from .particles import Particles, draw, evaluate, log_q
@@ -37,6 +41,6 @@ from .trick import magic_box, with_gradient
 from .score import Score, ScorePath
 from .vimco import VIMCO
 
-__all__ = ["ARM", "DisARM", "VIMCO", "Concrete", "Score", "ScorePath", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "NoBaseline", "resolve_estimator",
+__all__ = ["ARM", "DisARM", "VIMCO", "Concrete", "RELAX", "Score", "ScorePath", "Reparam", "STL", "Auto", "EMA", "LOO", "CV", "NoBaseline", "resolve_estimator",
            "resolve_baseline", "estimate", "Plan", "plan_for", "init_baseline_state", "with_gradient", "magic_box", "DEFAULT",
            "Particles", "draw", "evaluate", "log_q"]

@@ -14,6 +14,7 @@ import torch
 from ..errors import ConfigError
 from .antithetic import ARM, DisARM
 from .concrete import Concrete
+from .relax import RELAX
 from .vimco import VIMCO
 from .auto import Auto
 from .baselines import LOO, NoBaseline, resolve_baseline
@@ -36,7 +37,7 @@ class _Default:
 
 DEFAULT = _Default()
 _ESTIMATORS = {"score": Score, "reparam": Reparam, "stl": STL, "auto": Auto, "arm": ARM, "disarm": DisARM, "vimco": VIMCO,
-               "concrete": Concrete}
+               "concrete": Concrete, "relax": RELAX}
 _NO_BASELINE = NoBaseline()
 
 
@@ -53,7 +54,7 @@ def resolve_estimator(estimator, baseline=DEFAULT):
             raise ConfigError(f"estimator must be one of {sorted(_ESTIMATORS)} or a bbvi.Score/Reparam/STL/Auto "
                               f"object, got {estimator!r}")
         cls = _ESTIMATORS[estimator.lower()]
-        if cls in (Reparam, STL, ARM, DisARM, VIMCO, Concrete):
+        if cls in (Reparam, STL, ARM, DisARM, VIMCO, Concrete, RELAX):
             if not (_is_default(baseline) or baseline in (None, "none")):
                 raise ConfigError(f"baseline={baseline!r} applies to score-function terms only; "
                                   f"estimator={estimator!r} " + ("is pathwise" if cls in (Reparam, STL) else "takes no baseline")
@@ -64,7 +65,7 @@ def resolve_estimator(estimator, baseline=DEFAULT):
         if not _is_default(baseline):
             raise ConfigError("pass the baseline inside the estimator object (bbvi.Score(baseline=...)), not both")
         return dataclasses.replace(estimator, baseline=resolve_baseline(estimator.baseline))
-    if isinstance(estimator, (Reparam, STL, ARM, DisARM, VIMCO, Concrete)):
+    if isinstance(estimator, (Reparam, STL, ARM, DisARM, VIMCO, Concrete, RELAX)):
         if not (_is_default(baseline) or baseline is None):
             raise ConfigError(f"baseline={baseline!r} applies to score-function terms only; {estimator} has none")
         return estimator
@@ -145,9 +146,11 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     `structure` (a log-joint of factor terms; rao_blackwell.py) the score terms are Rao-Blackwellized. `step`: the
     fit's step number, for an estimator with a schedule (`takes_step`: Concrete's temperature); None outside a fit."""
     if plan.whole is not None:
-        extra = {"step": step} if getattr(plan.whole, "takes_step", False) else {}
-        surrogate, num_bad, error = plan.whole.estimate(model, family, discrete, params, num_particles, generator,
-                                                        **extra)
+        whole = plan.whole
+        if getattr(whole, "stateful", False):  # state of its own (RELAX's surrogate), kept like a baseline's
+            return whole.estimate(model, family, discrete, params, num_particles, generator, baseline_state)
+        extra = {"step": step} if getattr(whole, "takes_step", False) else {}
+        surrogate, num_bad, error = whole.estimate(model, family, discrete, params, num_particles, generator, **extra)
         return surrogate, baseline_state, num_bad, error
     if structure is not None and plan.has_score_terms and not plan.sum_over:  # exact sums replace it
         return _estimate_rao_blackwell(plan, model, family, discrete, params, num_particles, generator,
