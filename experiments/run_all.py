@@ -45,7 +45,7 @@ def main(argv=None):
 def _update_readme(out):
     figures = os.path.join(ROOT, "docs", "figures")
     os.makedirs(figures, exist_ok=True)
-    for name in ("accuracy.png", "flows.png", "gradient_variance.png", "convergence.png", "rao_blackwell.png", "blackbox.png",
+    for name in ("accuracy.png", "flows.png", "gradient_variance.png", "convergence.png", "discrete.png", "rao_blackwell.png", "blackbox.png",
                  "policy_gradient.png", "greeks.png"):
         shutil.copy(os.path.join(out, name), os.path.join(figures, name))
     import pandas as pd
@@ -61,7 +61,7 @@ def _update_readme(out):
         "columns: start (`init_strategy`), family, estimator.", "",
         pivot.to_markdown(), "", "![accuracy](docs/figures/accuracy.png)", "", conv, "",
         "![convergence](docs/figures/convergence.png)", "", "![gradient variance](docs/figures/gradient_variance.png)",
-        "", disc])
+        "", disc, "", "![discrete](docs/figures/discrete.png)"])
     replace_readme_block("experiments", "Experiments", block)
     replace_readme_block("rao_blackwell", "Rao-Blackwellized score terms",
                          open(os.path.join(out, "rao_blackwell.md")).read()

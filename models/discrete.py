@@ -1,7 +1,7 @@
-"""Models with discrete latents, where only the score path works, each with an exact answer by enumeration.
+"""Models with discrete latents, each with an exact answer by enumeration.
 
-- `mixture`: two-component Gaussian mixture with latent assignments z[n] in {0, 1}; component means
-  mu[k] ~ N(m_k, 2^2) (asymmetric prior means break label switching), known sd 1, weights 1/2. Exact: sum over
+- `mixture` (and `mixture_arithmetic`, the same joint written as arithmetic in z, for the Concrete relaxation):
+  two-component Gaussian mixture with latent assignments z[n] in {0, 1}; component means mu[k] ~ N(m_k, 2^2) (asymmetric prior means break label switching), known sd 1, weights 1/2. Exact: sum over
   all 2^N assignments, each with a conjugate Gaussian marginal likelihood.
 - `latent_features`: binary latent-feature model: x[n] ~ N(W s[n], 0.5^2 I) with known W (K=3 features,
   D=4), s[n, k] ~ Bernoulli(0.3). Exact: the 2^K states of every observation.
@@ -19,7 +19,7 @@ from torch.distributions import Bernoulli, Gamma, Normal, Poisson, constraints
 
 import bbvi
 
-__all__ = ["mixture", "latent_features", "changepoint", "mixture_factors", "latent_features_factors", "exact",
+__all__ = ["mixture", "latent_features", "changepoint", "mixture_factors", "mixture_arithmetic", "latent_features_factors", "exact",
            "meanfield_optimum", "MODELS", "FACTOR_MODELS"]
 
 _G = torch.Generator().manual_seed(7)
@@ -51,6 +51,19 @@ def _mixture_factors(z, y):
 
 
 mixture_factors = bbvi.Model(_mixture_factors, dict(mixture.latents), data=MIX_Y, name="mixture_assignments_factors")
+
+
+def _mixture_arithmetic(z, y):
+    """The same joint with each mean picked by arithmetic in z (mu0 + (mu1 - mu0) z), not by indexing: defined,
+    and differentiable, between the support points too, as the Concrete relaxation needs."""
+    mu, assign = z["mu"], z["z"]
+    loc = mu[:, :1] + (mu[:, 1:] - mu[:, :1]) * assign
+    return (Normal(MIX_PRIOR_MEANS.to(mu), MIX_PRIOR_SD).log_prob(mu).sum(-1)
+            + Normal(loc, 1.0).log_prob(y).sum(-1) + len(y) * math.log(0.5))
+
+
+mixture_arithmetic = bbvi.Model(_mixture_arithmetic, dict(mixture.latents), data=MIX_Y,
+                                name="mixture_assignments_arithmetic")
 
 
 def _mixture_exact():

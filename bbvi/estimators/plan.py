@@ -83,8 +83,9 @@ class Plan:
     with the continuous-path protocol; None when there are no continuous latents), the `baseline` of the score
     terms (None: no baseline), whether there are discrete latents, and `whole`: an estimator that computes the
     whole step itself (an object with `name` and `estimate(model, family, discrete, params, num_particles,
-    generator) -> (surrogate, num_bad, error)`: ARM/DisARM's antithetic pairs, VIMCO's multi-sample bound), else
-    None; `sum_over`: discrete latents whose score terms are exact sums over their support (sums.py). `path` is the continuous path's name: 'score' | 'reparam' | 'stl' | None."""
+    generator) -> (surrogate, num_bad, error)`: ARM/DisARM's antithetic pairs, VIMCO's multi-sample bound; with
+    `takes_step = True` it also gets `step=`, with `stateful = True` a state dict and returns (surrogate, state,
+    num_bad, error): RELAX's surrogate network), else None; `sum_over`: discrete latents whose score terms are exact sums over their support (sums.py). `path` is the continuous path's name: 'score' | 'reparam' | 'stl' | None."""
 
     continuous: object
     baseline: object
