@@ -14,7 +14,10 @@ mean of the other particles' f, a baseline on top). After every step phi takes o
 estimate's squared norm, sum g^2 (its gradient in phi is that of the variance, as the mean of g does not depend
 on phi), by a double backward through g. phi and its Adam moments live in the step's estimator state (beside the
 baselines' state: saved in checkpoints and results, so a resumed fit continues exactly); the last layer starts at
-zero, so a fit starts as score + LOO and learns from there. Continuous latents go pathwise (reparam) beside.
+zero, so a fit starts as score + LOO and learns from there. Measured (experiments/discrete.py): 0.79x score +
+LOO's variance on 3 switches and a 4-valued category at 2 particles; on the issue's toy with a tiny signal
+(p0 = 0.499) the learned surrogate's own noise costs more than it removes (SNR 0.62 against LOO's 1.00 at
+lr 1e-3; 0.45 at 1e-2, the reason for the default), and it never beats LOO there: opt-in, not a default. Continuous latents go pathwise (reparam) beside.
 REBAR (Tucker et al. 2017) is the special case c = eta f(sigma(z / lambda)); it needs the log-joint at relaxed
 values (see concrete.py), so bbvi builds RELAX's black-box form only.
 """
@@ -34,7 +37,7 @@ class RELAX:
     for the discrete latents, with the leave-one-out baseline; unbiased."""
 
     hidden: int = 32
-    lr: float = 0.01
+    lr: float = 0.001
 
     name = "relax"
     stateful = True
