@@ -26,6 +26,7 @@ from .convergence import Adaptive, RelativeTolerance
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, plan_for, resolve_estimator
 from .estimators.rao_blackwell import check_baseline, discover
 from .families import Discrete, resolve_family
+from .model import precision_notes
 from .result import Result
 from .saving import check_writable, describe
 from .start import choose as choose_start
@@ -177,6 +178,8 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
     rule = _rule(schedule, steps, lr, max_steps)
     factor = None if rule is not None else _schedule("cosine" if schedule == "auto" else schedule, max(steps, 1))
 
+    for note in precision_notes(model.data, dtype):
+        warnings.warn(f"{note}: pass dtype=torch.float64 to fit in double precision", UserWarning, stacklevel=3)
     model = model.to(device, dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
     loc = torch.zeros(model.dim, device=device, dtype=dtype)

@@ -1,0 +1,65 @@
+"""Data in the forms users have: numpy arrays, pandas Series/DataFrames and lists of numbers become tensors once,
+with the same fit as tensor data (bit for bit); what cannot be numbers is a ModelError naming the entry; a
+float64 data set fitted in float32 says that its values round."""
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import bbvi
+
+X = np.array([[0.3, -1.2], [1.1, 0.4], [-0.7, 0.9], [2.0, -0.1], [0.25, 0.5]])
+Y = np.array([1, 0, 1, 1, 0])
+
+
+def _log_joint(z, d):
+    w = z["w"]
+    logits = d["X"] @ w.T                                           # (N, S)
+    return (torch.distributions.Normal(0.0, 1.0).log_prob(w).sum(-1)
+            + torch.distributions.Bernoulli(logits=logits.T).log_prob(d["y"].to(w.dtype)).sum(-1))
+
+
+def _fit(data):
+    model = bbvi.Model(_log_joint, {"w": bbvi.Latent(shape=(2,))}, data=data, name="logreg")
+    return bbvi.fit(model, steps=30, seed=0, diagnose=False)
+
+
+def test_numpy_pandas_and_lists_fit_exactly_as_tensors():
+    want = _fit({"X": torch.tensor(X), "y": torch.tensor(Y)})
+    frame = pd.DataFrame(X, columns=["a", "b"])
+    for data in ({"X": X, "y": Y}, {"X": frame, "y": pd.Series(Y)}, {"X": X.tolist(), "y": Y.tolist()},
+                 {"X": [list(r) for r in X], "y": tuple(int(v) for v in Y)}):
+        got = _fit(data)
+        assert torch.equal(got.params["continuous"]["loc"], want.params["continuous"]["loc"]), data
+    model = bbvi.Model(_log_joint, {"w": bbvi.Latent(shape=(2,))}, data={"X": X, "y": Y})
+    assert model.data["X"].dtype == torch.float64 and model.data["y"].dtype == torch.int64
+    assert bbvi.Model(_log_joint, {"w": bbvi.Latent()}, data=[True, False]).data.dtype == torch.bool
+    nested = bbvi.Model(_log_joint, {"w": bbvi.Latent()}, data={"n": 3, "parts": [torch.ones(2), np.zeros(3)]}).data
+    assert nested["n"] == 3 and torch.is_tensor(nested["parts"][1])          # plain ints stay ints
+
+
+def test_data_that_cannot_be_numbers_is_named():
+    lat = {"w": bbvi.Latent()}
+    with pytest.raises(bbvi.ModelError, match=r"data\['g'\].*'colour'.*\.cat\.codes"):
+        bbvi.Model(_log_joint, lat, data={"g": pd.DataFrame({"x": [1.0, 2.0], "colour": ["red", "blue"]})})
+    with pytest.raises(bbvi.ModelError, match=r"data\['s'\] is a numpy array of dtype <U"):
+        bbvi.Model(_log_joint, lat, data={"s": np.array(["a", "b"])})
+    with pytest.raises(bbvi.ModelError, match="complex"):
+        bbvi.Model(_log_joint, lat, data=np.array([1 + 2j]))
+    with pytest.raises(bbvi.ModelError, match="not rectangular"):
+        bbvi.Model(_log_joint, lat, data=[[1.0, 2.0], [3.0]])
+    frame = bbvi.Model(_log_joint, lat, data=pd.Series([1.0, None, 3.0])).data   # missing values: NaN
+    assert torch.isnan(frame[1]) and frame.dtype == torch.float64
+
+
+def test_float64_data_in_a_float32_fit_says_it_rounds():
+    data = {"X": X + 1e-9, "y": Y}
+    model = bbvi.Model(_log_joint, {"w": bbvi.Latent(shape=(2,))}, data=data, name="logreg")
+    with pytest.warns(UserWarning, match=r"data\['X'\] is float64 and the fit runs in float32: 10 of 10 values round"):
+        bbvi.fit(model, steps=2, dtype=torch.float32, diagnose=False)
+    exact = bbvi.Model(_log_joint, {"w": bbvi.Latent(shape=(2,))}, data={"X": np.array([[0.5, 1.0]]), "y": Y[:1]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        bbvi.fit(exact, steps=2, dtype=torch.float32, diagnose=False)   # exactly representable: no note
