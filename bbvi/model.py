@@ -148,14 +148,16 @@ class Model:
     the first call by autograd and a perturbation probe, or declared: dependencies={factor: [latent names]}).
     latents: dict name -> Latent. data: passed back as the second argument (any object; tensors inside dicts,
     lists and tuples are moved to the fit's device and dtype). derived(z, data) -> dict name -> (S, ...):
-    optional derived quantities (Stan's transformed parameters) reported with the samples.
+    optional derived quantities (Stan's transformed parameters) reported with the samples. predict(z, data,
+    generator) -> dict name -> (S, ...): optional simulated data for the posterior predictive (fit.to_arviz), its
+    randomness from `generator` only. data: numpy arrays, pandas objects and lists of numbers become tensors.
     vectorized=False: log_joint handles one particle (z values without the S dimension) and returns a scalar;
     bbvi loops over particles. differentiable=False declares a log-joint torch cannot differentiate (numpy, a
     simulator); by default this is detected on the first call.
     """
 
     def __init__(self, log_joint, latents, data=None, name=None, derived=None, *, vectorized=True,
-                 differentiable=None, dependencies=None):
+                 differentiable=None, dependencies=None, predict=None):
         if not callable(log_joint):
             raise ModelError(f"log_joint must be callable (z, data) -> Tensor (S,), got {type(log_joint)}")
         if not isinstance(latents, dict) or not latents:
@@ -167,6 +169,9 @@ class Model:
                 raise ModelError(f"latent {key!r}: expected bbvi.Latent(shape=..., support=...), got {lat!r}")
         if derived is not None and not callable(derived):
             raise ModelError("derived must be a callable (z, data) -> dict name -> Tensor (S, ...)")
+        if predict is not None and not callable(predict):
+            raise ModelError("predict must be a callable (z, data, generator) -> dict name -> Tensor (S, ...)")
+        self.predict = predict
         if differentiable not in (None, True, False):
             raise ModelError(f"differentiable must be None (detect), True or False, got {differentiable!r}")
         if dependencies is not None:

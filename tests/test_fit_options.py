@@ -88,7 +88,7 @@ def test_result_api():
     idata = fit.to_arviz(num_draws=300)
     assert isinstance(idata, az.InferenceData)
     assert idata.posterior["w"].dims == ("chain", "draw", "w_dim_0", "w_dim_1")
-    assert idata.posterior["w"].shape == (1, 300, 2, 3) and "w_sum" in idata.posterior
+    assert idata.posterior["w"].shape == (4, 75, 2, 3) and "w_sum" in idata.posterior   # 300 draws as 4 chains
     assert idata.posterior.attrs["estimator"].startswith("Auto") and idata.posterior.attrs["steps"] == "100"
     assert fit.elbo.shape == (100,)
     grads = fit.gradient_samples(7, estimator="score", baseline=None, num_particles=4)

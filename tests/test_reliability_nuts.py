@@ -239,8 +239,8 @@ def test_to_arviz_keeps_a_latent_named_like_another_latents_dimension():
     idata = fit.to_arviz(100, seed=1)
     draws = fit.sample(100, seed=1)
     assert set(idata.posterior.data_vars) == {"x", "x_dim_0"}
-    np.testing.assert_array_equal(idata.posterior["x_dim_0"].values[0], draws["x_dim_0"].numpy())
-    np.testing.assert_array_equal(idata.posterior["x"].values[0], draws["x"].numpy())
+    np.testing.assert_array_equal(idata.posterior["x_dim_0"].values.reshape(100), draws["x_dim_0"].numpy())
+    np.testing.assert_array_equal(idata.posterior["x"].values.reshape(100, 2), draws["x"].numpy())
     assert idata.posterior["x"].dims == ("chain", "draw", "x_dim_0_")
 
 
