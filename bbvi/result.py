@@ -400,10 +400,18 @@ class Result:
         from .diagnostics import fit_diagnostics
         return fit_diagnostics(self, num_draws=num_draws, seed=seed)
 
-    def summary(self, num_draws=4000, seed=0):
-        """A short text table: mean, sd, 5% and 95% quantiles of every scalar latent and derived quantity."""
+    def summary(self, num_draws=4000, seed=0, var_names=None):
+        """A short text table: mean, sd, 5% and 95% quantiles of every scalar latent and derived quantity (of those
+        named in `var_names`: a name or a list of names, when given)."""
         num_draws, seed = self._check_draws(num_draws, seed, "fit.summary")
         draws = self.sample(num_draws, seed)
+        if var_names is not None:
+            names = [var_names] if isinstance(var_names, str) else list(var_names)
+            unknown = [n for n in names if n not in draws]
+            if unknown:
+                raise ConfigError(f"fit.summary: var_names {unknown} are not latents or derived quantities of model "
+                                  f"{self.model.name!r}; it has {list(draws)}")
+            draws = {n: draws[n] for n in names}
         lines = [f"bbvi fit of {self.model.name!r}: {self.status} after {self.num_steps} steps "
                  f"({self.wall_time:.2f} s), final ELBO {self.final_elbo():.4g}, "
                  f"{self.num_failed_steps} failed steps, {self.num_bad_particles} bad particles",

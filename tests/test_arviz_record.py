@@ -107,3 +107,10 @@ def test_the_record_refuses_what_it_cannot_build(fit):
         fit.to_arviz(100, num_chains=3)
     with pytest.raises(bbvi.ConfigError, match="observed_data names"):
         fit.to_arviz(100, observed_data=["z"])
+
+
+def test_summary_takes_var_names(fit):
+    text = fit.summary(num_draws=200, var_names="beta")
+    assert "beta[0]" in text and "beta[1]" in text
+    with pytest.raises(bbvi.ConfigError, match="has \\['beta'\\]"):
+        fit.summary(num_draws=200, var_names=["tau"])
