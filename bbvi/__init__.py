@@ -1,9 +1,19 @@
 """bbvi: black-box variational inference for PyTorch.
 
-A model is a log-joint log p(x, z) written in torch; `bbvi.fit` fits a variational family q(z) by stochastic
-gradient ascent on the ELBO with the score-function estimator (and baselines), the pathwise estimator, or
-sticking-the-landing. See DESIGN.md for the public contract. The core imports torch only; Pyro, ArviZ and
-matplotlib are imported where they are used.
+A model is a log-joint log p(x, z) written in torch (`bbvi.Model`, its latents `bbvi.Latent`, supports from
+`bbvi.constraints`). `bbvi.fit` fits a variational family q(z) (MeanField, the default, FullRank, LowRank, Flow)
+by stochastic gradient ascent on the ELBO with the score-function estimator (`Score`, with the EMA, LOO or CV
+baseline), the pathwise estimator (`Reparam`), sticking-the-landing (`STL`), `Auto` (the default: pathwise where
+torch can differentiate the log-joint, score terms elsewhere), ARM and DisARM (boolean latents), VIMCO, RELAX or
+Concrete. `Adaptive` is the default step-size and stopping rule; `init`, `step` and `FitState` run the loop one
+step at a time. A fit is a `Result` (`summary()`, `sample()`, `diagnostics()`, `save()`; `bbvi.load` reads it
+back). `bbvi.nuts` runs a Pyro NUTS reference, `bbvi.compare` tables a fit against a reference, `bbvi.plots` draws
+the figures, and `bbvi.expectation` gives gradients of E[f(x)] by the same estimators. Errors are `BBVIError`s
+(ModelError, ConfigError, FitError, SamplerError); a fit that may not be trusted issues a `ReliabilityWarning`.
+
+See the project's README.md ("Quick start", "What is in it", "Layout") for usage and for the protocols of new
+families, estimators and baselines. Importing bbvi imports torch only; Pyro, ArviZ, pandas and matplotlib are
+imported where they are used.
 """
 from . import constraints
 from .convergence import Adaptive

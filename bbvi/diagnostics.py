@@ -384,16 +384,83 @@ def _reference_values(idata, name):
     return ref
 
 
+_SD_UNITS = ("mean_err_sd", "sd_ratio", "q05_err_sd", "q95_err_sd")   # printed with 3 decimals; others 4 digits
+_COMPARISON = None
+
+
+def _digits4(v):
+    """4 significant digits, trailing zeros kept (1.000, 0.01234, 1234, 1.234e+05)."""
+    text = f"{v:#.4g}"
+    return text[:-1] if text.endswith(".") else text
+
+
+def _formatters(frame):
+    """Per-column float formats for printing a comparison: errors and ratios (in reference sds) with 3 decimals,
+    means and sds (of any scale) with 4 significant digits; other columns as pandas prints them."""
+    out = {}
+    for col in frame.columns:
+        column = frame[col]
+        if getattr(column, "ndim", 2) == 1 and column.dtype.kind == "f":
+            out[col] = "{:.3f}".format if col in _SD_UNITS else _digits4
+    return out
+
+
+def _comparison_class():
+    """bbvi.diagnostics.Comparison, built on first use so that importing bbvi does not import pandas."""
+    global _COMPARISON
+    if _COMPARISON is not None:
+        return _COMPARISON
+    import html
+
+    import pandas as pd
+
+    class Comparison(pd.DataFrame):
+        """What `compare` returns: a pandas DataFrame (one row per scalar parameter) that prints whole, its verdict
+        line first (`attrs['verdict']`), then every row and column. Everything pandas does with it works as on a
+        DataFrame; frames derived from it (slices, `.round(3)`, column selections) are Comparisons too and carry
+        its attrs."""
+
+        @property
+        def _constructor(self):
+            return Comparison
+
+        def _table_text(self):
+            return self.to_string(formatters=_formatters(self), max_rows=None, max_cols=None, max_colwidth=None)
+
+        def __repr__(self):
+            verdict = self.attrs.get("verdict")
+            table = self._table_text()
+            return table if verdict is None else f"{verdict}\n{table}"
+
+        __str__ = __repr__
+
+        def _repr_html_(self):
+            verdict = self.attrs.get("verdict")
+            table = self.to_html(formatters=_formatters(self), max_rows=None, max_cols=None)
+            return table if verdict is None else f"<p><b>{html.escape(str(verdict))}</b></p>\n{table}"
+
+    Comparison.__module__, Comparison.__qualname__ = __name__, "Comparison"  # pickles as bbvi.diagnostics.Comparison
+    _COMPARISON = Comparison
+    return Comparison
+
+
+def __getattr__(name):
+    if name == "Comparison":   # built lazily (pandas): `from bbvi.diagnostics import Comparison`, and unpickling
+        return _comparison_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def compare(fit, reference, num_draws=4000, seed=0, var_names=None):
-    """Per-scalar-parameter table (pandas DataFrame) of the fit against the reference: reference mean and sd, fit
-    mean and sd, mean error in reference-sd units, sd ratio (fit/reference), 5% and 95% quantile errors in
-    reference-sd units, and a verdict (good: |mean err| < 0.1 and sd within 10%; fair: < 0.3 and 25%; poor;
+    """Per-scalar-parameter table of the fit against the reference: reference mean and sd, fit mean and sd, mean
+    error in reference-sd units, sd ratio (fit/reference), 5% and 95% quantile errors in reference-sd units, and a
+    verdict (good: |mean err| < 0.1 and sd within 10%; fair: < 0.3 and 25%; poor;
     "n/a: reference sd is 0" where the reference is constant, whose errors are then NaN, or inf when the means
     differ). `fit`: a bbvi Result or a dict of draws. `var_names`: one name or a list of names (each in the fit or
     the reference); by default every name of the fit. A name the fit has but the reference lacks is not compared:
     a UserWarning and the verdict line say so (df.attrs['not_compared']). The reference needs at least 2 draws
     per parameter, all finite (else ConfigError). df.attrs holds 'warnings' (reference quality), 'khat' and
-    'verdict' (one line)."""
+    'verdict' (one line). The table is a `Comparison`, a pandas DataFrame that prints whole (every row and
+    column, floats rounded) after its verdict line."""
     import warnings
 
     import pandas as pd
@@ -427,7 +494,7 @@ def compare(fit, reference, num_draws=4000, seed=0, var_names=None):
                 q05, q95 = np.float64(gq[0, j] - rq[0, j]) / rs, np.float64(gq[1, j] - rq[1, j]) / rs
             rows.append(dict(parameter=label, ref_mean=rm, ref_sd=rs, fit_mean=gm, fit_sd=gs, mean_err_sd=err,
                              sd_ratio=ratio, q05_err_sd=q05, q95_err_sd=q95, verdict=_verdict(err, ratio, rs)))
-    df = pd.DataFrame(rows).set_index("parameter")
+    df = _comparison_class()(pd.DataFrame(rows).set_index("parameter"))
     df.attrs["warnings"] = reference_warnings(idata)
     df.attrs["not_compared"] = not_in_ref + not_in_fit
     if hasattr(fit, "diagnostics"):

@@ -53,66 +53,243 @@ def _reference_draws(reference):
     return dict(reference)
 
 
+_FAMILY_WORDS = {"MeanField": "mean-field Gaussian", "FullRank": "full-rank Gaussian", "LowRank": "low-rank Gaussian",
+                 "Flow": "normalizing flow"}
+_PATH_WORDS = {"score": "score function", "reparam": "reparameterization (pathwise)",
+               "stl": "sticking-the-landing (pathwise)"}
+_WHOLE_WORDS = {"arm": "ARM (antithetic pairs)", "disarm": "DisARM (antithetic pairs)",
+                "vimco": "VIMCO (importance-weighted bound)", "relax": "RELAX (learned control variate)",
+                "concrete": "Concrete relaxation (biased)"}
+_BASELINE_WORDS = {"LOO": "leave-one-out baseline", "EMA": "moving-average baseline", "CV": "control-variate baseline",
+                   "NoBaseline": "no baseline"}
+
+
+def _family_words(result):
+    """'mean-field Gaussian', 'low-rank Gaussian (rank 2)', 'normalizing flow (nsf)', ...: the fit's family in words."""
+    family = getattr(result, "family", None)
+    name = type(family).__name__ if family is not None else \
+        str(getattr(result, "settings", {}).get("family", "")).split("(")[0]
+    words = _FAMILY_WORDS.get(name, name or "?")
+    if name == "LowRank" and hasattr(family, "rank"):
+        words += f" (rank {family.rank})"
+    if name == "Flow" and hasattr(family, "kind"):
+        words += f" ({family.kind})"
+    return words
+
+
+def _estimator_words(result):
+    """'score function + leave-one-out baseline', 'reparameterization (pathwise)', ...: the fit's plan in words."""
+    plan = getattr(result, "plan", None)
+    settings = getattr(result, "settings", {})
+    if plan is None:
+        return str(settings.get("estimator", "?"))
+    whole = getattr(plan, "whole", None)
+    if whole is not None:
+        words = _WHOLE_WORDS.get(getattr(whole, "name", ""), getattr(whole, "name", type(whole).__name__))
+    else:
+        path = plan.path
+        words = _PATH_WORDS.get(path, path) if path is not None else ""
+        if plan.has_discrete and (path is None or getattr(plan.continuous, "pathwise", False)):
+            words = (words + " + " if words else "") + "score function for the discrete latents"
+        if plan.has_score_terms:
+            baseline = plan.baseline
+            words += " + " + (_BASELINE_WORDS.get(type(baseline).__name__, type(baseline).__name__)
+                              if baseline is not None else "no baseline")
+            if type(baseline).__name__ == "EMA" and hasattr(baseline, "decay"):
+                words += f" (decay {baseline.decay:g})"
+        if getattr(plan, "sum_over", ()):
+            words += ", exact sums over " + ", ".join(plan.sum_over)
+    if str(settings.get("estimator", "")).startswith("Auto("):
+        words = "auto: " + words
+    return words
+
+
+def _fit_title(result):
+    import textwrap
+    name = getattr(getattr(result, "model", None), "name", None) or getattr(result, "settings", {}).get("model", "fit")
+    return textwrap.fill(f"{name}: {_family_words(result)}, {_estimator_words(result)}", 100)
+
+
+def _log_helps(elbo):
+    """True where the ELBO is negative throughout and its early values reach more than 10x further below zero than
+    where the fit ends: then -ELBO on a log scale shows the transient and the end at once."""
+    finite = elbo[np.isfinite(elbo)]
+    if len(finite) < 10 or not (finite < 0).all():
+        return False
+    neg = -finite
+    return bool(neg.max() > 10 * np.percentile(neg[len(neg) // 2:], 99))
+
+
 def plot_elbo(result, path=None, window=100, ax=None):
-    """Per-step ELBO estimates (faint) and their running mean over `window` steps; the y-range starts at the
-    1st percentile of the second half so the early transient does not flatten the end."""
+    """Per-step ELBO estimates (faint) and their running mean over `window` steps, titled with the model, family
+    and estimator in words. Where the ELBO is negative throughout and starts more than 10x further below zero
+    than where it ends, -ELBO is drawn on a log axis (transient and end both visible); otherwise the ELBO on a
+    linear axis whose range starts at the 1st percentile of the second half, so the early transient does not
+    flatten the end."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.5))
-    elbo = result.elbo.double().numpy()
+    elbo = result.elbo.double().cpu().numpy()
     steps = np.arange(1, len(elbo) + 1)
-    ax.plot(steps, elbo, color="0.75", lw=0.6, label="per-step estimate")
+    log = _log_helps(elbo)
+    sign = -1.0 if log else 1.0
+    objective = getattr(result, "settings", {}).get("objective")
+    what = "objective" if objective else "ELBO"
+    ax.plot(steps, sign * elbo, color="0.75", lw=0.6, label="per-step estimate")
     finite = np.where(np.isfinite(elbo), elbo, np.nan)
-    if len(elbo) >= 2:
+    if len(elbo) >= 2 and np.isfinite(finite).any():
         k = max(1, min(window, len(elbo) // 2))
         kernel = np.ones(k) / k
         run = np.convolve(np.nan_to_num(finite, nan=np.nanmean(finite)), kernel, mode="valid")
-        ax.plot(steps[k - 1:], run, color="C0", lw=1.5, label=f"running mean ({k} steps)")
+        ax.plot(steps[k - 1:], sign * run, color="C0", lw=1.5, label=f"running mean ({k} steps)")
         tail = finite[len(finite) // 2:]
-        lo, hi = np.nanpercentile(tail, 1), np.nanmax(tail)
-        pad = 0.1 * (hi - lo) + 1e-9
-        ax.set_ylim(lo - pad, hi + pad)
+        if not log and np.isfinite(tail).any():
+            lo, hi = np.nanpercentile(tail, 1), np.nanmax(tail)
+            pad = 0.1 * (hi - lo) + 1e-9
+            ax.set_ylim(lo - pad, hi + pad)
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylabel(f"-{what} estimate (log scale)")
+    else:
+        ax.set_ylabel(f"{what} estimate")
     ax.set_xlabel("step")
-    ax.set_ylabel("ELBO")
-    ax.set_title(f"{result.model.name}: ELBO ({result.settings.get('plan', '')[:60]})", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    title = _fit_title(result)
+    if objective:
+        title += f"\n{what}: {objective}"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper right" if log else "lower right")
     return _save(fig, path)
 
 
+def _log_axis(values):
+    """True for draws that are all positive and whose central 99% spans more than two orders of magnitude (tau in a
+    funnel): such a latent reads on a log axis."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) < 2 or not (v > 0).all():
+        return False
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    return bool(hi > 100 * lo)
+
+
+def _edges(values, log, num=50):
+    """Histogram bin edges over the central 99% of `values` (log-spaced where `log`)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v) & (v > 0)] if log else v[np.isfinite(v)]
+    if len(v) == 0:
+        return np.linspace(0.0, 1.0, num)
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    if not hi > lo:
+        width = 1e-6 * max(1.0, abs(lo))
+        lo, hi = (lo / 2, hi * 2) if log else (lo - width, hi + width)
+    return np.geomspace(lo, hi, num) if log else np.linspace(lo, hi, num)
+
+
+def _density(values, edges, log):
+    """Histogram density of `values` over `edges`: per unit of the value, or per unit of log10(value) where `log`."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if log:
+        v = v[v > 0]
+        h, _ = np.histogram(np.log10(v), bins=np.log10(edges))
+        width = np.diff(np.log10(edges))
+    else:
+        h, _ = np.histogram(v, bins=edges)
+        width = np.diff(edges)
+    total = h.sum()
+    return h / (total * width) if total > 0 else h.astype(np.float64)
+
+
 def plot_marginals(result, reference=None, path=None, num_draws=4000, var_names=None, max_params=30, seed=0):
-    """One panel per scalar parameter: histogram of the reference draws, density of the fit's draws."""
+    """One panel per scalar parameter, titled with its name: histogram of the reference draws (grey), density of
+    the fit's draws (orange line). A parameter whose draws (the reference's, else the fit's) are all positive and
+    span more than two orders of magnitude gets a log x-axis, with the density per unit of log10(value)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     plt = _plt()
     fit = _flat(result.sample(num_draws, seed) if hasattr(result, "sample") else result, var_names, max_params)
     ref = _flat(_reference_draws(reference), var_names)
     n = len(fit)
     cols = min(5, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.1 * rows), squeeze=False)
-    for ax, (label, x) in zip(axes.flat, fit.items()):
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False)
+    for i, (ax, (label, x)) in enumerate(zip(axes.flat, fit.items())):
+        log = _log_axis(ref[label] if label in ref else x)
         both = np.concatenate([x, ref[label]]) if label in ref else x
-        lo, hi = np.percentile(both, [0.5, 99.5])
-        bins = np.linspace(lo, hi, 50)
+        edges = _edges(both, log)
         if label in ref:
-            ax.hist(ref[label], bins=bins, density=True, color="0.7", label="reference")
-        h, edges = np.histogram(x, bins=bins, density=True)
-        ax.plot(0.5 * (edges[1:] + edges[:-1]), h, color="C1", lw=1.5, label="bbvi")
+            ax.stairs(_density(ref[label], edges, log), edges, fill=True, color="0.7", label="reference")
+        centers = np.sqrt(edges[1:] * edges[:-1]) if log else 0.5 * (edges[1:] + edges[:-1])
+        ax.plot(centers, _density(x, edges, log), color="C1", lw=1.5, label="fit (bbvi)")
+        if log:
+            ax.set_xscale("log")
         ax.set_title(label, fontsize=8)
+        ax.set_xlabel("value (log scale)" if log else "value", fontsize=7)
+        if log:
+            ax.set_ylabel("density per decade", fontsize=7)
+        elif i % cols == 0:
+            ax.set_ylabel("density", fontsize=7)
         ax.tick_params(labelsize=6)
         ax.set_yticks([])
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    handles = ([Patch(color="0.7", label="reference")] if ref else []) + \
+        [Line2D([], [], color="C1", lw=1.5, label="fit (bbvi)")]
+    axes.flat[0].legend(handles=handles, fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 
 
+def _smooth(h):
+    """A 2-d histogram smoothed by a [1, 2, 1] / 4 kernel along each axis, twice."""
+    kernel = np.array([0.25, 0.5, 0.25])
+    for _ in range(2):
+        h = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 0, h)
+        h = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 1, h)
+    return h
+
+
+def _reference_contours(ax, x, y, logx, logy, masses=(0.9, 0.5)):
+    """Contours of the reference draws (x, y) enclosing `masses` of them (from a smoothed 2-d histogram), in black
+    on top of whatever is drawn; where no contour can be drawn (few or constant draws), the draws as small black
+    crosses. Returns True when contours were drawn."""
+    ok = np.isfinite(x) & np.isfinite(y) & ((x > 0) if logx else True) & ((y > 0) if logy else True)
+    x, y = x[ok], y[ok]
+    tx, ty = (np.log10(x) if logx else x), (np.log10(y) if logy else y)
+    if len(x) >= 100 and np.ptp(tx) > 0 and np.ptp(ty) > 0:
+        ranges = []
+        for t in (tx, ty):
+            lo, hi = np.percentile(t, [0.25, 99.75])
+            pad = 0.15 * (hi - lo) if hi > lo else 1e-6 * max(1.0, abs(lo))
+            ranges.append([lo - pad, hi + pad])
+        h, xe, ye = np.histogram2d(tx, ty, bins=40, range=ranges)
+        h = _smooth(h)
+        flat = np.sort(h.ravel())[::-1]
+        cum = np.cumsum(flat) / flat.sum()
+        levels = sorted({float(flat[min(np.searchsorted(cum, m), len(flat) - 1)]) for m in masses})
+        levels = [v for v in levels if v > 0]
+        if levels:
+            xc, yc = 0.5 * (xe[1:] + xe[:-1]), 0.5 * (ye[1:] + ye[:-1])
+            xc, yc = (10 ** xc if logx else xc), (10 ** yc if logy else yc)
+            ax.contour(xc, yc, h.T, levels=levels, colors="k", linewidths=(0.9, 1.3)[:len(levels)], zorder=3)
+            return True
+    ax.scatter(x, y, s=6, marker="x", color="k", alpha=0.6, lw=0.6, zorder=3, rasterized=True)
+    return False
+
+
 def plot_pair(result, reference=None, path=None, var_names=None, num_draws=2000, max_params=4, seed=0):
-    """Pair plot of up to `max_params` scalars: reference draws (grey) and fit draws (orange)."""
+    """Pair plot of up to `max_params` scalars: the fit's draws (orange, semi-transparent) under the reference's,
+    drawn last so that it stays visible: black contours enclosing 50% and 90% of its draws off the diagonal, a
+    black outline histogram on it; a legend names which is which. A parameter whose draws are all positive and
+    span more than two orders of magnitude gets log axes."""
+    from matplotlib.lines import Line2D
     plt = _plt()
     fit = _flat(result.sample(num_draws, seed) if hasattr(result, "sample") else result, var_names, max_params)
     ref = _flat(_reference_draws(reference), var_names)
     labels = list(fit)
     k = len(labels)
-    fig, axes = plt.subplots(k, k, figsize=(2.2 * k, 2.2 * k), squeeze=False)
+    log = {lab: _log_axis(ref[lab] if lab in ref else fit[lab]) for lab in labels}
+    fig, axes = plt.subplots(k, k, figsize=(2.2 * k + 0.4, 2.2 * k + 0.4), squeeze=False)
+    contoured = False
     for i, yi in enumerate(labels):
         for j, xj in enumerate(labels):
             ax = axes[i, j]
@@ -120,20 +297,32 @@ def plot_pair(result, reference=None, path=None, var_names=None, num_draws=2000,
                 ax.axis("off")
                 continue
             if i == j:
+                edges = _edges(np.concatenate([fit[yi], ref[yi]]) if yi in ref else fit[yi], log[yi], 41)
+                ax.stairs(_density(fit[yi], edges, log[yi]), edges, fill=True, color="C1", alpha=0.45)
                 if yi in ref:
-                    ax.hist(ref[yi], bins=40, density=True, color="0.7")
-                ax.hist(fit[yi], bins=40, density=True, histtype="step", color="C1")
+                    ax.stairs(_density(ref[yi], edges, log[yi]), edges, color="k", lw=1.2, zorder=3)
+                ax.set_yticks([])
             else:
+                ax.scatter(fit[xj], fit[yi], s=3, color="C1", alpha=0.25, lw=0, zorder=1, rasterized=True)
                 if xj in ref and yi in ref:
-                    r = min(len(ref[xj]), num_draws)
-                    ax.scatter(ref[xj][:r], ref[yi][:r], s=2, color="0.6", alpha=0.4, rasterized=True)
-                ax.scatter(fit[xj], fit[yi], s=2, color="C1", alpha=0.3, rasterized=True)
+                    contoured |= _reference_contours(ax, ref[xj], ref[yi], log[xj], log[yi])
+                if log[yi]:
+                    ax.set_yscale("log")
+            if log[xj]:
+                ax.set_xscale("log")
             if i == k - 1:
-                ax.set_xlabel(xj, fontsize=8)
-            if j == 0 and i > 0:
-                ax.set_ylabel(yi, fontsize=8)
+                ax.set_xlabel(xj + (" (log)" if log[xj] else ""), fontsize=8)
+            if j == 0:
+                ax.set_ylabel("density" if i == 0 else yi + (" (log)" if log[yi] else ""), fontsize=8)
             ax.tick_params(labelsize=6)
-    fig.suptitle("fit (orange) vs reference (grey)", fontsize=9)
+    handles = [Line2D([], [], marker="o", ls="", color="C1", alpha=0.6, label="fit (bbvi draws)")]
+    if ref and any(lab in ref for lab in labels):
+        handles.append(Line2D([], [], color="k", lw=1.2, label="reference (50%, 90% contours)" if contoured
+                              else "reference"))
+    name = getattr(getattr(result, "model", None), "name", None)
+    fig.suptitle((f"{name}: " if name else "") + ("fit vs reference" if len(handles) > 1 else "fit"), fontsize=9)
+    # in the empty upper-right cell where there is one, else over the single panel
+    axes[0, -1].legend(handles=handles, loc="upper right", fontsize=7 if k > 1 else 6, frameon=k == 1)
     fig.tight_layout()
     return _save(fig, path)
 

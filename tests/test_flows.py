@@ -128,7 +128,7 @@ def test_flow_fits_resume_save_load_and_report(tmp_path):
     grads = full.gradient_samples(4, estimator="stl", seed=1)
     assert grads.shape == (4, sum(t.numel() for t in full.params["continuous"].values()))
     idata = full.to_arviz(num_draws=100)
-    assert idata.posterior["w"].shape == (1, 100, 2)
+    assert idata.posterior["w"].shape == (4, 25, 2)   # 100 independent draws as 4 chains
     table = bbvi.compare(full, {"w": full.sample(4000, seed=9)["w"].numpy()})
     assert set(table.index) == {"w[0]", "w[1]"}
 

@@ -1,0 +1,163 @@
+"""Readable output (issue 15): `bbvi.compare` prints whole with its verdict first, the plots say what they show."""
+import io
+import pickle
+import types
+
+import arviz as az
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.distributions import LogNormal, Normal, constraints
+
+import bbvi
+from bbvi import plots
+
+matplotlib.use("Agg")
+NAMES = [f"z{i}" for i in range(30)]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def many():
+    """A fit of a model with 30 scalar latents and a reference of numpy draws (arviz.from_dict)."""
+    def log_joint(z, data):
+        return sum(Normal(0.1 * i, 1.0).log_prob(z[name]) for i, name in enumerate(NAMES))
+    model = bbvi.Model(log_joint, {name: bbvi.Latent() for name in NAMES}, name="thirty")
+    fit = bbvi.fit(model, steps=50, seed=0, diagnose=False)
+    rng = np.random.default_rng(0)
+    ref = az.from_dict(posterior={name: rng.normal(0.1 * i, 1.0, size=(2, 300)) for i, name in enumerate(NAMES)})
+    return fit, ref
+
+
+@pytest.fixture(scope="module")
+def table(many):
+    fit, ref = many
+    return bbvi.compare(fit, ref, num_draws=1000)
+
+
+COLUMNS = ["ref_mean", "ref_sd", "fit_mean", "fit_sd", "mean_err_sd", "sd_ratio", "q05_err_sd", "q95_err_sd",
+           "verdict"]
+
+
+def test_compare_prints_whole_with_its_verdict_first(table):
+    verdict = table.attrs["verdict"]
+    assert verdict.startswith(f"{(table['verdict'] == 'good').sum()}/30 parameters good")
+    assert list(table.columns) == COLUMNS and list(table.index) == NAMES
+    with pd.option_context("display.max_rows", 5, "display.max_columns", 3, "display.width", 40):
+        text, shown = str(table), repr(table)
+    assert text == shown
+    assert text.startswith(verdict + "\n")
+    assert "rows x" not in text and "..." not in text
+    lines = text.splitlines()
+    header = lines[1].split()
+    assert header == COLUMNS
+    body = {line.split()[0]: line.split()[1:] for line in lines[3:]}
+    assert list(body) == NAMES
+    for name in NAMES:   # every cell, floats rounded: sd units to 3 decimals, the rest to 4 significant digits
+        cells = body[name]
+        assert cells[-1] == table.loc[name, "verdict"]
+        assert cells[COLUMNS.index("sd_ratio")] == f"{table.loc[name, 'sd_ratio']:.3f}"
+        assert float(cells[0]) == pytest.approx(table.loc[name, "ref_mean"], rel=1e-3, abs=1e-6)
+
+
+def test_compare_html_puts_the_verdict_first(table):
+    page = table._repr_html_()
+    assert page.startswith("<p><b>") and page.index("parameters good") < page.index("<table")
+    assert all(f">{name}<" in page for name in NAMES)
+
+
+def test_compare_stays_a_dataframe_for_everything_else(table):
+    assert isinstance(table, pd.DataFrame)
+    plain = pd.DataFrame(table)
+    assert plain.to_csv() == table.to_csv()
+    assert isinstance(table["sd_ratio"], pd.Series) and table["sd_ratio"].abs().max() > 0
+    assert table.loc["z3", "verdict"] in ("good", "fair", "poor")
+    part = table.loc[["z1", "z2"], ["mean_err_sd", "sd_ratio"]]
+    assert list(part.index) == ["z1", "z2"] and part.shape == (2, 2)
+    assert part.attrs["verdict"] == table.attrs["verdict"]
+    assert str(part).startswith(table.attrs["verdict"])
+    rounded = table.round(3).to_string()
+    assert "rows x" not in rounded and all(name in rounded for name in NAMES)
+    assert table[COLUMNS].to_markdown(floatfmt=".3f").count("\n") == 31
+    back = pd.read_csv(io.StringIO(table.to_csv()), index_col="parameter")
+    np.testing.assert_allclose(back["sd_ratio"].to_numpy(), table["sd_ratio"].to_numpy())
+    again = pickle.loads(pickle.dumps(table))
+    assert again.equals(table) and again.attrs["verdict"] == table.attrs["verdict"]
+    assert int((table["mean_err_sd"].abs() < 10).sum()) == 30
+
+
+def test_module_docstring_points_to_the_readme():
+    assert "DESIGN.md" not in bbvi.__doc__ and "README" in bbvi.__doc__
+
+
+# ---- plots ------------------------------------------------------------------------------------------------------
+def _funnel_like():
+    def log_joint(z, data):
+        return Normal(0.0, 1.0).log_prob(z["mu"]) + LogNormal(0.0, 2.0).log_prob(z["tau"])
+    return bbvi.Model(log_joint, {"mu": bbvi.Latent(), "tau": bbvi.Latent(support=constraints.positive)},
+                      name="wide_tau")
+
+
+@pytest.fixture(scope="module")
+def small():
+    fit = bbvi.fit(_funnel_like(), estimator="score", baseline="loo", steps=50, seed=0, diagnose=False)
+    rng = np.random.default_rng(1)
+    ref = az.from_dict(posterior={"mu": rng.normal(size=(2, 500)), "tau": np.exp(2.0 * rng.normal(size=(2, 500)))})
+    return fit, ref
+
+
+def _legend_texts(fig):
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    return [t.get_text() for legend in legends for t in legend.get_texts()]
+
+
+def test_elbo_plot_is_titled_in_words_and_labelled(small):
+    fit, _ = small
+    ax = plots.plot_elbo(fit).axes[0]
+    title = ax.get_title()
+    assert "Plan(" not in title and "LOO()" not in title
+    assert title == "wide_tau: mean-field Gaussian, score function + leave-one-out baseline"
+    assert ax.get_xlabel() == "step" and "ELBO" in ax.get_ylabel()
+    assert ax.get_yscale() == "linear"
+
+
+def test_elbo_plot_uses_a_log_axis_only_for_a_large_early_transient(small):
+    fit, _ = small
+    steps = np.arange(1000)
+    far = -(20.0 + 1e5 * np.exp(-steps / 40.0))
+    like = dict(model=fit.model, settings=fit.settings, plan=fit.plan, family=fit.family)
+    ax = plots.plot_elbo(types.SimpleNamespace(elbo=torch.as_tensor(far), **like)).axes[0]
+    assert ax.get_yscale() == "log" and ax.get_ylabel().startswith("-ELBO")
+    near = -(20.0 + 5.0 * np.exp(-steps / 40.0))
+    ax = plots.plot_elbo(types.SimpleNamespace(elbo=torch.as_tensor(near), **like)).axes[0]
+    assert ax.get_yscale() == "linear"
+    signs = 1e4 * np.exp(-steps / 40.0) - 5.0   # crosses zero: no log axis
+    ax = plots.plot_elbo(types.SimpleNamespace(elbo=torch.as_tensor(signs), **like)).axes[0]
+    assert ax.get_yscale() == "linear"
+
+
+def test_pair_plot_names_fit_and_reference(small):
+    fit, ref = small
+    fig = plots.plot_pair(fit, ref)
+    texts = _legend_texts(fig)
+    assert any(t.startswith("fit") for t in texts) and any(t.startswith("reference") for t in texts)
+    assert len(fig.axes[2].collections) >= 2, "the fit's draws and the reference's contours are drawn"
+    single = plots.plot_pair(fit, ref, var_names=["mu"])
+    assert len(_legend_texts(single)) == 2
+
+
+def test_marginals_label_axes_and_put_a_wide_positive_latent_on_a_log_axis(small):
+    fit, ref = small
+    axes = {ax.get_title(): ax for ax in plots.plot_marginals(fit, ref).axes if ax.get_title()}
+    assert set(axes) == {"mu", "tau"}
+    assert axes["tau"].get_xscale() == "log" and axes["mu"].get_xscale() == "linear"
+    assert all(ax.get_xlabel().startswith("value") for ax in axes.values())
+    assert "density" in axes["mu"].get_ylabel() and "density" in axes["tau"].get_ylabel()
