@@ -41,12 +41,19 @@ def nuts(model, **kwargs):
     return _nuts(model, **kwargs)
 
 
+def from_pyro(model, *args, **kwargs):
+    """A Pyro model (its sample sites, plates, observed sites, supports) as a bbvi.Model with the same log
+    density, computed by Pyro (see bbvi.pyro_bridge)."""
+    from .pyro_bridge import from_pyro as _from_pyro
+    return _from_pyro(model, *args, **kwargs)
+
+
 def compare(fit_result, reference, **kwargs):
     """Per-parameter table of a fit against a reference (see bbvi.diagnostics.compare)."""
     from .diagnostics import compare as _compare
     return _compare(fit_result, reference, **kwargs)
 
 
-__all__ = ["Model", "Latent", "fit", "init", "step", "FitState", "Result", "load", "nuts", "compare", "MeanField",
+__all__ = ["Model", "Latent", "fit", "init", "step", "FitState", "Result", "load", "nuts", "compare", "from_pyro", "MeanField",
            "FullRank", "LowRank", "Flow", "Score", "Reparam", "STL", "Auto", "ARM", "DisARM", "VIMCO", "Concrete", "RELAX", "EMA", "LOO", "CV", "BBVIError",
            "ModelError", "ConfigError", "FitError", "SamplerError", "ReliabilityWarning", "Adaptive", "constraints", "expectation"]
