@@ -327,8 +327,9 @@ def _initial_point(model, generator, tries=100):
                           f"{model.name!r}")
 
 
-def _run_chain(model, chain, seed, num_draws, num_warmup, target_accept, max_tree_depth, progress):
-    """One NUTS chain -> dict of numpy arrays: u (draws, D) and per-draw stats."""
+def _run_chain(model, chain, seed, num_draws, num_warmup, target_accept, max_tree_depth, progress, tick=None):
+    """One NUTS chain -> dict of numpy arrays: u (draws, D) and per-draw stats. `tick()` after every iteration
+    (warmup and sampling): the parent's progress bar over chains run in parallel."""
     from pyro.infer import MCMC, NUTS
     counter = {"n": 0}
 
@@ -340,6 +341,8 @@ def _run_chain(model, chain, seed, num_draws, num_warmup, target_accept, max_tre
     last = {"n": 0}
 
     def hook(kernel, params, stage, i):
+        if tick is not None:
+            tick()
         if stage.startswith("Sample"):
             stats["step_size"].append(float(kernel.step_size))
             stats["n_steps"].append(counter["n"] - last["n"])
@@ -375,12 +378,17 @@ def _describe(e):
     return f"{type(e).__qualname__}: {text}"
 
 
-def _chain_in_child(queue, args):
+def _chain_in_child(queue, args, counts=None):
     """Run one chain and send the parent (chain, pickled message): ('ok', draws) or ('error', text, traceback).
-    The message is pickled here, so that an exception that cannot be pickled still reaches the parent, as text."""
+    The message is pickled here, so that an exception that cannot be pickled still reaches the parent, as text.
+    `counts`: a shared array whose entry for this chain counts its iterations (for the parent's progress bar)."""
     torch.set_num_threads(1)
+    chain = args[1]
+
+    def tick():
+        counts[chain] += 1   # only this process writes this entry
     try:
-        message = ("ok", _run_chain(*args))
+        message = ("ok", _run_chain(*args, tick=tick if counts is not None else None))
     except BaseException as e:  # the parent must hear of any failure
         message = ("error", _describe(e), traceback.format_exc())
     try:
@@ -401,20 +409,29 @@ def _exit_reason(code):
     return f"exit code {code}"
 
 
-def _run_chains(args_list, parallel, poll=0.5):
+def _run_chains(args_list, parallel, poll=0.5, progress=False):
     """The chains' results in order. In parallel, each chain runs in a forked process; the parent waits on the
     queue `poll` seconds at a time and checks that every chain not yet heard from is alive, so that a chain
-    whose process dies (a segfault, os._exit, the OOM killer) raises SamplerError naming it, never hangs."""
+    whose process dies (a segfault, os._exit, the OOM killer) raises SamplerError naming it, never hangs.
+    progress (parallel): one tqdm bar over every chain's iterations, updated at each poll."""
     if not parallel:
         return [_run_chain(*a) for a in args_list]
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    procs = {a[1]: ctx.Process(target=_chain_in_child, args=(queue, a), daemon=True) for a in args_list}
+    counts = ctx.Array("q", max(a[1] for a in args_list) + 1, lock=False) if progress else None
+    procs = {a[1]: ctx.Process(target=_chain_in_child, args=(queue, a, counts), daemon=True) for a in args_list}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(a[3] + a[4] for a in args_list), desc=f"NUTS, {len(args_list)} chains", unit="it")
     for p in procs.values():
         p.start()
     results, ok = {}, False
     try:
         while len(results) < len(procs):
+            if bar is not None:
+                bar.n = sum(counts)
+                bar.refresh()
             try:
                 chain, payload = queue.get(timeout=poll)
             except queue_module.Empty:
@@ -437,6 +454,9 @@ def _run_chains(args_list, parallel, poll=0.5):
             results[chain] = message[1]
         ok = True
     finally:
+        if bar is not None:
+            bar.n = sum(counts)
+            bar.close()
         for p in procs.values():
             if ok:
                 p.join(timeout=1)
@@ -457,14 +477,17 @@ def _derived_names(model):
 
 
 def nuts(model, num_draws=1000, num_warmup=1000, num_chains=4, seed=0, *, target_accept=0.8, max_tree_depth=10,
-         cache_dir=None, use_cache=True, parallel=None, progress=False):
+         cache_dir=None, use_cache=True, parallel=None, progress=None):
     """NUTS reference for `model` -> arviz.InferenceData (posterior in constrained space, derived included;
     sample_stats: diverging, step_size, n_steps, tree_depth, lp). Chains run in forked processes when
     `parallel` (default: when the machine has more than one core and fork is available); a chain that fails
     or whose process dies raises SamplerError naming it. Cached in `cache_dir` (default: $BBVI_CACHE if set,
     else .bbvi_cache/nuts under the current working directory) unless use_cache=False; a cache that cannot be
-    written is a warning, and the draws are returned."""
+    written is a warning, and the draws are returned. progress: a progress bar over the iterations of every chain
+    (default: when stderr is a terminal)."""
     import arviz as az
+    if progress is None:
+        progress = sys.stderr.isatty()
     if model.discrete:
         raise ModelError(f"bbvi.nuts: model {model.name!r} has discrete latents {sorted(model.discrete)}; NUTS "
                          f"needs continuous ones. Sum the discrete latents out in the log-joint, or check the fit "
@@ -493,7 +516,7 @@ def nuts(model, num_draws=1000, num_warmup=1000, num_chains=4, seed=0, *, target
     start = time.perf_counter()
     args = [(m64, c, seed, num_draws, num_warmup, target_accept, max_tree_depth, progress and not parallel)
             for c in range(num_chains)]
-    chains = _run_chains(args, parallel)
+    chains = _run_chains(args, parallel, progress=progress)
     elapsed = time.perf_counter() - start
 
     u = torch.from_numpy(np.stack([c["u"] for c in chains]))               # (chains, draws, D)

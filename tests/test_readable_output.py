@@ -161,3 +161,14 @@ def test_marginals_label_axes_and_put_a_wide_positive_latent_on_a_log_axis(small
     assert axes["tau"].get_xscale() == "log" and axes["mu"].get_xscale() == "linear"
     assert all(ax.get_xlabel().startswith("value") for ax in axes.values())
     assert "density" in axes["mu"].get_ylabel() and "density" in axes["tau"].get_ylabel()
+
+
+def test_nuts_shows_progress_over_parallel_chains(capsys, tmp_path):
+    """Before: chains in parallel processes ran for minutes with nothing shown. The bar counts every chain's
+    iterations (warmup and draws) and ends at the total."""
+    from torch.distributions import Normal
+    model = bbvi.Model(lambda z, d: Normal(0.0, 1.0).log_prob(z["x"]).sum(-1), {"x": bbvi.Latent(shape=(2,))},
+                       name="progress")
+    bbvi.nuts(model, num_draws=30, num_warmup=20, num_chains=2, parallel=True, progress=True, use_cache=False)
+    err = capsys.readouterr().err
+    assert "NUTS, 2 chains" in err and "100/100" in err, err[-300:]
