@@ -35,6 +35,7 @@ def save_checkpoint(state, path, settings):
         "num_bad_particles": int(state.num_bad_particles),
         "num_raised_steps": state.num_raised_steps, "last_exception": state.last_exception,
         "tracker": state.tracker.state_dict() if state.tracker is not None else {},
+        "order": {k: v.detach().cpu() for k, v in state.order.items()},
     }, path)
 
 
@@ -76,6 +77,7 @@ def load_checkpoint(state, ck):
     state.num_raised_steps, state.last_exception = ck["num_raised_steps"], ck["last_exception"]
     if state.tracker is not None:
         state.tracker.load_state_dict(ck["tracker"], ref.device)
+    state.order = {k: v.to(ref.device) if k.startswith("perm/") else v for k, v in ck.get("order", {}).items()}
     return state
 
 
@@ -109,7 +111,7 @@ def setting(value):
 
 # What a step (and the adaptive rule's look at it) changes, besides the tensors and the rule's state.
 _STEP_FIELDS = ("step", "num_failed_steps", "num_rescaled_steps", "consecutive_failures", "last_failure",
-                "num_bad_particles", "num_raised_steps", "last_exception", "baseline_state")
+                "num_bad_particles", "num_raised_steps", "last_exception", "baseline_state", "order")
 
 
 class Keeper:

@@ -27,6 +27,7 @@ from .estimators import DEFAULT, draw, estimate, init_baseline_state, plan_for, 
 from .estimators.rao_blackwell import check_baseline, discover
 from .families import Discrete, resolve_family
 from .model import precision_notes
+from .subsample import batch_model, check_subsample, next_batch, sizes
 from .result import Result
 from .saving import check_writable, describe
 from .start import choose as choose_start
@@ -92,6 +93,8 @@ class FitState:
     num_raised_steps: int = 0
     last_exception: str = ""
     structure: object = None
+    batch: object = None                 # {plate: B} on minibatch fits (bbvi.subsample), else None
+    order: dict = dataclasses.field(default_factory=dict)   # the minibatches' permutations and positions
 
     def leaves(self):
         return list(self.params["continuous"].values()) + list(self.params["discrete"].values())
@@ -114,7 +117,7 @@ def _check_positive_int(name, value, minimum=1):
 
 def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_particles=None, lr=None,
          optimizer="adam", schedule="auto", steps=None, clip_grad=None, seed=0, device="cpu", dtype=None,
-         init_values=None, init_strategy="auto", max_steps=None, **unknown):
+         init_values=None, init_strategy="auto", max_steps=None, subsample_size=None, **unknown):
     """Build the FitState: move the model's data to device/dtype (float64 by default), start q (bbvi.start:
     'auto' is the MAP/Laplace start where torch can differentiate the log-joint and the density has a mode, the
     zero start otherwise; `init_values` sets some continuous latents' starting values), check the log-joint once,
@@ -198,8 +201,9 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         u[0] = loc
     report = model.check(u, k, particles=False)  # the particle check comes after the start (check_particles)
     plan = plan_for(estimator, model, report, num_particles)
+    batch = check_subsample(subsample_size, model, report)
     structure = None
-    if report.factors is not None and plan.has_score_terms and not plan.sum_over:  # Rao-Blackwellized score terms
+    if report.factors is not None and plan.has_score_terms and not plan.sum_over and batch is None:  # Rao-Blackwellized
         check_baseline(plan.baseline)
         structure = discover(model, discrete, report, u.detach()[:2], {n: v[:2] for n, v in k.items()},
                              report.differentiable)
@@ -214,7 +218,7 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
                      optimizer=opt, lr=float(base_lr), schedule=factor, generator=generator,
                      baseline_state=init_baseline_state(plan, device, dtype), num_particles=num_particles,
                      clip_grad=clip_grad, num_bad_particles=torch.zeros((), dtype=torch.int64, device=device),
-                     start=start_info, structure=structure)
+                     start=start_info, structure=structure, batch=batch)
     if rule is not None:
         state.tracker = rule.tracker(state)
         state.schedule = state.tracker.factor
@@ -333,7 +337,11 @@ def step(state):
     for group in opt.param_groups:
         group["lr"] = state.lr * state.schedule(state.step)
     opt.zero_grad(set_to_none=True)
-    surrogate, baseline_state, num_bad, error = estimate(state.plan, state.model, state.family, state.discrete,
+    model = state.model
+    if state.batch is not None:  # this step's rows of every plate, their factors scaled by N / B
+        idx, state.order = next_batch(state.batch, sizes(model), state.order, state.generator)
+        model = batch_model(model, idx)
+    surrogate, baseline_state, num_bad, error = estimate(state.plan, model, state.family, state.discrete,
                                                          state.params, state.num_particles, state.generator,
                                                          state.baseline_state, state.structure, step=state.step)
     raised = error is not None
@@ -440,7 +448,7 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
         optimizer="adam", schedule="auto", clip_grad=None, tol_rel_obj=None, check_every=100, callbacks=(),
         progress=None, seed=0, device="cpu", dtype=None, init_values=None, max_consecutive_failures=100,
         checkpoint=None, checkpoint_every=500, resume=None, init_strategy="auto", max_steps=None, diagnose=True,
-        **unknown):
+        subsample_size=None, **unknown):
     """Fit q to the posterior of `model` by stochastic gradient ascent on the ELBO.
 
     With no options it needs no tuning: the MAP/Laplace start where it exists (init_strategy='auto'), float64,
@@ -462,7 +470,9 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     relative change (Stan ADVI's test) falls below it, checked every `check_every` steps. callbacks: callables
     (state) -> bool, called after every step; True stops the fit. progress: tqdm bar (default: when stderr is a
     terminal). init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
-    'map' (q starts at the MAP with Laplace scales, or a ConfigError says why it cannot).
+    'map' (q starts at the MAP with Laplace scales, or a ConfigError says why it cannot). subsample_size: B
+    rows of every plate per step (an int, or {plate: B}) for a model with plates (bbvi.Model(plates=...)): each
+    step's ELBO and gradient are unbiased for the full data's (bbvi.subsample).
 
     checkpoint: a file path where the full fit state is written atomically (with a checksum) every
     `checkpoint_every` steps and when the fit ends (also on Ctrl-C); a path that cannot be written (a folder, a
@@ -506,11 +516,14 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
                     steps=steps, lr=lr, optimizer=setting(optimizer), schedule=setting(schedule),
                     clip_grad=clip_grad, tol_rel_obj=tol_rel_obj, seed=seed, device=str(device),
                     init_strategy=init_strategy, max_steps=max_steps)
+    if subsample_size is not None:  # written only when set: checkpoints of full-data fits compare as before
+        settings["subsample_size"] = subsample_size
     grad_mode = torch.is_grad_enabled()
     began = time.perf_counter()
     state = init(model, family, estimator, baseline, num_particles=num_particles, lr=lr, optimizer=optimizer,
                  schedule=schedule, steps=steps, clip_grad=clip_grad, seed=seed, device=device, dtype=dtype,
-                 init_values=init_values, init_strategy=init_strategy, max_steps=max_steps)
+                 init_values=init_values, init_strategy=init_strategy, max_steps=max_steps,
+                 subsample_size=subsample_size)
     start_s = time.perf_counter() - began
     objective = getattr(state.plan.whole, "objective", None)  # a step whose value is not the ELBO (VIMCO)
     if objective is not None:

@@ -151,13 +151,15 @@ class Model:
     optional derived quantities (Stan's transformed parameters) reported with the samples. predict(z, data,
     generator) -> dict name -> (S, ...): optional simulated data for the posterior predictive (fit.to_arviz), its
     randomness from `generator` only. data: numpy arrays, pandas objects and lists of numbers become tensors.
+    plates={factor: (data keys)}: the data entries whose rows the factor's terms index, for minibatch fits
+    (bbvi.fit(..., subsample_size=B); bbvi/subsample.py).
     vectorized=False: log_joint handles one particle (z values without the S dimension) and returns a scalar;
     bbvi loops over particles. differentiable=False declares a log-joint torch cannot differentiate (numpy, a
     simulator); by default this is detected on the first call.
     """
 
     def __init__(self, log_joint, latents, data=None, name=None, derived=None, *, vectorized=True,
-                 differentiable=None, dependencies=None, predict=None):
+                 differentiable=None, dependencies=None, predict=None, plates=None):
         if not callable(log_joint):
             raise ModelError(f"log_joint must be callable (z, data) -> Tensor (S,), got {type(log_joint)}")
         if not isinstance(latents, dict) or not latents:
@@ -187,6 +189,9 @@ class Model:
         self.log_joint = log_joint
         self.latents = dict(latents)
         self.data = as_tensors(data)
+        from .subsample import check_plates
+        self.plates = check_plates(plates, self.data)
+        self.factor_scale = None   # {factor: N / B} on a minibatch (bbvi.subsample.batch_model)
         self.name = name or getattr(log_joint, "__name__", "model")
         self.derived = derived
         self.vectorized = bool(vectorized)
@@ -328,9 +333,21 @@ class Model:
 
     def call(self, z):
         """The user's log-joint on constrained values z (dict name -> (S, *shape)) -> (S,); a dict of factor
-        terms is summed (`terms_matrix(...).sum(-1)`)."""
-        out = self.call_raw(z)
+        terms is summed (`terms_matrix(...).sum(-1)`), a minibatch's plate factors scaled by N / B."""
+        out = self._scaled(self.call_raw(z))
         return terms_matrix(out).sum(-1) if isinstance(out, dict) else out
+
+    def _scaled(self, out):
+        if not self.factor_scale or not isinstance(out, dict):
+            return out
+        return {k: v * self.factor_scale[k] if k in self.factor_scale else v for k, v in out.items()}
+
+    def with_data(self, data, factor_scale=None):
+        """A copy of the model on other data (a minibatch of its plates), plate factors scaled by `factor_scale`."""
+        m = Model.__new__(Model)
+        m.__dict__.update(self.__dict__)
+        m.data, m.factor_scale = data, factor_scale
+        return m
 
     def call_raw(self, z):
         """The user's log-joint as it returns: a Tensor (S,) or a dict of factor terms (S,) / (S, n)."""
@@ -349,7 +366,7 @@ class Model:
         z, ladj_parts = self.constrain(u, per_element=True)
         if discrete:
             z.update(discrete)
-        return torch.cat([terms_matrix(self.call_raw(z))] + ladj_parts, -1)
+        return torch.cat([terms_matrix(self._scaled(self.call_raw(z)))] + ladj_parts, -1)
 
     def preconditioner_log_det(self):
         """The constant log-Jacobian of the whitening u_model = shift + scale * u (0 without one)."""

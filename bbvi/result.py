@@ -69,6 +69,7 @@ class Result:
     reliability: dict = dataclasses.field(default_factory=dict)
     structure: object = None
     resample_info: dict = dataclasses.field(default_factory=dict)  # the last importance-resampled sample's k-hat
+    batch: object = None     # {plate: B} of a minibatch fit (bbvi.subsample): gradient_samples draw minibatches
 
     @classmethod
     def from_state(cls, state, *, settings, status, wall_time, start_time=0.0):
@@ -82,7 +83,7 @@ class Result:
                    baseline_state={k: v.detach().clone() for k, v in state.baseline_state.items()},
                    start=state.start, levels=state.tracker.report() if state.tracker is not None else [],
                    start_time=start_time, num_raised_steps=state.num_raised_steps,
-                   last_exception=state.last_exception, structure=state.structure)
+                   last_exception=state.last_exception, structure=state.structure, batch=state.batch)
 
     @property
     def num_gradient_evals(self):
@@ -382,9 +383,14 @@ class Result:
         ref = self._reference_tensor()
         bstate = (self.baseline_state if plan.baseline == self.plan.baseline and self.baseline_state
                   else init_baseline_state(plan, ref.device, ref.dtype))
-        out = []
+        out, order = [], {}
         for _ in range(num_samples):
-            surrogate, bstate, _, _ = estimate(plan, self.model, self.family, self.discrete, params, num_particles,
+            model = self.model
+            if self.batch is not None:  # a minibatch fit's gradients: each estimate on its own minibatch
+                from .subsample import batch_model, next_batch, sizes
+                idx, order = next_batch(self.batch, sizes(model), order, g)
+                model = batch_model(model, idx)
+            surrogate, bstate, _, _ = estimate(plan, model, self.family, self.discrete, params, num_particles,
                                                g, bstate, self.structure, step=step)
             grads = torch.autograd.grad(surrogate, leaves, allow_unused=True)
             out.append(torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1)
@@ -517,4 +523,16 @@ def load_result(path, model, device="cpu", family=None):
                   num_steps=saved["num_steps"], num_failed_steps=saved["num_failed_steps"],
                   num_bad_particles=saved["num_bad_particles"], wall_time=saved["wall_time"],
                   num_rescaled_steps=saved["num_rescaled_steps"],
-                  baseline_state={k: v.to(device) for k, v in saved["baseline_state"].items()})
+                  baseline_state={k: v.to(device) for k, v in saved["baseline_state"].items()},
+                  batch=_saved_batch(saved["settings"].get("subsample_size"), model))
+
+
+def _saved_batch(text, model):
+    """{plate: B} of a saved minibatch fit (its settings hold subsample_size as text), or None."""
+    if text is None:
+        return None
+    import ast
+    size = ast.literal_eval(text)
+    from .subsample import sizes
+    n = sizes(model)
+    return {p: min(b, n[p]) for p, b in (size if isinstance(size, dict) else {p: size for p in n}).items()}
