@@ -34,6 +34,7 @@ from .start import choose as choose_start
 from .start import initial_loc
 
 DEFAULT_DTYPE = torch.float64
+START_DRAWS = 32   # discrete draws the MAP start averages the log density over (models with discrete latents)
 
 __all__ = ["init", "step", "fit", "FitState"]
 
@@ -209,6 +210,9 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
                              report.differentiable)
     if plan.path == "score" and getattr(family, "score_path_warning", None):
         warnings.warn(family.score_path_warning, ReliabilityWarning, stacklevel=3)
+    if discrete.spec:  # the MAP start averages over q_d's starting (uniform) factors: a generator of its own
+        with torch.no_grad():
+            k = discrete.sample(params["discrete"], START_DRAWS, torch.Generator(device=device).manual_seed(seed))
     model, start_info = choose_start(init_strategy, model, family, params, report, k)
     report = model.check_particles(report)
     leaves = [t for g in params.values() for t in g.values()]

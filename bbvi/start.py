@@ -83,7 +83,10 @@ def choose(strategy, model, family, params, report, discrete_draw):
 
 
 def laplace_start(model, family, params, report, discrete_draw, max_iter=500):
-    """The MAP of the unconstrained density (discrete latents held at one draw, L-BFGS) and its Hessian H.
+    """The MAP of the unconstrained density and its Hessian H (L-BFGS). With discrete latents, of its average
+    over `discrete_draw` (draws from q's uniform starting factors): E_{q_d}[log p(u, k)], the continuous part of
+    the ELBO at the start. (Held at one draw, the start followed that draw: one random assignment of a mixture's
+    points put the components' means in the label-switched mode, and the fit stayed there.)
     Sets params to the Laplace start and returns (the model preconditioned by (MAP, 1/sqrt(H_ii)), number of
     gradient evaluations). ConfigError where the log-joint is not differentiable, _NoMode where the density has
     no proper mode."""
@@ -93,7 +96,11 @@ def laplace_start(model, family, params, report, discrete_draw, max_iter=500):
     if not callable(getattr(family, "init_from_precision", None)) or "loc" not in params["continuous"]:
         raise ConfigError(f"init_strategy='map' needs a family with init_from_precision and a 'loc' parameter; "
                           f"{family!r} has not")
-    k1 = {name: v[:1] for name, v in discrete_draw.items()}
+    M = next(iter(discrete_draw.values())).shape[0] if discrete_draw else 1
+    k1 = discrete_draw
+
+    def density(v):  # (D,) -> the log density, averaged over the discrete draws
+        return model.log_density(v[None].expand(M, -1), k1).mean()
     loc0 = params["continuous"]["loc"].detach().clone()
     u = loc0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([u], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
@@ -104,7 +111,7 @@ def laplace_start(model, family, params, report, discrete_draw, max_iter=500):
         opt.zero_grad()
         calls[0] += 1
         try:
-            loss = -model.log_density(u[None], k1)[0]
+            loss = -density(u)
         except Exception:  # e.g. a Cholesky that fails at this point: treat as outside the support
             loss = None
         if loss is None or not torch.isfinite(loss):
@@ -120,14 +127,14 @@ def laplace_start(model, family, params, report, discrete_draw, max_iter=500):
             from e
     u = u.detach()
     try:
-        value = model.log_density(u[None], k1)[0]
+        value = density(u)
     except Exception as e:
         raise ConfigError(f"init_strategy='map': the log-joint raised {type(e).__name__} at the optimum") from e
     if not torch.isfinite(u).all() or not torch.isfinite(value):
         raise _NoMode(f"init_strategy='map': the optimiser left the support of model {model.name!r} or the log "
                       f"density grew without bound (no mode)")
     try:
-        hess = torch.autograd.functional.hessian(lambda v: -model.log_density(v[None], k1)[0], u)
+        hess = torch.autograd.functional.hessian(lambda v: -density(v), u)
     except Exception as e:  # noqa: BLE001 - the log-joint raised at the optimum: no Laplace start there
         raise ConfigError(f"init_strategy='map': the log-joint raised {type(e).__name__} in the Hessian at the "
                           f"optimum") from e
