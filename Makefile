@@ -5,7 +5,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 JOBS        ?= 2
 
-.PHONY: install test demo experiments bench lint clean
+.PHONY: install test demo experiments bench lint clean docs
 
 install: $(STAMP)
 
@@ -32,5 +32,19 @@ bench: install
 lint: install
 	$(PY) -m ruff check bbvi models experiments tests
 
+# The API reference (pdoc, from the docstrings) and the tutorials as HTML in docs/api/: open docs/api/index.html.
+# bbvi.constraints comes with bbvi (its __all__); the module bbvi.fit is left out: bbvi.fit is the function.
+DOCS_STAMP   := $(VENV)/.docs-installed
+DOCS_MODULES := bbvi bbvi.plots bbvi.diagnostics bbvi.reference bbvi.estimators bbvi.families bbvi.flows bbvi.result
+
+docs: install $(DOCS_STAMP)
+	rm -rf docs/api
+	$(PY) -m pdoc --template-directory docs/templates --output-directory docs/api $(DOCS_MODULES) '!bbvi\.fit$$'
+	$(PY) docs/render_tutorials.py docs/api
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -e '.[docs]'
+	touch $(DOCS_STAMP)
+
 clean:
-	rm -rf $(VENV) results build dist *.egg-info .pytest_cache .cache
+	rm -rf $(VENV) results build dist *.egg-info .pytest_cache .cache docs/api

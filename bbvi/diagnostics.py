@@ -218,8 +218,12 @@ def check_reliability(result, num_draws=16000, seed=0, warn=True):
     family = type(result.family).__name__
     richer = {"MeanField": ["family='fullrank'", "family='flow'"], "LowRank": ["family='fullrank'", "family='flow'"],
               "FullRank": ["family='flow'"]}.get(family, [])
+    check = ("checking against bbvi.nuts(model)" if not result.model.discrete else
+             "fits from other seeds (a local optimum, such as a mixture's label-switched mode) and, where the "
+             "discrete latents are few, an exact sum over them (q's discrete factors are mean-field: bbvi.nuts "
+             "cannot sample discrete latents)")
     tries = richer + ["more particles (num_particles=64)", "a larger max_steps" if result.status == "max_steps" else
-                      "checking against bbvi.nuts(model)"]
+                      check]
     if len(search["modes"]) > 1:  # no Gaussian family covers two modes
         tries = ["bbvi.nuts(model) to see every mode, or fits started at each mode (init_values=...)"]
     info = {"khat": khat, "khat_se": est["khat_se"], "khat_interval": est["khat_interval"],

@@ -1,0 +1,48 @@
+"""The tutorials (docs/tutorials/*.py): each runs to its end as a user runs it, in a subprocess from the
+repository root, in quick mode; its own asserts check what it shows (a fit against the exact answer or NUTS), so
+a tutorial that no longer teaches the truth fails here. A new tutorial is picked up by the glob."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs")
+TUTORIALS = sorted(p for p in glob.glob(os.path.join(DOCS, "tutorials", "*.py"))
+                   if not os.path.basename(p).startswith("_"))
+
+
+def test_the_tutorials_are_there():
+    names = {os.path.basename(p) for p in TUTORIALS}
+    assert {"fit_a_model.py", "check_against_nuts.py", "discrete_latents.py",
+            "non_differentiable_model.py"} <= names, names
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
+def test_tutorial_runs(path, tmp_path):
+    env = dict(os.environ, BBVI_TUTORIAL_QUICK="1", BBVI_TUTORIAL_OUT=str(tmp_path), MPLBACKEND="Agg",
+               BBVI_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (f"{os.path.relpath(path, ROOT)} exited with {run.returncode}\n"
+                                 f"--- stdout ---\n{run.stdout}\n--- stderr ---\n{run.stderr}")
+
+
+def test_every_tutorial_is_linked_from_the_docs_index():
+    with open(os.path.join(DOCS, "index.md"), encoding="utf-8") as f:
+        index = f.read()
+    missing = [os.path.basename(p) for p in TUTORIALS if f"(tutorials/{os.path.basename(p)})" not in index]
+    assert not missing, f"docs/index.md does not link {missing}"
+
+
+def test_the_tutorial_pages_render(tmp_path):
+    pytest.importorskip("markdown2")  # the docs extra (make docs installs it)
+    pytest.importorskip("pygments")
+    run = subprocess.run([sys.executable, os.path.join(DOCS, "render_tutorials.py"), str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    pages = sorted(os.listdir(tmp_path / "tutorials"))
+    assert pages == sorted(["index.html"] + [os.path.basename(p)[:-3] + ".html" for p in TUTORIALS])
+    page = (tmp_path / "tutorials" / "fit_a_model.html").read_text()
+    assert "<h1>Fit a model</h1>" in page and "The exact posterior, for the check" in page
