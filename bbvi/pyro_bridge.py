@@ -59,7 +59,14 @@ def _latents(model, args, kwargs, name):
         if site["type"] == "param":
             raise ModelError(f"from_pyro: model {name!r} has pyro.param site {site_name!r}; bbvi fits latent "
                              f"variables only: make it a pyro.sample with a prior, or pass its value as a constant")
-        if site["type"] != "sample" or site_is_subsample(site):
+        if site["type"] == "sample" and site_is_subsample(site):
+            size, sub = getattr(site["fn"], "size", None), getattr(site["fn"], "subsample_size", None)
+            if sub is not None and size is not None and sub < size:
+                raise ModelError(f"from_pyro: plate {site_name!r} subsamples ({sub} of {size} rows per run, drawn "
+                                 f"from torch's global RNG): the log density would change from call to call. "
+                                 f"Remove subsample_size from the Pyro model")
+            continue
+        if site["type"] != "sample":
             continue
         fn = site["fn"]
         depth = max(depth, len(getattr(fn, "batch_shape", ())))

@@ -136,8 +136,14 @@ def test_from_pyro_refuses_what_bbvi_cannot_take_and_leaves_the_rng_alone():
 
     def observed_only(y):
         pyro.sample("y", dist.Normal(0., 1.), obs=y)
+
+    def subsampled(y):
+        mu = pyro.sample("mu", dist.Normal(0., 1.))
+        with pyro.plate("data", 10, subsample_size=3):
+            pyro.sample("obs", dist.Normal(mu, 1.), obs=torch.zeros(3))
     for fn, match in [(with_param, "pyro.param"), (dynamic, "changes with the other latents"),
-                      (counts, "cannot enumerate"), (observed_only, "nothing to infer")]:
+                      (counts, "cannot enumerate"), (observed_only, "nothing to infer"),
+                      (subsampled, "subsamples")]:
         with pytest.raises(bbvi.ModelError, match=match):
             bbvi.from_pyro(fn, torch.tensor(1.0))
     with pytest.raises(bbvi.ModelError, match="raised"):
