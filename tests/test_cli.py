@@ -44,6 +44,7 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fitted(toy, tmp_path_factory):
+    """`bbvi fit` as a user runs it: the console entry point in a fresh process."""
     out = tmp_path_factory.mktemp("cli_fit") / "out"
     proc = _run("fit", f"{toy}:model", "--steps", 200, "--num-draws", 500, "--out", out)
     return proc, out

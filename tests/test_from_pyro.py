@@ -102,7 +102,7 @@ def test_the_fit_is_the_hand_written_models(case):
     """The same fit options and seed: every latent's mean within 0.1 posterior sd (fit sd) of the hand-written
     model's fit."""
     pyro_model, by_hand = (make() for make in CASES[case])
-    kw = dict(steps=400, seed=0, diagnose=False)
+    kw = dict(steps=300, seed=0, diagnose=False)
     a, b = bbvi.fit(pyro_model, **kw).sample(2000, seed=1), bbvi.fit(by_hand, **kw).sample(2000, seed=1)
     for name in by_hand.latents:
         err = ((a[name].double().mean(0) - b[name].double().mean(0)).abs() / b[name].double().std(0)).max()

@@ -36,10 +36,10 @@ OUT = os.environ.get("BBVI_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="bbvi-tutor
 os.makedirs(OUT, exist_ok=True)
 
 # 1. The fit. With no options `bbvi.fit` picks the start, step size and stopping rule itself (here about 6000
-# steps); quick mode instead runs a fixed 1500 steps with a decaying step size, which lands close to the same
+# steps); quick mode instead runs a fixed 1000 steps with a decaying step size, which lands close to the same
 # q. At the end the fit checks itself (PSIS k-hat, and how far importance sampling would move each mean and
 # sd) and issues a `bbvi.ReliabilityWarning` when something looks off: read it, it names what to try.
-fit = bbvi.fit(model, steps=1500) if QUICK else bbvi.fit(model)
+fit = bbvi.fit(model, steps=1000) if QUICK else bbvi.fit(model)
 print(fit.summary(var_names=["mu", "tau", "theta"]))
 
 # 2. The reference: NUTS on the same model. Chains run in parallel processes. The draws are cached, keyed on
