@@ -336,12 +336,7 @@ class Result:
         items = data.items() if isinstance(data, dict) else [("data", data)]
         tensors = {str(n): v for n, v in items if torch.is_tensor(v)}
         if which is not None:
-            which = [which] if isinstance(which, str) else list(which)
-            missing = [n for n in which if n not in tensors]
-            if missing:
-                raise ConfigError(f"fit.to_arviz: observed_data names {missing}; the model's data tensors are "
-                                  f"{list(tensors)}")
-            tensors = {n: tensors[n] for n in which}
+            tensors = _pick(tensors, which, "fit.to_arviz: observed_data names", "the model's data tensors are")
         return {n: v.detach().cpu().numpy() for n, v in tensors.items()}
 
     def final_elbo(self, window=100):
@@ -412,12 +407,8 @@ class Result:
         num_draws, seed = self._check_draws(num_draws, seed, "fit.summary")
         draws = self.sample(num_draws, seed)
         if var_names is not None:
-            names = [var_names] if isinstance(var_names, str) else list(var_names)
-            unknown = [n for n in names if n not in draws]
-            if unknown:
-                raise ConfigError(f"fit.summary: var_names {unknown} are not latents or derived quantities of model "
-                                  f"{self.model.name!r}; it has {list(draws)}")
-            draws = {n: draws[n] for n in names}
+            draws = _pick(draws, var_names, "fit.summary: var_names",
+                          f"these are not latents or derived quantities of model {self.model.name!r}, which has")
         lines = [f"bbvi fit of {self.model.name!r}: {self.status} after {self.num_steps} steps "
                  f"({self.wall_time:.2f} s), final ELBO {self.final_elbo():.4g}, "
                  f"{self.num_failed_steps} failed steps, {self.num_bad_particles} bad particles",
@@ -525,6 +516,15 @@ def load_result(path, model, device="cpu", family=None):
                   num_rescaled_steps=saved["num_rescaled_steps"],
                   baseline_state={k: v.to(device) for k, v in saved["baseline_state"].items()},
                   batch=_saved_batch(saved["settings"].get("subsample_size"), model))
+
+
+def _pick(mapping, names, what, listing):
+    """The entries of `mapping` named by `names` (a name or a list), in that order; ConfigError listing the others."""
+    names = [names] if isinstance(names, str) else list(names)
+    missing = [n for n in names if n not in mapping]
+    if missing:
+        raise ConfigError(f"{what} {missing}; {listing} {list(mapping)}")
+    return {n: mapping[n] for n in names}
 
 
 def _saved_batch(text, model):
