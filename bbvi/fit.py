@@ -27,7 +27,7 @@ from .estimators import DEFAULT, draw, estimate, init_baseline_state, plan_for, 
 from .estimators.rao_blackwell import check_baseline, discover
 from .families import Discrete, resolve_family
 from .model import precision_notes
-from .subsample import batch_model, check_subsample, next_batch, sizes
+from .subsample import batch_model, check_subsample, next_batch, sizes, structure_rows
 from .result import Result
 from .saving import check_writable, describe
 from .start import choose as choose_start
@@ -204,7 +204,7 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
     plan = plan_for(estimator, model, report, num_particles)
     batch = check_subsample(subsample_size, model, report)
     structure = None
-    if report.factors is not None and plan.has_score_terms and not plan.sum_over and batch is None:  # Rao-Blackwellized
+    if report.factors is not None and plan.has_score_terms and not plan.sum_over:  # Rao-Blackwellized
         check_baseline(plan.baseline)
         structure = discover(model, discrete, report, u.detach()[:2], {n: v[:2] for n, v in k.items()},
                              report.differentiable)
@@ -341,13 +341,16 @@ def step(state):
     for group in opt.param_groups:
         group["lr"] = state.lr * state.schedule(state.step)
     opt.zero_grad(set_to_none=True)
-    model = state.model
+    model, structure = state.model, state.structure
     if state.batch is not None:  # this step's rows of every plate, their factors scaled by N / B
         idx, state.order = next_batch(state.batch, sizes(model), state.order, state.generator)
         model = batch_model(model, idx)
+        if structure is not None:
+            rows = structure_rows(state.report.factors, idx, structure.continuous.shape[0])
+            structure = structure.select(rows)
     surrogate, baseline_state, num_bad, error = estimate(state.plan, model, state.family, state.discrete,
                                                          state.params, state.num_particles, state.generator,
-                                                         state.baseline_state, state.structure, step=state.step)
+                                                         state.baseline_state, structure, step=state.step)
     raised = error is not None
     if raised:
         state.num_raised_steps += 1

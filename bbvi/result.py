@@ -380,13 +380,16 @@ class Result:
                   else init_baseline_state(plan, ref.device, ref.dtype))
         out, order = [], {}
         for _ in range(num_samples):
-            model = self.model
+            model, structure = self.model, self.structure
             if self.batch is not None:  # a minibatch fit's gradients: each estimate on its own minibatch
-                from .subsample import batch_model, next_batch, sizes
+                from .subsample import batch_model, next_batch, sizes, structure_rows
                 idx, order = next_batch(self.batch, sizes(model), order, g)
                 model = batch_model(model, idx)
+                if structure is not None:
+                    structure = structure.select(structure_rows(self.report.factors, idx,
+                                                                structure.continuous.shape[0]))
             surrogate, bstate, _, _ = estimate(plan, model, self.family, self.discrete, params, num_particles,
-                                               g, bstate, self.structure, step=step)
+                                               g, bstate, structure, step=step)
             grads = torch.autograd.grad(surrogate, leaves, allow_unused=True)
             out.append(torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1)
                                   for gr, p in zip(grads, leaves)]))

@@ -4,15 +4,16 @@ A model declares which data entries are indexed by observations: `bbvi.Model(...
 plates={"obs": ("X", "y")})`, and its log-joint returns a factor of that name with one term per row, (S, N).
 `bbvi.fit(model, subsample_size=B)` then evaluates each step on B rows of every plate, drawn without replacement
 within an epoch (a permutation of the rows from the fit's own generator, consumed B at a time, redrawn when fewer
-than B rows are left), and scales that factor by N / B exactly once (`Model.subsample`): the step's ELBO estimate
-and gradient are unbiased for the full data's. The permutations and positions (`order`) are part of the fit's
+than B rows are left), and scales that factor by N / B exactly once (`batch_model`): the step's ELBO estimate
+and gradient are unbiased for the full data's. Rao-Blackwellized score terms (a factor-dict log-joint) use the
+full data's dependency structure, restricted to the minibatch's rows (`structure_rows`). The permutations and positions (`order`) are part of the fit's
 state: checkpointed, so a resumed fit draws the same rows.
 """
 import torch
 
 from .errors import ConfigError, ModelError
 
-__all__ = ["check_plates", "sizes", "check_subsample", "next_batch", "batch_model"]
+__all__ = ["check_plates", "sizes", "check_subsample", "next_batch", "batch_model", "structure_rows"]
 
 
 def check_plates(plates, data):
@@ -96,3 +97,15 @@ def batch_model(model, idx):
             data[k] = model.data[k].index_select(0, rows.to(model.data[k].device))
     scale = {p: n[p] / rows.numel() for p, rows in idx.items()}
     return model.with_data(data, factor_scale=scale)
+
+
+def structure_rows(factors, idx, num_elements):
+    """Rows of the full data's term elements (a Rao-Blackwellization Structure) that a minibatch's elements are:
+    the factors in order (a plate's: its chosen rows), then the log-det-Jacobian elements. `factors`: the
+    CheckReport's ((name, number of elements), ...)."""
+    rows, offset = [], 0
+    for name, n in factors:
+        rows.append(offset + idx[name].cpu() if name in idx else torch.arange(offset, offset + n))
+        offset += n
+    rows.append(torch.arange(offset, num_elements))
+    return torch.cat(rows)

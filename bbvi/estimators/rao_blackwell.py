@@ -37,6 +37,10 @@ class Structure:
     continuous: torch.Tensor
     discrete: torch.Tensor
 
+    def select(self, rows):
+        """The structure of the term elements `rows` (a minibatch's: bbvi.subsample.structure_rows)."""
+        return Structure(self.continuous[rows], self.discrete[rows])
+
     def summary(self):
         """Mean blanket size (elements per coordinate) against the number of elements."""
         both = torch.cat([self.continuous, self.discrete], 1)
