@@ -44,7 +44,7 @@ def _bounds(support):
 
 
 def _latents(model, args, kwargs, name):
-    """(latents dict, batch shapes, plate depth P, deterministic site names) from two prior traces."""
+    """(latents dict, batch shapes, plate depth P, deterministic site names, the two prior traces)."""
     from pyro.poutine.util import site_is_subsample
 
     from .model import Latent
@@ -97,7 +97,7 @@ def _latents(model, args, kwargs, name):
         batch[site_name] = tuple(fn.batch_shape)
     if not latents:
         raise ModelError(f"from_pyro: model {name!r} has no unobserved sample sites: nothing to infer")
-    return latents, batch, depth, deterministic
+    return latents, batch, depth, deterministic, traces
 
 
 class _PyroJoint:
@@ -161,9 +161,8 @@ def from_pyro(model, *args, name=None, vectorize=True, **kwargs):
     if not callable(model):
         raise ModelError(f"from_pyro needs a Pyro model (a callable with pyro.sample statements), got {model!r}")
     name = name or getattr(model, "__name__", "pyro_model")
-    latents, batch, depth, deterministic = _latents(model, args, kwargs, name)
+    latents, batch, depth, deterministic, draws = _latents(model, args, kwargs, name)
     data = {"args": tuple(args), "kwargs": dict(kwargs)}
-    draws = [_prior_trace(model, args, kwargs, seed) for seed in (0, 1)]
     probe = {n: torch.stack([t.nodes[n]["value"] for t in draws]) for n in latents}
     one = _PyroJoint(model, latents, batch, depth, deterministic, False)
     errors = []

@@ -56,8 +56,7 @@ class _Antithetic:
 
     def plan(self, model, report, num_particles):
         from ..errors import ConfigError
-        from .pathwise import Reparam
-        from .plan import Plan
+        from .pathwise import whole_plan
         from torch.distributions import constraints
         if not model.discrete:
             raise ConfigError(f"estimator={self.name!r} is for boolean latents, and model {model.name!r} has none; "
@@ -70,11 +69,7 @@ class _Antithetic:
         if num_particles < 2 or num_particles % 2:
             raise ConfigError(f"estimator={self.name!r} draws antithetic pairs: num_particles must be even and at "
                               f"least 2 (each pair is two evaluations of the log-joint), got {num_particles}")
-        if model.dim and not report.differentiable:
-            raise ConfigError(f"estimator={self.name!r} takes continuous latents pathwise, but torch cannot "
-                              f"differentiate model {model.name!r} in {list(report.nondifferentiable)}: use "
-                              f"estimator='score'")
-        return Plan(Reparam() if model.dim else None, None, True, whole=self)
+        return whole_plan(self, model, report)
 
     def estimate(self, model, family, discrete, params, num_particles, generator):
         """(surrogate, num_bad, error) of one step: num_particles / 2 pairs, the continuous draw shared within a

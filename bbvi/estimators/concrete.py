@@ -73,15 +73,11 @@ class Concrete:
                 f"against an unbiased estimator (estimator='auto' or 'disarm') or bbvi.compare")
 
     def plan(self, model, report, num_particles):
-        from .pathwise import Reparam
-        from .plan import Plan
+        from .pathwise import whole_plan
         if not model.discrete:
             raise ConfigError(f"estimator='concrete' relaxes discrete latents, and model {model.name!r} has none; "
                               f"use estimator='auto'")
-        if model.dim and not report.differentiable:
-            raise ConfigError(f"estimator='concrete' is pathwise, but torch cannot differentiate model "
-                              f"{model.name!r} in {list(report.nondifferentiable)}: use estimator='score'")
-        return Plan(Reparam() if model.dim else None, None, True, whole=self)
+        return whole_plan(self, model, report)
 
     def estimate(self, model, family, discrete, params, num_particles, generator, step=None):
         """(surrogate, num_bad, error): mean log p at the relaxed (or straight-through) draws + H(q_c) + H(q_d).

@@ -12,7 +12,7 @@ discrete latents (estimator='auto'); STL has no such form (its score-free value 
 """
 import dataclasses
 
-__all__ = ["Reparam", "STL"]
+__all__ = ["Reparam", "STL", "whole_plan"]
 
 
 def _entropy(particles, family, params):
@@ -64,3 +64,15 @@ class STL(_Pathwise):
     def alone(self, particles, family, params):
         frozen = {name: t.detach() for name, t in params.items()}
         return particles.average(particles.log_p - family.log_prob(frozen, particles.u))
+
+
+def whole_plan(estimator, model, report):
+    """The Plan of an estimator that computes the whole step for the discrete latents (ARM/DisARM, RELAX,
+    Concrete): the continuous latents pathwise beside it, so the log-joint must be differentiable in them."""
+    from ..errors import ConfigError
+    from .plan import Plan
+    if model.dim and not report.differentiable:
+        raise ConfigError(f"estimator={estimator.name!r} takes continuous latents pathwise, but torch cannot "
+                          f"differentiate model {model.name!r} in {list(report.nondifferentiable)}: use "
+                          f"estimator='score'")
+    return Plan(Reparam() if model.dim else None, None, True, whole=estimator)

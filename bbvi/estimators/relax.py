@@ -50,18 +50,14 @@ class RELAX:
             raise ConfigError(f"bbvi.RELAX: lr must be a positive finite number, got {self.lr!r}")
 
     def plan(self, model, report, num_particles):
-        from .pathwise import Reparam
-        from .plan import Plan
+        from .pathwise import whole_plan
         if not model.discrete:
             raise ConfigError(f"estimator='relax' is for discrete latents, and model {model.name!r} has none; use "
                               f"estimator='auto'")
         if num_particles < 2:
             raise ConfigError(f"estimator='relax' needs num_particles >= 2 (its leave-one-out baseline), got "
                               f"{num_particles}")
-        if model.dim and not report.differentiable:
-            raise ConfigError(f"estimator='relax' takes continuous latents pathwise, but torch cannot differentiate "
-                              f"model {model.name!r} in {list(report.nondifferentiable)}: use estimator='score'")
-        return Plan(Reparam() if model.dim else None, None, True, whole=self)
+        return whole_plan(self, model, report)
 
     # ---- the surrogate c_phi: phi flat in the state, [W1 (H, M), b1 (H), w2 (H), b2 (1)] ----------------------
     def _init(self, M, like, generator):
