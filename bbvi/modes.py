@@ -18,6 +18,7 @@ import torch
 __all__ = ["other_modes", "MAX_DIM", "MIN_MASS"]
 
 MAX_DIM, MIN_MASS = 50, 0.01
+MAX_POLISH = 6   # far end points polished at most (each up to 200 L-BFGS iterations)
 
 
 def _polish(f, y0, max_iter=200):
@@ -111,12 +112,14 @@ def other_modes(result, u, seed=0, num_starts=16, steps=150, spreads=(2.0, 4.0, 
                     "modes": []}
         ends = y.detach()
         far = (ends - main[0]).norm(dim=1) > 1.0
-        found = [main]
+        found, tried = [main], []
         for i in torch.nonzero(far).flatten().tolist():  # polish the far end points, at most 3 distinct ones
-            if len(found) > 3:
+            if len(found) > 3 or len(tried) >= MAX_POLISH:
                 break
-            if any(float((ends[i] - m[0]).norm()) < 1.0 for m in found):
-                continue
+            if any(float((ends[i] - m[0]).norm()) < 1.0 for m in found) or \
+                    any(float((ends[i] - t).norm()) < 1.0 for t in tried):
+                continue   # near a mode found, or an end point already polished (to a mode found, or to none)
+            tried.append(ends[i])
             polished = _polish(f, ends[i])
             evals += 200
             if polished is not None and all(float((polished[0] - m[0]).norm()) > 1.0 and _dip(f, polished, m)
