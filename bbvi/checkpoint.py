@@ -15,12 +15,14 @@ import torch
 from .errors import ConfigError
 from .saving import FORMAT, describe, atomic_save, check_signature, config_of, model_signature, plan_config, read
 
-__all__ = ["save_checkpoint", "restore_checkpoint", "read_checkpoint", "load_checkpoint", "setting", "Keeper"]
+__all__ = ["save_checkpoint", "restore_checkpoint", "read_checkpoint", "load_checkpoint", "rank_state", "load_rank",
+           "setting", "Keeper"]
 
 LENGTH = ("steps", "max_steps")   # the settings a resume may change: how long the fit runs
 
 
-def save_checkpoint(state, path, settings):
+def save_checkpoint(state, path, settings, ranks=None):
+    """Write the fit's state to `path`; `ranks`: every rank's `rank_state` on a data-parallel fit."""
     atomic_save({
         "bbvi_format": FORMAT, "kind": "checkpoint", "model": model_signature(state.model),
         "family": config_of(state.family), "plan": plan_config(state.plan),
@@ -36,7 +38,23 @@ def save_checkpoint(state, path, settings):
         "num_raised_steps": state.num_raised_steps, "last_exception": state.last_exception,
         "tracker": state.tracker.state_dict() if state.tracker is not None else {},
         "order": {k: v.detach().cpu() for k, v in state.order.items()},
+        **({"ranks": ranks} if ranks is not None else {}),
     }, path)
+
+
+def rank_state(state):
+    """What each rank of a data-parallel fit holds of its own: its generator, baseline state and data order."""
+    return {"generator": state.generator.get_state().cpu(),
+            "baseline_state": {k: v.detach().cpu() for k, v in state.baseline_state.items()},
+            "order": {k: v.detach().cpu() for k, v in state.order.items()}}
+
+
+def load_rank(state, own):
+    """Put a rank's own state (`rank_state`, from a checkpoint's "ranks") into its FitState."""
+    ref = next(iter(state.leaves()))
+    state.generator.set_state(own["generator"].to(state.generator.get_state().device))
+    state.baseline_state = {k: v.to(ref.device) for k, v in own["baseline_state"].items()}
+    state.order = {k: v.to(ref.device) if k.startswith("perm/") else v for k, v in own["order"].items()}
 
 
 def read_checkpoint(state, path, settings, *, length_may_differ=False):

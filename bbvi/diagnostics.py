@@ -132,15 +132,21 @@ def _psis_moments(result, u, k, smoothed):
     return rows
 
 
-def check_reliability(result, num_draws=16000, seed=0, warn=True):
+def check_reliability(result, num_draws=None, seed=0, warn=True):
     """The end-of-fit check that `bbvi.fit` runs: PSIS k-hat of q (Yao et al. 2018) and, from the same
     Pareto-smoothed weights, how far importance sampling moves q's mean (in q's sds) and sd (as a ratio) of every
     scalar latent, with their Monte Carlo errors; plus whether the fit converged, whether its start found a mode,
     how many particles failed. Stores a dict in `result.reliability` and, when anything fails, issues one
-    bbvi.ReliabilityWarning naming what to try. Returns the dict."""
+    bbvi.ReliabilityWarning naming what to try. Returns the dict. num_draws: 16000 by default; on data with more
+    than 125,000 rows in its plates, 2e9 / rows (at least 2000), so that the check on the full data stays a few
+    times a minibatch fit's cost (the k-hat interval and Monte Carlo errors, which the verdicts use, widen)."""
     import warnings
 
     from .errors import ReliabilityWarning
+    from .subsample import sizes
+    if num_draws is None:
+        rows = sum(sizes(result.model).values())
+        num_draws = max(2000, min(16000, int(2e9 // rows))) if rows else 16000
     u, k, log_w = result.weighted_draws(num_draws, seed)
     est = khat_estimate(log_w.double().cpu().numpy())
     smoothed, khat, (khat_lo, khat_hi) = est["smoothed"], est["khat"], est["khat_interval"]

@@ -16,17 +16,19 @@ import math
 import os
 import sys
 import time
+import types
 import warnings
 
 import torch
 
-from .checkpoint import Keeper, load_checkpoint, read_checkpoint, save_checkpoint, setting
+from .checkpoint import Keeper, load_checkpoint, load_rank, rank_state, read_checkpoint, save_checkpoint, setting
 from .errors import ConfigError, FitError, ReliabilityWarning
 from .convergence import Adaptive, RelativeTolerance
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, plan_for, resolve_estimator
 from .estimators.rao_blackwell import check_baseline, discover
 from .families import Discrete, resolve_family
 from .model import precision_notes
+from .distributed import shard
 from .subsample import batch_model, check_subsample, next_batch, sizes, structure_rows
 from .result import Result
 from .saving import check_writable, describe
@@ -96,6 +98,8 @@ class FitState:
     structure: object = None
     batch: object = None                 # {plate: B} on minibatch fits (bbvi.subsample), else None
     order: dict = dataclasses.field(default_factory=dict)   # the minibatches' permutations and positions
+    comm: object = None                  # the ranks of a data-parallel fit (bbvi.distributed), else None
+    shard: object = None                 # this rank's model, structure and factor sizes on its rows of the plates
 
     def leaves(self):
         return list(self.params["continuous"].values()) + list(self.params["discrete"].values())
@@ -118,12 +122,13 @@ def _check_positive_int(name, value, minimum=1):
 
 def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_particles=None, lr=None,
          optimizer="adam", schedule="auto", steps=None, clip_grad=None, seed=0, device="cpu", dtype=None,
-         init_values=None, init_strategy="auto", max_steps=None, subsample_size=None, **unknown):
+         init_values=None, init_strategy="auto", max_steps=None, subsample_size=None, comm=None, **unknown):
     """Build the FitState: move the model's data to device/dtype (float64 by default), start q (bbvi.start:
     'auto' is the MAP/Laplace start where torch can differentiate the log-joint and the density has a mode, the
     zero start otherwise; `init_values` sets some continuous latents' starting values), check the log-joint once,
     choose the estimator's plan and the step-size rule (steps=None: bbvi.Adaptive; steps=N: `schedule`, cosine by
-    default), build the optimizer."""
+    default), build the optimizer. With `comm` (a data-parallel fit, bbvi.distributed): rank 0's start on every
+    rank, this rank's shard of the plates, and its own generator (seeded seed + rank on ranks above 0)."""
     from .model import Model
     if unknown:
         _refuse_unknown("init", unknown, init)
@@ -215,6 +220,18 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
             k = discrete.sample(params["discrete"], START_DRAWS, torch.Generator(device=device).manual_seed(seed))
     model, start_info = choose_start(init_strategy, model, family, params, report, k)
     report = model.check_particles(report)
+    shard_of = None
+    if comm is not None:
+        comm.broadcast([t.detach() for g in params.values() for t in g.values()] + list(model.preconditioner or ()))
+        part, rows, batch = shard(model, batch, comm)
+        factors = report.factors and tuple((name, rows[name][1] if name in rows else n) for name, n in report.factors)
+        part_structure = structure
+        if structure is not None:
+            idx = {p: torch.arange(first, first + n) for p, (first, n) in rows.items()}
+            part_structure = structure.select(structure_rows(report.factors, idx, structure.continuous.shape[0]))
+        shard_of = types.SimpleNamespace(model=part, structure=part_structure, factors=factors)
+        if comm.rank:
+            generator.manual_seed(seed + comm.rank)
     leaves = [t for g in params.values() for t in g.values()]
     base_lr = rule.lr if rule is not None else (0.05 if lr is None else lr)
     opt = NaturalGradient(params, family, lr=base_lr) if natural else make_opt(leaves, lr=base_lr)
@@ -222,7 +239,7 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
                      optimizer=opt, lr=float(base_lr), schedule=factor, generator=generator,
                      baseline_state=init_baseline_state(plan, device, dtype), num_particles=num_particles,
                      clip_grad=clip_grad, num_bad_particles=torch.zeros((), dtype=torch.int64, device=device),
-                     start=start_info, structure=structure, batch=batch)
+                     start=start_info, structure=structure, batch=batch, comm=comm, shard=shard_of)
     if rule is not None:
         state.tracker = rule.tracker(state)
         state.schedule = state.tracker.factor
@@ -341,12 +358,14 @@ def step(state):
     for group in opt.param_groups:
         group["lr"] = state.lr * state.schedule(state.step)
     opt.zero_grad(set_to_none=True)
-    model, structure = state.model, state.structure
+    model, structure, factors = state.model, state.structure, state.report.factors
+    if state.shard is not None:  # a data-parallel rank: its rows of every plate, their factors scaled by K
+        model, structure, factors = state.shard.model, state.shard.structure, state.shard.factors
     if state.batch is not None:  # this step's rows of every plate, their factors scaled by N / B
         idx, state.order = next_batch(state.batch, sizes(model), state.order, state.generator)
         model = batch_model(model, idx)
         if structure is not None:
-            rows = structure_rows(state.report.factors, idx, structure.continuous.shape[0])
+            rows = structure_rows(factors, idx, structure.continuous.shape[0])
             structure = structure.select(rows)
     surrogate, baseline_state, num_bad, error = estimate(state.plan, model, state.family, state.discrete,
                                                          state.params, state.num_particles, state.generator,
@@ -364,6 +383,15 @@ def step(state):
         surrogate = surrogate.detach() * float("nan")
         raised = True
         state.last_exception = f"{type(e).__name__} in the gradient: {str(e).splitlines()[0] if str(e) else ''}"
+    if state.comm is not None:  # the ranks' mean gradient and ELBO estimate: the same update on every rank
+        local = [p.grad is None for p in leaves]
+        for p in leaves:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        surrogate, num_bad = state.comm.average(surrogate.detach(), [p.grad for p in leaves], num_bad)
+        for p, none in zip(leaves, local):
+            if none:
+                p.grad = None
     grads = [p.grad for p in leaves if p.grad is not None] or [surrogate.detach().reshape(1) * 0]
     if state.clip_grad is not None:
         norm = torch.nn.utils.clip_grad_norm_(leaves, state.clip_grad)
@@ -455,7 +483,7 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
         optimizer="adam", schedule="auto", clip_grad=None, tol_rel_obj=None, check_every=100, callbacks=(),
         progress=None, seed=0, device="cpu", dtype=None, init_values=None, max_consecutive_failures=100,
         checkpoint=None, checkpoint_every=500, resume=None, init_strategy="auto", max_steps=None, diagnose=True,
-        subsample_size=None, **unknown):
+        subsample_size=None, distributed=False, **unknown):
     """Fit q to the posterior of `model` by stochastic gradient ascent on the ELBO.
 
     With no options it needs no tuning: the MAP/Laplace start where it exists (init_strategy='auto'), float64,
@@ -479,7 +507,11 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
     terminal). init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
     'map' (q starts at the MAP with Laplace scales, or a ConfigError says why it cannot). subsample_size: B
     rows of every plate per step (an int, or {plate: B}) for a model with plates (bbvi.Model(plates=...)): each
-    step's ELBO and gradient are unbiased for the full data's (bbvi.subsample).
+    step's ELBO and gradient are unbiased for the full data's (bbvi.subsample). distributed: True under torchrun
+    (`torchrun --nproc_per_node=K script.py`, every rank calling bbvi.fit on the same model): each rank steps on
+    its shard of the plates with particles of its own, gradients all-reduced (gloo on the CPU, NCCL on CUDA), the
+    parameters identical on every rank; rank 0 writes checkpoints and runs the end-of-fit check
+    (bbvi.distributed).
 
     checkpoint: a file path where the full fit state is written atomically (with a checksum) every
     `checkpoint_every` steps and when the fit ends (also on Ctrl-C); a path that cannot be written (a folder, a
@@ -525,12 +557,19 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
                     init_strategy=init_strategy, max_steps=max_steps)
     if subsample_size is not None:  # written only when set: checkpoints of full-data fits compare as before
         settings["subsample_size"] = subsample_size
+    if not isinstance(distributed, bool):
+        raise ConfigError(f"distributed must be True or False, got {distributed!r}")
+    comm = None
+    if distributed:
+        from .distributed import connect
+        comm, device = connect(device)
+        settings["distributed"] = comm.world_size   # a checkpoint resumes on as many ranks
     grad_mode = torch.is_grad_enabled()
     began = time.perf_counter()
     state = init(model, family, estimator, baseline, num_particles=num_particles, lr=lr, optimizer=optimizer,
                  schedule=schedule, steps=steps, clip_grad=clip_grad, seed=seed, device=device, dtype=dtype,
                  init_values=init_values, init_strategy=init_strategy, max_steps=max_steps,
-                 subsample_size=subsample_size)
+                 subsample_size=subsample_size, comm=comm)
     start_s = time.perf_counter() - began
     objective = getattr(state.plan.whole, "objective", None)  # a step whose value is not the ELBO (VIMCO)
     if objective is not None:
@@ -547,6 +586,8 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
         ck = read_checkpoint(state, resume, settings, length_may_differ=True)
         change = _length_change(ck, resume, state, schedule=schedule, lr=lr, steps=steps, max_steps=max_steps)
         load_checkpoint(state, ck)
+        if comm is not None:  # this rank's own generator, baseline and data order
+            load_rank(state, ck["ranks"][comm.rank])
         stops = [t for t in range(check_every, state.step + 1, check_every)  # replay the convergence test
                  if converged(state.elbo[:t])]
         notes = [ck["settings"]["extended"]] if "extended" in ck["settings"] else []
@@ -565,7 +606,7 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
             notes.append(note)
         if notes:
             settings["extended"] = " | then ".join(notes)
-    show = sys.stderr.isatty() if progress is None else bool(progress)
+    show = (sys.stderr.isatty() if progress is None else bool(progress)) and (comm is None or comm.rank == 0)
     bar = None
     if show:
         from tqdm.auto import tqdm
@@ -599,7 +640,11 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
             try:
                 stopped = any(bool(c(state)) for c in callbacks)
             except Exception as e:  # noqa: BLE001 - a user's callback must not lose the fit
-                status, callback_error = "failed", e
+                stopped, callback_error = True, e
+            if comm is not None and callbacks:  # one rank's stop stops every rank
+                stopped = comm.any(stopped)
+            if callback_error is not None:
+                status = "failed"
                 break
             if stopped:
                 status = "stopped by callback"
@@ -644,7 +689,10 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
                        f"fit is in this error's .result.", result=result)
     if diagnose and status != "interrupted":
         from .diagnostics import check_reliability
-        check_reliability(result)
+        if comm is None or comm.rank == 0:
+            check_reliability(result)
+        if comm is not None:  # rank 0's check (and warning) on the full data; its findings on every rank
+            result.reliability = comm.share(result.reliability)
     return result
 
 
@@ -697,9 +745,15 @@ def _unusable_q(result):
 
 
 def _write_checkpoint(state, path, settings):
-    """Write a checkpoint; the exception when that fails (the fit goes on to be returned in a FitError)."""
-    try:
-        save_checkpoint(state, path, settings)
-    except Exception as e:  # noqa: BLE001 - a full disk or a removed folder must not lose the fit
-        return e
-    return None
+    """Write a checkpoint; the exception when that fails (the fit goes on to be returned in a FitError). On a
+    data-parallel fit every rank calls it: rank 0 writes every rank's own state, and a failure fails every rank."""
+    comm, error = state.comm, None
+    ranks = comm.gather(rank_state(state)) if comm is not None else None
+    if comm is None or comm.rank == 0:
+        try:
+            save_checkpoint(state, path, settings, ranks=ranks)
+        except Exception as e:  # noqa: BLE001 - a full disk or a removed folder must not lose the fit
+            error = e
+    if comm is not None and comm.any(error is not None) and error is None:
+        error = OSError(f"rank 0 could not write {str(path)!r}")
+    return error

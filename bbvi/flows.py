@@ -85,10 +85,10 @@ class _Stack(torch.nn.Module):
                 x_b, f = x, layer(None)
             if inverse:
                 y_b = f.inv(x_b)
-                l = -f.log_abs_det_jacobian(y_b, x_b)
+                part = -f.log_abs_det_jacobian(y_b, x_b)
             else:
-                y_b, l = f.call_and_ladj(x_b)
-            ladj = ladj + l
+                y_b, part = f.call_and_ladj(x_b)
+            ladj = ladj + part
             if coupling:
                 y = torch.empty_like(x)
                 y[..., idx_a], y[..., idx_b] = x_a, y_b

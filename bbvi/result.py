@@ -6,6 +6,7 @@ import numbers
 import torch
 
 from .errors import ConfigError
+from .subsample import sizes
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, log_q, plan_for, resolve_estimator
 from .saving import FORMAT, atomic_save, check_signature, config_of, model_signature, object_from, plan_config, \
     plan_from, read
@@ -200,7 +201,9 @@ class Result:
         shape (num_draws,)."""
         num_draws, seed = self._check_draws(num_draws, seed, "fit.weighted_draws")
         u, k = self.draw(num_draws, seed)
-        chunk = 1024  # bounded memory for big models; a particle whose log-joint raises gets NaN (weight 0)
+        # bounded memory for big models and data (at most ~2^24 particle x row terms of a plate at a time); a
+        # particle whose log-joint raises gets NaN (weight 0)
+        chunk = max(1, min(1024, 2 ** 24 // max(sizes(self.model).values(), default=1)))
         with torch.no_grad():
             lp = torch.cat([self.model.log_density_guarded(u[i:i + chunk], {n: v[i:i + chunk] for n, v in k.items()})[0]
                             for i in range(0, u.shape[0], chunk)]).to(u.dtype)
@@ -382,7 +385,7 @@ class Result:
         for _ in range(num_samples):
             model, structure = self.model, self.structure
             if self.batch is not None:  # a minibatch fit's gradients: each estimate on its own minibatch
-                from .subsample import batch_model, next_batch, sizes, structure_rows
+                from .subsample import batch_model, next_batch, structure_rows
                 idx, order = next_batch(self.batch, sizes(model), order, g)
                 model = batch_model(model, idx)
                 if structure is not None:
@@ -536,6 +539,5 @@ def _saved_batch(text, model):
         return None
     import ast
     size = ast.literal_eval(text)
-    from .subsample import sizes
     n = sizes(model)
     return {p: min(b, n[p]) for p, b in (size if isinstance(size, dict) else {p: size for p in n}).items()}

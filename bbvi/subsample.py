@@ -95,7 +95,8 @@ def batch_model(model, idx):
     for p, rows in idx.items():
         for k in model.plates[p]:
             data[k] = model.data[k].index_select(0, rows.to(model.data[k].device))
-    scale = {p: n[p] / rows.numel() for p, rows in idx.items()}
+    before = model.factor_scale or {}   # a data-parallel rank's shard is already scaled (bbvi.distributed)
+    scale = {**before, **{p: before.get(p, 1.0) * n[p] / rows.numel() for p, rows in idx.items()}}
     return model.with_data(data, factor_scale=scale)
 
 

@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.ops.indexing import Vindex
-from torch.distributions import Bernoulli, Cauchy, Normal, constraints
+from torch.distributions import Bernoulli, Normal, constraints
 
 import bbvi
 from models import discrete, eight_schools
@@ -90,7 +90,7 @@ def test_the_log_density_is_the_hand_written_models(case):
     g = torch.Generator().manual_seed(1)
     u = 2 * torch.randn(100, pyro_model.dim, generator=g, dtype=F64)
     z, _ = pyro_model.constrain(u)
-    for name, (lat, low, k) in pyro_model.discrete.items():
+    for name, (lat, _low, _k) in pyro_model.discrete.items():
         z[name] = torch.randint(0, 2, (100,) + lat.shape, generator=g).to(F64)
     assert list(pyro_model.latents) == [n for n in pyro_model.latents if n in by_hand.latents]
     diff = (pyro_model.call(z) - by_hand.call(z)).abs().max().item()

@@ -1,0 +1,58 @@
+"""A data-parallel fit for tests/test_distributed.py, run under torchrun:
+
+    torchrun --nproc_per_node=2 tests/distributed_fit.py OUT [--kill-at STEP] [--resume]
+
+Every rank fits the same logistic regression (N = 2000, D = 3, plates {"obs": ("X", "y")}) with
+distributed=True and writes its fitted parameters, ELBO trace and status to OUT.<rank>.pt; the checkpoint is
+OUT.ck (every 100 steps). --kill-at STEP: rank 1 kills itself (SIGKILL) after STEP steps. --resume: resume
+from OUT.ck.
+"""
+import argparse
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+import bbvi
+
+N, D, STEPS, BATCH = 2000, 3, 600, 250
+SETTINGS = dict(family="fullrank", estimator="reparam", steps=STEPS, lr=0.05, seed=0, progress=False,
+                subsample_size=BATCH, diagnose=False)
+
+
+def model():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(N, D, generator=g, dtype=torch.float64)
+    y = torch.bernoulli(torch.sigmoid(X @ torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)), generator=g)
+
+    def log_joint(z, data):
+        eta = z["beta"] @ data["X"].T
+        return {"prior": torch.distributions.Normal(0.0, 1.0).log_prob(z["beta"]).sum(-1),
+                "obs": -torch.nn.functional.binary_cross_entropy_with_logits(eta, data["y"].expand_as(eta),
+                                                                             reduction="none")}
+    return bbvi.Model(log_joint, {"beta": bbvi.Latent((D,))}, data={"X": X, "y": y}, plates={"obs": ("X", "y")},
+                      name="logistic")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--kill-at", type=int)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    def kill(state):
+        if dist.get_rank() == 1 and state.step == args.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return False
+    fit = bbvi.fit(model(), distributed=True, checkpoint=args.out + ".ck", checkpoint_every=100,
+                   resume=args.out + ".ck" if args.resume else None,
+                   callbacks=[kill] if args.kill_at else (), **SETTINGS)
+    torch.save({"params": fit.params, "elbo": fit.elbo, "status": fit.status, "settings": {k: str(v) for k, v in fit.settings.items()},
+                "mean": fit.unconstrained_mean(), "cov": fit.unconstrained_covariance(), "num_steps": fit.num_steps}, f"{args.out}.{dist.get_rank()}.pt")
+
+
+if __name__ == "__main__":
+    main()
