@@ -357,7 +357,6 @@ def step(state):
     opt = state.optimizer
     for group in opt.param_groups:
         group["lr"] = state.lr * state.schedule(state.step)
-    opt.zero_grad(set_to_none=True)
     model, structure, factors = state.model, state.structure, state.report.factors
     if state.shard is not None:  # a data-parallel rank: its rows of every plate, their factors scaled by K
         model, structure, factors = state.shard.model, state.shard.structure, state.shard.factors
@@ -367,12 +366,59 @@ def step(state):
         if structure is not None:
             rows = structure_rows(factors, idx, structure.continuous.shape[0])
             structure = structure.select(rows)
+    # A particle whose log-joint is finite but whose gradient is not would make the whole pathwise gradient NaN.
+    # The estimate's guard drops such particles, at a few ops per step; it is the identity when every gradient is
+    # finite, so the step goes without it and, only when the gradient comes out non-finite, is done again with it
+    # from the same generator state (the same particles).
+    retry = state.plan.continuous is not None and state.plan.continuous.pathwise
+    before = state.generator.get_state() if retry else None
+    surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=not retry)
+    ok, huge, *finite = _verdict(surrogate, norm, retry)
+    if retry and not ok and finite[0]:
+        state.generator.set_state(before)
+        surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=True)
+        ok, huge, _ = _verdict(surrogate, norm, True)
+    if error is not None:
+        state.num_raised_steps += 1
+    if ok and huge:
+        limit = _overflow_limit(norm)
+        torch._foreach_mul_([p.grad for p in state.leaves() if p.grad is not None], (limit / norm).item())
+        state.num_rescaled_steps += 1
+    if num_bad is not None:
+        state.num_bad_particles = state.num_bad_particles + num_bad
+    if ok:
+        opt.step()
+        state.baseline_state = baseline_state
+        state.consecutive_failures = 0
+    else:
+        state.num_failed_steps += 1
+        state.consecutive_failures += 1
+        state.last_failure = ("the ELBO estimate is " + str(surrogate.item()) +
+                              f" ({int(num_bad or 0)} of {state.num_particles} particles had a NaN/inf log-joint"
+                              + (f"; the log-joint raised {state.last_exception}" if raised else "")
+                              + ")"
+                              if not torch.isfinite(surrogate) else
+                              "the ELBO gradient is NaN/inf (the log-joint's gradient overflows "
+                              "or is undefined at the drawn particles; torch.where over NaN data, e.g. a masked missing "
+                              "value, has a NaN gradient: replace the NaN before the where, torch.nan_to_num)")
+    elbo = surrogate.detach()
+    state.elbo.append(elbo)
+    state.step += 1
+    return elbo
+
+
+def _gradient(state, model, structure, guard):
+    """Estimate at this step's particles, backward, and (data-parallel) average over the ranks: (surrogate,
+    baseline state, bad particles, the log-joint's exception or None, whether the log-joint or its gradient
+    raised, the gradient's norm, clipped with clip_grad)."""
+    opt = state.optimizer
+    opt.zero_grad(set_to_none=True)
     surrogate, baseline_state, num_bad, error = estimate(state.plan, model, state.family, state.discrete,
                                                          state.params, state.num_particles, state.generator,
-                                                         state.baseline_state, structure, step=state.step)
+                                                         state.baseline_state, structure, step=state.step,
+                                                         guard=guard)
     raised = error is not None
     if raised:
-        state.num_raised_steps += 1
         state.last_exception = (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                                 + (f" (at {error.bbvi_latents})" if getattr(error, "bbvi_latents", None) else ""))
     leaves = state.leaves()
@@ -397,34 +443,16 @@ def step(state):
         norm = torch.nn.utils.clip_grad_norm_(leaves, state.clip_grad)
     else:  # a sum of norms is finite exactly when every gradient entry is
         norm = sum(torch._foreach_norm(grads))
-    # One host sync: is the step finite, and is its gradient so large that the optimizer's squared-gradient
-    # statistics would overflow (Adam's v = inf freezes every later update at m / sqrt(v) = 0)?
-    limit = _overflow_limit(norm)
-    ok, huge = torch.stack([torch.isfinite(surrogate.detach() + norm), norm > limit]).tolist()
-    if ok and huge:
-        torch._foreach_mul_(grads, (limit / norm).item())
-        state.num_rescaled_steps += 1
-    if num_bad is not None:
-        state.num_bad_particles = state.num_bad_particles + num_bad
-    if ok:
-        opt.step()
-        state.baseline_state = baseline_state
-        state.consecutive_failures = 0
-    else:
-        state.num_failed_steps += 1
-        state.consecutive_failures += 1
-        state.last_failure = ("the ELBO estimate is " + str(surrogate.item()) +
-                              f" ({int(num_bad or 0)} of {state.num_particles} particles had a NaN/inf log-joint"
-                              + (f"; the log-joint raised {state.last_exception}" if raised else "")
-                              + ")"
-                              if not torch.isfinite(surrogate) else
-                              "the ELBO gradient is NaN/inf (the log-joint's gradient overflows "
-                              "or is undefined at the drawn particles; torch.where over NaN data, e.g. a masked missing "
-                              "value, has a NaN gradient: replace the NaN before the where, torch.nan_to_num)")
-    elbo = surrogate.detach()
-    state.elbo.append(elbo)
-    state.step += 1
-    return elbo
+    return surrogate, baseline_state, num_bad, error, raised, norm
+
+
+def _verdict(surrogate, norm, value_too):
+    """One host sync: [is the step finite, is its gradient so large that the optimizer's squared-gradient
+    statistics would overflow (Adam's v = inf freezes every later update at m / sqrt(v) = 0)] and, with
+    `value_too`, whether the ELBO estimate is finite."""
+    value = surrogate.detach()
+    checks = [torch.isfinite(value + norm), norm > _overflow_limit(norm)]
+    return torch.stack(checks + [torch.isfinite(value)] if value_too else checks).tolist()
 
 
 def _saved_int(text):

@@ -136,7 +136,7 @@ def init_baseline_state(plan, device, dtype):
 
 
 def estimate(plan, model, family, discrete, params, num_particles, generator, baseline_state, structure=None,
-             step=None):
+             step=None, guard=True):
     """One Monte Carlo estimate at the current q with `num_particles` particles.
 
     Returns (surrogate, baseline_state, num_bad, error): `surrogate` is a scalar whose value is an ELBO estimate
@@ -145,7 +145,9 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     finite) counts particles with a NaN/inf log-joint, which were left out of the averages; `error` is the
     exception the log-joint raised for some particles (they count as NaN particles), or None. With a
     `structure` (a log-joint of factor terms; rao_blackwell.py) the score terms are Rao-Blackwellized. `step`: the
-    fit's step number, for an estimator with a schedule (`takes_step`: Concrete's temperature); None outside a fit."""
+    fit's step number, for an estimator with a schedule (`takes_step`: Concrete's temperature); None outside a fit.
+    `guard`: on the pathwise path, drop particles whose gradient is not finite (`_drop_nonfinite_gradients`;
+    the identity when all are: bbvi.fit's step leaves it off and redoes a step whose gradient is not finite)."""
     if plan.whole is not None:
         whole = plan.whole
         if getattr(whole, "stateful", False):  # state of its own (RELAX's surrogate), kept like a baseline's
@@ -164,7 +166,7 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     p = evaluate(model, u, k, grad=pathwise)
     if lq_draw is not None:
         p = dataclasses.replace(p, log_q_c=lq_draw)
-    if pathwise and u.requires_grad:
+    if pathwise and u.requires_grad and guard:
         p = _drop_nonfinite_gradients(p)
     if path is not None and not plan.has_discrete:
         alone = path.alone(p, family, pc)
