@@ -1,17 +1,23 @@
 """Per-step speed of bbvi against a hand-written plain-torch step of the same estimator and against Pyro SVI,
-all in one process, on Bayesian logistic regression (mean-field, 16 particles); then how bbvi's step scales
-with particles, data size and latent dimension.
+all in one process, on Bayesian logistic regression (mean-field, 16 particles), and against NumPyro's jitted
+SVI in a separate JAX virtualenv; then how bbvi's step scales with particles, data size and latent dimension.
 
 Run by `make bench` (writes results/bench.csv, results/bench_scaling.csv, results/bench.md, results/bench.png),
 which then runs bench_converged.py and regenerates the README's speed section.
 Timing: each contender runs `--steps` steps after a warm-up, repeated `--repeats` times round-robin (so drift
 hits all alike); the median time per step is reported, with ratios to the hand-written step.
+NumPyro (JAX) cannot share the torch process: bench_numpyro.py times it in <repo>/.bench-jax (made on demand by
+pip, ~600 MB; --quick only uses it if it is already there) on the same data, in its own process before the torch
+contenders, so not round-robin with them; its one-off JIT compile time is the separate `compile_s` column.
 """
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -119,6 +125,90 @@ def pyro_runner(X, y, estimator, S, lr=0.01):
     return lambda: svi.step(X, y)
 
 
+JAX_ENV = os.path.join(ROOT, ".bench-jax")
+JAX_PACKAGES = ["jax", "jaxlib", "numpyro"]
+
+
+def _jax_python():
+    return os.path.join(JAX_ENV, "Scripts" if os.name == "nt" else "bin", "python")
+
+
+def jax_env(create=True):
+    """The python of the JAX + NumPyro virtualenv at <repo>/.bench-jax, made on demand (venv + pip install of
+    JAX_PACKAGES, pip's output kept in .bench-jax/pip.log; a stamp file marks a finished install). Returns None,
+    having printed "NumPyro skipped: <reason>", when the env is missing and `create` is False, or when making it
+    fails (no network, no index, no venv module)."""
+    py, stamp = _jax_python(), os.path.join(JAX_ENV, ".installed")
+    if os.path.exists(stamp) and os.path.exists(py):
+        return py
+    if not create:
+        why = "no finished install" if os.path.isdir(JAX_ENV) else "no env"
+        print(f"NumPyro skipped: {why} at {JAX_ENV} (--quick does not install it; a full run does)")
+        return None
+    log = os.path.join(JAX_ENV, "pip.log")
+    print(f"making the NumPyro env at {JAX_ENV} (pip install {' '.join(JAX_PACKAGES)}; log in {log})", flush=True)
+    try:
+        if not os.path.exists(py):
+            r = subprocess.run([sys.executable, "-m", "venv", JAX_ENV], capture_output=True, text=True)
+            if r.returncode != 0:
+                print("NumPyro skipped: venv creation failed: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+                return None
+        t = time.perf_counter()
+        with open(log, "w") as f:
+            r = subprocess.run([py, "-m", "pip", "install", "--retries", "2", "--timeout", "30", *JAX_PACKAGES],
+                               stdout=f, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            with open(log) as f:
+                text = f.read()
+            net = any(m in text for m in ("NewConnectionError", "Failed to establish", "Name or service not known",
+                                          "Temporary failure in name resolution", "Network is unreachable"))
+            print(f"NumPyro skipped: pip install failed (exit {r.returncode}"
+                  f"{', no network' if net else ''}); see {log}")
+            return None
+        open(stamp, "w").close()
+        print(f"NumPyro env ready in {time.perf_counter() - t:.0f} s", flush=True)
+        return py
+    except OSError as e:
+        print(f"NumPyro skipped: {e}")
+        return None
+
+
+def numpyro_rows(N, D, S, steps, repeats, create_env=True, sizes=None, timeout=3600):
+    """NumPyro SVI timed by bench_numpyro.py in the JAX env on make_data(N, D) (and make_data(n, D) for each n in
+    `sizes`), written to a temporary .npz; returns its rows (estimator, N, ms_per_step, compile_s, ...) and the
+    versions, or None (with a "NumPyro skipped: ..." line) when the env is unavailable or the run fails."""
+    py = jax_env(create=create_env)
+    if py is None:
+        return None
+    sizes = sorted(set(sizes or [N]))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "data.npz")
+        arrays = {}
+        for n in sizes:
+            X, y = make_data(n, D)
+            arrays[f"X_{n}"], arrays[f"y_{n}"] = X.numpy(), y.numpy()
+        X, y = make_data(N, D)
+        import numpy as np
+        np.savez(path, X=X.numpy(), y=y.numpy(), **arrays)
+        cmd = [py, os.path.join(ROOT, "experiments", "bench_numpyro.py"), path, "--particles", str(S),
+               "--steps", str(steps), "--repeats", str(repeats), "--sizes", ",".join(map(str, sizes))]
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env.pop("PYTHONPATH", None)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"NumPyro skipped: bench_numpyro.py ran past {timeout} s")
+            return None
+    if r.returncode != 0:
+        print("NumPyro skipped: bench_numpyro.py failed: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+        return None
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        print("NumPyro skipped: no JSON line from bench_numpyro.py")
+        return None
+
+
 def time_steps(runners, steps, repeats, warmup=20):
     for run in runners.values():
         for _ in range(warmup):
@@ -133,7 +223,8 @@ def time_steps(runners, steps, repeats, warmup=20):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def per_step_table(N, D, S, steps, repeats, compile_row=True):
+def per_step_table(N, D, S, steps, repeats, compile_row=True, numpyro=None):
+    """`numpyro`: bench_numpyro.py's output (numpyro_rows) or None; its rows at this N join the table."""
     X, y = make_data(N, D)
     rows = []
     for est in ("reparam", "score"):
@@ -144,10 +235,16 @@ def per_step_table(N, D, S, steps, repeats, compile_row=True):
             runners["bbvi + torch.compile(log_joint)"]()
         med = time_steps(runners, steps, repeats)
         base = med["hand-written torch"]
-        label = "reparam" if est == "reparam" else "score + baseline (LOO; pyro: decaying avg)"
+        label = "reparam" if est == "reparam" else "score + baseline (LOO; pyro: decaying avg; numpyro: none)"
         for k, v in med.items():
             rows.append(dict(estimator=label, system=k, ms_per_step=1e3 * v, ratio_to_hand=v / base,
-                             pyro_over_bbvi=med["pyro SVI"] / med["bbvi"] if k == "bbvi" else float("nan")))
+                             pyro_over_bbvi=med["pyro SVI"] / med["bbvi"] if k == "bbvi" else float("nan"),
+                             compile_s=float("nan")))
+        for r in (numpyro or {}).get("rows", []):
+            if r["estimator"] == est and r.get("N", N) == N:
+                rows.append(dict(estimator=label, system="numpyro SVI (jit)", ms_per_step=r["ms_per_step"],
+                                 ratio_to_hand=r["ms_per_step"] / (1e3 * base), pyro_over_bbvi=float("nan"),
+                                 compile_s=r["compile_s"]))
     return rows
 
 
@@ -210,7 +307,11 @@ def main(argv=None):
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
                f"({torch.get_num_threads()} threads), pyro {pyro.__version__}, python {platform.python_version()}")
     print("machine:", machine)
-    per_step = pd.DataFrame(per_step_table(1000, 10, 16, steps, repeats, compile_row=not args.quick))
+    numpyro = numpyro_rows(1000, 10, 16, steps, repeats, create_env=not args.quick)
+    if numpyro:
+        machine += f", numpyro {numpyro['numpyro']} + jax {numpyro['jax']} (separate process)"
+    per_step = pd.DataFrame(per_step_table(1000, 10, 16, steps, repeats, compile_row=not args.quick,
+                                           numpyro=numpyro))
     per_step.to_csv(os.path.join(args.out, "bench.csv"), index=False)
     print(per_step.round(3).to_string(index=False))
     scaling = pd.DataFrame(scaling_rows(steps, args.quick))
@@ -218,7 +319,8 @@ def main(argv=None):
     print(scaling.round(3).to_string(index=False))
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(f"Machine: {machine}\n\nBayesian logistic regression, N=1000, D=10, 16 particles, mean-field; "
-                f"median of {repeats} x {steps} steps.\n\n")
+                f"median of {repeats} x {steps} steps; compile_s: NumPyro's one-off JIT compile (first jitted "
+                "update), not in ms_per_step.\n\n")
         f.write(per_step.to_markdown(index=False, floatfmt=".3f") + "\n\nScaling (bbvi vs hand-written):\n\n")
         f.write(scaling.to_markdown(index=False, floatfmt=".3f") + "\n")
     _figure(scaling, os.path.join(args.out, "bench.png"))
@@ -237,6 +339,8 @@ def _update_readme(out, machine, per_step, scaling):
     replace_readme_block("bench", "Speed", "\n".join([
         f"Regenerated by `make bench` (do not edit by hand). Machine: {machine}.", "",
         "**Per step**, Bayesian logistic regression (N=1000, D=10, 16 particles, mean-field), median of 7 x 200 steps:",
+        "NumPyro runs in its own JAX process (not round-robin with the rest); `compile_s` is its one-off JIT "
+        "compile, left out of its ms_per_step; NumPyro's TraceGraph_ELBO has no baseline.",
         "", per_step.to_markdown(index=False, floatfmt=".3f"), "",
         "**Scaling** (mean-field; `hand` is always the hand-written mean-field step): the bbvi/hand-written "
         f"ratio falls towards 1 as the log-joint's own cost grows (ratios {big.ratio.min():.2f}-{big.ratio.max():.2f} "
