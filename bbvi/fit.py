@@ -100,6 +100,7 @@ class FitState:
     order: dict = dataclasses.field(default_factory=dict)   # the minibatches' permutations and positions
     comm: object = None                  # the ranks of a data-parallel fit (bbvi.distributed), else None
     shard: object = None                 # this rank's model, structure and factor sizes on its rows of the plates
+    guard_until: int = 0                 # steps before this one run with the pathwise guard on (`step`): speed only
 
     def leaves(self):
         return list(self.params["continuous"].values()) + list(self.params["discrete"].values())
@@ -352,6 +353,9 @@ def _rule(schedule, steps, lr, max_steps):
     return Adaptive(**({} if lr is None else {"lr": lr}), **({} if max_steps is None else {"max_steps": max_steps}))
 
 
+GUARD_STEPS = 100
+
+
 def step(state):
     """One step: estimate, check, update. Returns the ELBO estimate (0-dim tensor, possibly NaN if skipped)."""
     opt = state.optimizer
@@ -369,13 +373,16 @@ def step(state):
     # A particle whose log-joint is finite but whose gradient is not would make the whole pathwise gradient NaN.
     # The estimate's guard drops such particles, at a few ops per step; it is the identity when every gradient is
     # finite, so the step goes without it and, only when the gradient comes out non-finite, is done again with it
-    # from the same generator state (the same particles).
-    retry = state.plan.continuous is not None and state.plan.continuous.pathwise
+    # from the same generator state (the same particles); after such a step the guard stays on for GUARD_STEPS
+    # steps (a log-joint that gives NaN gradients often would otherwise pay every step twice). Either way the
+    # result is the same.
+    retry = state.plan.continuous is not None and state.plan.continuous.pathwise and state.step >= state.guard_until
     before = state.generator.get_state() if retry else None
     surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=not retry)
     ok, huge, *finite = _verdict(surrogate, norm, retry)
     if retry and not ok and finite[0]:
         state.generator.set_state(before)
+        state.guard_until = state.step + GUARD_STEPS
         surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=True)
         ok, huge, _ = _verdict(surrogate, norm, True)
     if error is not None:
