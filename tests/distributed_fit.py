@@ -1,11 +1,12 @@
 """A data-parallel fit for tests/test_distributed.py, run under torchrun:
 
-    torchrun --nproc_per_node=2 tests/distributed_fit.py OUT [--kill-at STEP] [--resume]
+    torchrun --nproc_per_node=2 tests/distributed_fit.py OUT [--then-kill-at STEP] [--resume]
 
 Every rank fits the same logistic regression (N = 2000, D = 3, plates {"obs": ("X", "y")}) with
-distributed=True and writes its fitted parameters, ELBO trace and status to OUT.<rank>.pt; the checkpoint is
-OUT.ck (every 100 steps). --kill-at STEP: rank 1 kills itself (SIGKILL) after STEP steps. --resume: resume
-from OUT.ck.
+distributed=True and writes its fitted parameters, ELBO trace and status to OUT.full.<rank>.pt (checkpoints in
+OUT.full.ck, every 100 steps). --then-kill-at STEP: then the same fit again, checkpointed to OUT.kill.ck, whose
+rank 1 kills itself (SIGKILL) after STEP steps. --resume: resume that fit from OUT.kill.ck, writing
+OUT.kill.<rank>.pt.
 """
 import argparse
 import os
@@ -38,20 +39,29 @@ def model():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--kill-at", type=int)
+    ap.add_argument("--then-kill-at", type=int)
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     def kill(state):
-        if dist.get_rank() == 1 and state.step == args.kill_at:
+        if dist.get_rank() == 1 and state.step == args.then_kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return False
-    fit = bbvi.fit(model(), distributed=True, checkpoint=args.out + ".ck", checkpoint_every=100,
-                   resume=args.out + ".ck" if args.resume else None,
-                   callbacks=[kill] if args.kill_at else (), **SETTINGS)
-    torch.save({"params": fit.params, "elbo": fit.elbo, "status": fit.status, "settings": {k: str(v) for k, v in fit.settings.items()},
-                "mean": fit.unconstrained_mean(), "cov": fit.unconstrained_covariance(), "num_steps": fit.num_steps}, f"{args.out}.{dist.get_rank()}.pt")
+
+    def run(name, **kw):
+        fit = bbvi.fit(model(), distributed=True, checkpoint=f"{args.out}.{name}.ck", checkpoint_every=100,
+                       **kw, **SETTINGS)
+        torch.save({"params": fit.params, "elbo": fit.elbo, "status": fit.status,
+                    "settings": {k: str(v) for k, v in fit.settings.items()}, "mean": fit.unconstrained_mean(),
+                    "cov": fit.unconstrained_covariance(), "num_steps": fit.num_steps},
+                   f"{args.out}.{name}.{dist.get_rank()}.pt")
+    if args.resume:
+        run("kill", resume=f"{args.out}.kill.ck")
+        return
+    run("full")
+    if args.then_kill_at:
+        run("kill", callbacks=[kill])
 
 
 if __name__ == "__main__":

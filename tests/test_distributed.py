@@ -42,20 +42,18 @@ def test_two_processes_identical_resumable_and_equal_to_one_process(tmp_path):
     trace are bit-identical on both ranks; a fit whose rank 1 is killed (SIGKILL) at step 250 and resumed under
     torchrun from its step-200 checkpoint ends bit for bit where the uninterrupted fit did, on both ranks; the
     means are within 0.05 posterior sd of a one-process full-data fit."""
-    run = _torchrun(tmp_path / "full")
-    assert run.returncode == 0, run.stderr[-3000:]
-    r0, r1 = _load(tmp_path / "full.0.pt"), _load(tmp_path / "full.1.pt")
+    run = _torchrun(tmp_path / "fit", "--then-kill-at", "250")   # the uninterrupted fit, then the killed one
+    assert run.returncode != 0 and not (tmp_path / "fit.kill.0.pt").exists()
+    r0, r1 = _load(tmp_path / "fit.full.0.pt"), _load(tmp_path / "fit.full.1.pt")
     assert _same(r0, r1) and torch.equal(r0["elbo"], r1["elbo"])
     assert r0["status"] == "completed" and r0["num_steps"] == distributed_fit.STEPS
     assert r0["settings"]["distributed"] == "2"
 
-    killed = _torchrun(tmp_path / "kill", "--kill-at", "250")
-    assert killed.returncode != 0 and not (tmp_path / "kill.0.pt").exists()
-    assert bbvi.saving.read(str(tmp_path / "kill.ck"), "checkpoint")["step"] == 200
-    resumed = _torchrun(tmp_path / "kill", "--resume")
+    assert bbvi.saving.read(str(tmp_path / "fit.kill.ck"), "checkpoint")["step"] == 200
+    resumed = _torchrun(tmp_path / "fit", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for rank in (0, 1):
-        again = _load(tmp_path / f"kill.{rank}.pt")
+        again = _load(tmp_path / f"fit.kill.{rank}.pt")
         assert _same(r0, again) and torch.equal(r0["elbo"], again["elbo"])
 
     settings = dict(distributed_fit.SETTINGS, subsample_size=None)
