@@ -50,11 +50,12 @@ def rank_state(state):
 
 
 def load_rank(state, own):
-    """Put a rank's own state (`rank_state`, from a checkpoint's "ranks") into its FitState."""
+    """Put a rank's own state (`rank_state`: from a checkpoint's "ranks", or the checkpoint itself, which holds
+    rank 0's) into its FitState."""
     ref = next(iter(state.leaves()))
     state.generator.set_state(own["generator"].to(state.generator.get_state().device))
     state.baseline_state = {k: v.to(ref.device) for k, v in own["baseline_state"].items()}
-    state.order = {k: v.to(ref.device) if k.startswith("perm/") else v for k, v in own["order"].items()}
+    state.order = {k: v.to(ref.device) if k.startswith("perm/") else v for k, v in own.get("order", {}).items()}
 
 
 def read_checkpoint(state, path, settings, *, length_may_differ=False):
@@ -83,9 +84,8 @@ def load_checkpoint(state, ck):
             for k, t in grp.items():
                 t.copy_(ck["params"][g][k])
     state.optimizer.load_state_dict(ck["optimizer"])
-    state.generator.set_state(ck["generator"].to(state.generator.get_state().device))
+    load_rank(state, ck)
     ref = next(iter(state.leaves()))
-    state.baseline_state = {k: v.to(ref.device) for k, v in ck["baseline_state"].items()}
     state.elbo = [e.to(ref.device) for e in ck["elbo"]]
     state.step = ck["step"]
     state.num_failed_steps = ck["num_failed_steps"]
@@ -95,7 +95,6 @@ def load_checkpoint(state, ck):
     state.num_raised_steps, state.last_exception = ck["num_raised_steps"], ck["last_exception"]
     if state.tracker is not None:
         state.tracker.load_state_dict(ck["tracker"], ref.device)
-    state.order = {k: v.to(ref.device) if k.startswith("perm/") else v for k, v in ck.get("order", {}).items()}
     return state
 
 
