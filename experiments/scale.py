@@ -222,7 +222,7 @@ def main(argv=None):
         every = 10 if n <= 10000 else 25
         torch.set_num_threads(2)
         runs = []
-        for start in ("auto", "zero"):   # the first: the default full-data fit, the reference
+        for start in ("auto",) if args.quick else ("auto", "zero"):   # first: the default full-data fit, the reference
             for method in ("full data", "minibatch") + (() if args.quick else ("2-process full data",)):
                 if method.startswith("2-process"):
                     row, trace = two_process(n, method, start, every, cap, max_steps, args.out)

@@ -191,4 +191,4 @@ def test_a_particle_with_a_nan_gradient_is_dropped_not_the_step():
 def test_many_nan_gradients_are_warned_not_silent():
     """Where a third of q's mass has NaN gradients, dropping them biases the fit: the warning says so."""
     with pytest.warns(bbvi.ReliabilityWarning, match="NaN/inf log-joint or gradient"):
-        bbvi.fit(_nan_gradient_model(1.5), estimator="reparam", seed=0)
+        bbvi.fit(_nan_gradient_model(1.5), estimator="reparam", seed=0, max_steps=1500)
