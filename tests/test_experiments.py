@@ -19,6 +19,16 @@ def test_run_all_quick(tmp_path):
     import pandas as pd
     block = flows.readme_block(str(tmp_path), pd.read_csv(tmp_path / "accuracy.csv"))  # the README's flows block
     assert "map flow reparam" in block and "Flows against the best Gaussian" in block
+    import natural   # run by run_all above (this was tests/test_natural_experiment.py, which ran it a second time)
+    runs, pdb = pd.read_csv(tmp_path / "natural_runs.csv"), pd.read_csv(tmp_path / "natural_posteriordb.csv")
+    assert set(runs.optimizer) == {"adam", "natural"} and set(runs.estimator) == {"score+loo", "reparam"}
+    for stem in ("natural_runs", "natural_rho", "natural_posteriordb"):
+        assert (tmp_path / f"{stem}.csv").stat().st_size > 100
+    assert (tmp_path / "natural.md").read_text().count("|") > 10
+    assert (tmp_path / "natural.png").stat().st_size > 5000
+    assert len(pdb) == 2 and pdb.raised.isna().all()
+    assert "Regenerated" in natural.readme_block(str(tmp_path))
+    assert (tmp_path / "scale.md").read_text().count("|") > 10 and (tmp_path / "scale.png").stat().st_size > 5000
 
 
 def test_bench_quick(tmp_path):
