@@ -22,25 +22,33 @@ import policy_gradient
 import rao_blackwell
 import scale
 
+MODULES = (defaults, accuracy, flows, gradient_variance, convergence, discrete, rao_blackwell, natural, blackbox,
+           policy_gradient, greeks, scale)
+PARTS = ("defaults", "accuracy", "flows", "convergence", "discrete", "rao_blackwell", "natural", "blackbox",
+         "policy_gradient", "greeks", "scale")   # the tables gathered in experiments.md, in order
+
+
 def main(argv=None):
     args = parse(__doc__.splitlines()[0], argv)
     passthrough = ["--out", args.out, "--jobs", str(args.jobs)] + (["--quick"] if args.quick else [])
     times = {}
-    for mod in (defaults, accuracy, flows, gradient_variance, convergence, discrete, rao_blackwell, natural, blackbox,
-                policy_gradient, greeks, scale):
+    for mod in MODULES:
         t = time.perf_counter()
         print(f"== {mod.__name__}", flush=True)
         mod.main(passthrough)
         times[mod.__name__] = time.perf_counter() - t
-    parts = [open(os.path.join(args.out, f"{s}.md")).read() for s in
-             ("defaults", "accuracy", "flows", "convergence", "discrete", "rao_blackwell", "natural", "blackbox",
-              "policy_gradient", "greeks", "scale")]
-    summary = "\n".join(parts) + "\n" + "Run times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n"
-    with open(os.path.join(args.out, "experiments.md"), "w") as f:
-        f.write(summary)
+    summarize(args.out, times)
     if not args.quick:
         _update_readme(args.out)
     print(f"wrote {args.out}/experiments.md")
+
+
+def summarize(out, times):
+    """experiments.md: every experiment's table (PARTS) and the run times."""
+    parts = [open(os.path.join(out, f"{s}.md")).read() for s in PARTS]
+    summary = "\n".join(parts) + "\n" + "Run times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n"
+    with open(os.path.join(out, "experiments.md"), "w") as f:
+        f.write(summary)
 
 
 def _update_readme(out):
