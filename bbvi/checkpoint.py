@@ -55,7 +55,9 @@ def load_rank(state, own):
     ref = next(iter(state.leaves()))
     state.generator.set_state(own["generator"].to(state.generator.get_state().device))
     state.baseline_state = {k: v.to(ref.device) for k, v in own["baseline_state"].items()}
-    state.order = {k: v.to(ref.device) if k.startswith("perm/") else v for k, v in own.get("order", {}).items()}
+    state.order = {k: v if k.startswith("pos/") else v.to(ref.device) for k, v in own.get("order", {}).items()}
+    if state.anchor is not False:   # the control variates' sums at the saved anchor point: computed again
+        state.anchor = None
 
 
 def read_checkpoint(state, path, settings, *, length_may_differ=False):
@@ -128,7 +130,7 @@ def setting(value):
 
 # What a step (and the adaptive rule's look at it) changes, besides the tensors and the rule's state.
 _STEP_FIELDS = ("step", "num_failed_steps", "num_rescaled_steps", "consecutive_failures", "last_failure",
-                "num_bad_particles", "num_raised_steps", "last_exception", "baseline_state", "order")
+                "num_bad_particles", "num_raised_steps", "last_exception", "baseline_state", "order", "anchor")
 
 
 class Keeper:

@@ -192,6 +192,7 @@ class Model:
         from .subsample import check_plates
         self.plates = check_plates(plates, self.data)
         self.factor_scale = None   # {factor: N / B} on a minibatch (bbvi.subsample.batch_model)
+        self.factor_anchor = None  # {factor: its control variate} on an anchored minibatch (bbvi.subsample.Anchor)
         self.name = name or getattr(log_joint, "__name__", "model")
         self.derived = derived
         self.vectorized = bool(vectorized)
@@ -334,19 +335,23 @@ class Model:
     def call(self, z):
         """The user's log-joint on constrained values z (dict name -> (S, *shape)) -> (S,); a dict of factor
         terms is summed (`terms_matrix(...).sum(-1)`), a minibatch's plate factors scaled by N / B."""
-        out = self._scaled(self.call_raw(z))
+        out = self._scaled(self.call_raw(z), z)
         return terms_matrix(out).sum(-1) if isinstance(out, dict) else out
 
-    def _scaled(self, out):
+    def _scaled(self, out, z):
         if not self.factor_scale or not isinstance(out, dict):
             return out
-        return {k: v * self.factor_scale[k] if k in self.factor_scale else v for k, v in out.items()}
+        out = {k: v * self.factor_scale[k] if k in self.factor_scale else v for k, v in out.items()}
+        for k, control in (self.factor_anchor or {}).items():
+            out[k] = control.add_to(out[k], z)
+        return out
 
-    def with_data(self, data, factor_scale=None):
-        """A copy of the model on other data (a minibatch of its plates), plate factors scaled by `factor_scale`."""
+    def with_data(self, data, factor_scale=None, factor_anchor=None):
+        """A copy of the model on other data (a minibatch of its plates), plate factors scaled by `factor_scale`
+        (and corrected by `factor_anchor`'s control variates, bbvi.subsample)."""
         m = Model.__new__(Model)
         m.__dict__.update(self.__dict__)
-        m.data, m.factor_scale = data, factor_scale
+        m.data, m.factor_scale, m.factor_anchor = data, factor_scale, factor_anchor
         return m
 
     def call_raw(self, z):
@@ -366,7 +371,7 @@ class Model:
         z, ladj_parts = self.constrain(u, per_element=True)
         if discrete:
             z.update(discrete)
-        return torch.cat([terms_matrix(self._scaled(self.call_raw(z)))] + ladj_parts, -1)
+        return torch.cat([terms_matrix(self._scaled(self.call_raw(z), z))] + ladj_parts, -1)
 
     def preconditioner_log_det(self):
         """The constant log-Jacobian of the whitening u_model = shift + scale * u (0 without one)."""

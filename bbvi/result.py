@@ -382,12 +382,14 @@ class Result:
         bstate = (self.baseline_state if plan.baseline == self.plan.baseline and self.baseline_state
                   else init_baseline_state(plan, ref.device, ref.dtype))
         out, order = [], {}
+        from .subsample import anchored, minibatch, structure_rows
+        anchor = (None if self.batch is not None and self.settings.get("subsample_cv") and self.structure is None
+                  and anchored(self.batch, self.model, self.discrete) else False)
         for _ in range(num_samples):
             model, structure = self.model, self.structure
             if self.batch is not None:  # a minibatch fit's gradients: each estimate on its own minibatch
-                from .subsample import batch_model, next_batch, structure_rows
-                idx, order = next_batch(self.batch, sizes(model), order, g)
-                model = batch_model(model, idx)
+                mean = None if anchor is False else self.family.mean(params["continuous"])
+                model, idx, order, anchor = minibatch(model, self.batch, order, g, anchor, mean)
                 if structure is not None:
                     structure = structure.select(structure_rows(self.report.factors, idx,
                                                                 structure.continuous.shape[0]))

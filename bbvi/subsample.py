@@ -8,12 +8,21 @@ than B rows are left), and scales that factor by N / B exactly once (`batch_mode
 and gradient are unbiased for the full data's. Rao-Blackwellized score terms (a factor-dict log-joint) use the
 full data's dependency structure, restricted to the minibatch's rows (`structure_rows`). The permutations and positions (`order`) are part of the fit's
 state: checkpointed, so a resumed fit draws the same rows.
+
+Control variates (`Control`, bbvi.fit's subsample_cv=True, the default where every latent is continuous): the
+plain N / B scaling's noise grows with N / B, and on a million rows a fit at B = 1024 stops 0.17 posterior sd off
+because its step noise, not its bias, dominates. Each plate factor is then estimated around its first-order
+Taylor expansion at an anchor point z0 (q's mean, set again at the start of every epoch: the factor's sum and
+gradient over all rows at one point, about 1/S of an epoch's work): only the Taylor remainder is subsampled, and
+on a concentrated posterior it is tiny. The estimate stays exact in expectation over the minibatches; the anchor
+point is part of `order`, so a checkpoint holds it.
 """
 import torch
 
 from .errors import ConfigError, ModelError
 
-__all__ = ["check_plates", "sizes", "check_subsample", "next_batch", "batch_model", "structure_rows"]
+__all__ = ["check_plates", "sizes", "check_subsample", "next_batch", "batch_model", "structure_rows", "Anchor",
+           "anchored", "minibatch", "thinned"]
 
 
 def check_plates(plates, data):
@@ -88,8 +97,9 @@ def next_batch(batch, n, order, generator):
     return idx, new
 
 
-def batch_model(model, idx):
-    """The model on the rows `idx` ({plate: (B,)}) of its plates, each plate's factor scaled by N / B."""
+def batch_model(model, idx, anchor=None):
+    """The model on the rows `idx` ({plate: (B,)}) of its plates, each plate's factor scaled by N / B; with an
+    `Anchor`, each plate's factor also gets its control variate (`Control`)."""
     n = sizes(model)
     data = dict(model.data)
     for p, rows in idx.items():
@@ -97,7 +107,91 @@ def batch_model(model, idx):
             data[k] = model.data[k].index_select(0, rows.to(model.data[k].device))
     before = model.factor_scale or {}   # a data-parallel rank's shard is already scaled (bbvi.distributed)
     scale = {**before, **{p: before.get(p, 1.0) * n[p] / rows.numel() for p, rows in idx.items()}}
-    return model.with_data(data, factor_scale=scale)
+    out = model.with_data(data, factor_scale=scale)
+    if anchor is not None:
+        here = plate_sums(out, anchor.point, list(idx))
+        out.factor_anchor = {}
+        for p, rows in idx.items():
+            (total, grad), (part, part_grad), r, s0 = anchor.sums[p], here[p], n[p] / rows.numel(), before.get(p, 1.0)
+            out.factor_anchor[p] = Control(anchor.point, s0 * (total - r * part),
+                                           {k: s0 * (grad[k] - r * part_grad[k]) for k in grad})
+    return out
+
+
+class Control:
+    """A plate factor's control variate on a minibatch (a difference estimator: Quiroz, Kohn, Villani and Tran
+    2019, "Speeding up MCMC by efficient data subsampling"; for stochastic gradients, Baker, Fearnhead, Fox and
+    Nemeth 2019, "Control variates for stochastic gradient MCMC"). With l_n the factor's term for row n and
+    z0 the anchor point, the factor's full-data sum is estimated by
+
+        s0 * [ L + G . (z - z0) + (N / B) sum over the batch of (l_n(z) - l_n(z0) - g_n . (z - z0)) ]
+
+    where L and G are its sum and gradient over all N rows at z0 and g_n the rows' gradients at z0 (only their
+    batch sum is needed, and it is a gradient of the batch's sum). The bracket's last term is the Taylor
+    remainder: near z0 it is O(|z - z0|^2), so on a posterior that concentrates (large N) the minibatch noise of
+    the factor and of its gradient falls by orders of magnitude; over every minibatch it averages to the full
+    data's sum exactly, like the plain N / B scaling (`add_to` adds const + slope . (z - z0), spread evenly over
+    the batch's terms, to the scaled terms)."""
+
+    def __init__(self, point, const, slope):
+        self.point, self.const, self.slope = point, const, slope
+
+    def add_to(self, terms, z):
+        shift = self.const + sum((self.slope[k] * (z[k] - self.point[k])).reshape(terms.shape[0], -1).sum(-1)
+                                 for k in self.slope)
+        return terms + (shift / terms[0].numel()).reshape(-1, *[1] * (terms.dim() - 1))
+
+
+class Anchor:
+    """The point z0 of the minibatch control variates (constrained values {latent: tensor}, q's mean when it was
+    set) with every plate factor's sum and gradient over the model's rows there: {plate: (L, {latent: G})}."""
+
+    def __init__(self, model, point, plates):
+        self.point, self.sums = point, plate_sums(model, point, plates)
+        self.finite = bool(torch.stack([torch.isfinite(t).all() for total, grad in self.sums.values()
+                                        for t in (total, *grad.values())]).all())
+
+
+def plate_sums(model, point, plates):
+    """{plate: (sum of its factor's terms at `point`, {latent: its gradient there})} on the model's rows,
+    unscaled."""
+    z = {k: v.detach().unsqueeze(0).requires_grad_(True) for k, v in point.items()}
+    with torch.enable_grad():
+        out = model.call_raw(z)
+        sums = {}
+        for i, p in enumerate(plates):
+            total = out[p].sum()
+            grads = torch.autograd.grad(total, list(z.values()), retain_graph=i + 1 < len(plates), allow_unused=True)
+            sums[p] = (total.detach(), {k: torch.zeros_like(point[k]) if g is None else g[0]
+                                        for k, g in zip(z, grads)})
+    return sums
+
+
+def anchored(batch, model, discrete):
+    """Whether a minibatch fit uses the control variates: some plate is subsampled (B < N) and every latent is
+    continuous (a Taylor expansion needs one)."""
+    n = sizes(model)
+    return batch is not None and any(b < n[p] for p, b in batch.items()) and not discrete.spec and model.dim > 0
+
+
+def minibatch(model, batch, order, generator, anchor=False, mean=None):
+    """The next step's minibatch: (the model on its rows, their indices {plate: (B,)}, the new order, the
+    anchor). anchor: False (no control variates), None (anchored, its sums not yet computed: after a resume) or
+    the current `Anchor`; a new one is set at q's mean `mean` (unconstrained, (D,)) whenever a plate starts a new
+    epoch, and its point is kept in the order ('anchor/<latent>'), so that a checkpoint holds it."""
+    idx, order = next_batch(batch, sizes(model), order, generator)
+    if anchor is False:
+        return batch_model(model, idx), idx, order, False
+    new_epoch = any(int(order[f"pos/{p}"]) == b for p, b in batch.items())
+    if new_epoch or not any(k.startswith("anchor/") for k in order):
+        with torch.no_grad():
+            z, _ = model.constrain(mean.detach().unsqueeze(0))
+        order = {**{k: v for k, v in order.items() if not k.startswith("anchor/")},
+                 **{f"anchor/{k}": v[0] for k, v in z.items()}}
+    if new_epoch or anchor is None:
+        anchor = Anchor(model, {k[len("anchor/"):]: v for k, v in order.items() if k.startswith("anchor/")},
+                        list(batch))
+    return batch_model(model, idx, anchor if anchor.finite else None), idx, order, anchor   # NaN at q's mean: none
 
 
 def structure_rows(factors, idx, num_elements):
@@ -110,3 +204,19 @@ def structure_rows(factors, idx, num_elements):
         offset += n
     rows.append(torch.arange(offset, num_elements))
     return torch.cat(rows)
+
+
+def thinned(model, factors, size, generator, at):
+    """The model on `size` rows (drawn from `generator`) of each plate with more than 2 * size whose factor has a
+    term per row (`factors`: the CheckReport's ((name, number of elements), ...)), scaled and with control
+    variates anchored at the unconstrained point `at` (D,): a cheap stand-in for the full data's log density
+    near `at` (the end-of-fit mode search climbs it on big data); the model itself when no plate is that large."""
+    n, terms = sizes(model), dict(factors or ())
+    idx = {p: torch.randperm(n[p], generator=generator, device=generator.device)[:size]
+           for p in n if n[p] > 2 * size and terms.get(p) == n[p]}
+    if not idx:
+        return model
+    with torch.no_grad():
+        z, _ = model.constrain(at.detach().unsqueeze(0))
+    anchor = Anchor(model, {k: v[0] for k, v in z.items()}, list(idx))
+    return batch_model(model, idx, anchor if anchor.finite else None)

@@ -1,6 +1,7 @@
 """Plates and minibatch fits (subsample_size): the scaled minibatch log density and its gradient average exactly
 to the full data's over every possible minibatch, an epoch visits every row once, a minibatch fit agrees with the
-full-data fit, resumes bit for bit, and bad plates or sizes are clear errors."""
+full-data fit, resumes bit for bit, and bad plates or sizes are clear errors. The minibatch control variates
+(subsample_cv, on by default) keep the exact average and cut the rows' noise."""
 import dataclasses
 import itertools
 import math
@@ -10,7 +11,7 @@ import torch
 from torch.distributions import Bernoulli, Normal
 
 import bbvi
-from bbvi.subsample import batch_model, next_batch, sizes
+from bbvi.subsample import Anchor, batch_model, next_batch, sizes
 from fitcheck import assert_same_fit
 
 F64 = torch.float64
@@ -48,6 +49,73 @@ def test_the_mean_over_every_minibatch_is_the_full_data_value():
     assert len(values) == math.comb(6, 2)
     torch.testing.assert_close(torch.stack(values).mean(0), full.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.stack(grads).mean(0), full_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("base_scale", [None, 3.0])
+def test_with_control_variates_the_mean_over_every_minibatch_is_still_the_full_data_value(base_scale):
+    """N = 6, B = 2, the control variates anchored at a point away from the particles (and, as on a data-parallel
+    rank, on a model whose plate factor is already scaled): the 15 minibatches' log densities and gradients
+    average to the full data's exactly."""
+    model = _model(6)
+    if base_scale is not None:
+        model = model.with_data(model.data, factor_scale={"obs": base_scale})
+    anchor = Anchor(model, {"w": torch.tensor([0.3, -0.2, 0.1], dtype=F64)}, ["obs"])
+    u = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=F64, requires_grad=True)
+    full = model.log_density(u)
+    full_grad, = torch.autograd.grad(full.sum(), u)
+    values, grads = [], []
+    for rows in itertools.combinations(range(6), 2):
+        part = batch_model(model, {"obs": torch.tensor(rows)}, anchor)
+        assert set(part.factor_anchor) == {"obs"}
+        lp = part.log_density(u)
+        values.append(lp.detach())
+        grads.append(torch.autograd.grad(lp.sum(), u)[0])
+    torch.testing.assert_close(torch.stack(values).mean(0), full.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.stack(grads).mean(0), full_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_control_variates_cut_the_minibatch_noise_of_the_gradient():
+    """N = 20000 rows, B = 100, q at the MAP/Laplace start: with the control variates the minibatch gradients
+    keep the full-data gradient's mean (within 4 standard errors) and their variance falls far below the plain
+    N / B scaling's (measured: 0.0009x; the bound is 0.05x)."""
+    model = _model(20000)
+    start = bbvi.fit(model, steps=0, diagnose=False)
+    samples = {}
+    for cv in (True, False):
+        res = dataclasses.replace(start, batch={"obs": 100},
+                                  settings=dict(start.settings, subsample_size=100, subsample_cv=cv))
+        samples[cv] = res.gradient_samples(300, seed=1)
+    full = start.gradient_samples(300, seed=2)
+    se = (samples[True].var(0) / 300 + full.var(0) / 300).sqrt()
+    assert ((samples[True].mean(0) - full.mean(0)).abs() <= 4 * se).all()
+    ratio = float(samples[True].var(0).sum() / samples[False].var(0).sum())
+    assert ratio < 0.05, ratio
+
+
+def test_a_minibatch_fit_on_many_rows_is_accurate():
+    """N = 50000, B = 256 (N / B ~ 200), the default fit: every mean within 0.1 posterior sd of the MAP/Laplace
+    approximation on the full data (at this N it is close to the posterior) and sds within 10%. Without the
+    control variates the same fit ends 0.043 sd off after 10250 steps; with them 0.018 sd after 650 (measured)."""
+    model = _model(50000)
+    laplace = bbvi.fit(model, steps=0, diagnose=False)
+    fit = bbvi.fit(model, subsample_size=256, diagnose=False)
+    assert fit.status == "converged" and fit.settings["subsample_cv"] is True
+    mean, sd = laplace.unconstrained_mean(), laplace.unconstrained_covariance().diag().sqrt()
+    err = float(((fit.unconstrained_mean() - mean) / sd).abs().max())
+    ratio = fit.unconstrained_covariance().diag().sqrt() / sd
+    assert err < 0.1, err
+    assert ((ratio - 1).abs() < 0.1).all(), ratio
+
+
+def test_which_minibatch_fits_use_control_variates():
+    """On by default where every latent is continuous and some plate is subsampled; off with subsample_cv=False,
+    with Rao-Blackwellized score terms (their dependency structure is per row), and with B >= N."""
+    assert bbvi.init(_model(50), steps=1, subsample_size=5).anchor is None          # None: set at the first step
+    assert bbvi.init(_model(50), steps=1, subsample_size=5, subsample_cv=False).anchor is False
+    assert bbvi.init(_model(50), steps=1, subsample_size=50).anchor is False
+    assert bbvi.init(_model(50), estimator="score", baseline="loo", steps=1, subsample_size=5).anchor is False
+    with pytest.raises(bbvi.ConfigError, match="subsample_cv must be True or False"):
+        bbvi.fit(_model(50), steps=1, subsample_size=5, subsample_cv="yes")
 
 
 def test_an_epoch_visits_every_row_once():
