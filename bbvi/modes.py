@@ -92,8 +92,11 @@ def other_modes(result, u, seed=0, num_starts=16, steps=150, spreads=(2.0, 4.0, 
         return model.log_density(center + sd * y)
 
     from .subsample import thinned
-    climbed = thinned(model, result.report.factors, SEARCH_ROWS, torch.Generator(device=u.device).manual_seed(seed + 2),
-                      center)
+    try:
+        climbed = thinned(model, result.report.factors, SEARCH_ROWS,
+                          torch.Generator(device=u.device).manual_seed(seed + 2), center)
+    except Exception:  # noqa: BLE001 - the log-joint failed on the subsample: climb the full data
+        climbed = model
     g = torch.Generator(device=u.device).manual_seed(seed + 1)
     half = torch.randn(num_starts // 2, model.dim, generator=g, device=u.device, dtype=u.dtype)
     half = half * torch.tensor(spreads, dtype=u.dtype, device=u.device).repeat(num_starts)[:num_starts // 2, None]

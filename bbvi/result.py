@@ -353,7 +353,9 @@ class Result:
         """Tensor (num_samples, P): independent estimates of the ELBO gradient at the fitted q, P the number of
         variational parameters (flattened in the order of `self.params`). estimator/baseline default to the
         fit's own; an EMA baseline starts from the fit's final average and keeps averaging across samples (its
-        value never depends on the current draw, so each estimate stays unbiased). num_samples: a positive int;
+        value never depends on the current draw, so each estimate stays unbiased). A minibatch fit's estimates draw
+        a minibatch each, with its control variates (subsample_cv) anchored at the fitted q's mean: at the anchor
+        they are at their best, so the variance is a lower bound on the fit's own. num_samples: a positive int;
         num_particles: None (the fit's own) or a positive int; seed: an int in [0, 2**63), as for bbvi.fit."""
         where = "fit.gradient_samples"
         num_samples = check_count("num_samples", num_samples, where)
@@ -382,14 +384,14 @@ class Result:
         bstate = (self.baseline_state if plan.baseline == self.plan.baseline and self.baseline_state
                   else init_baseline_state(plan, ref.device, ref.dtype))
         out, order = [], {}
-        from .subsample import anchored, minibatch, structure_rows
-        anchor = (None if self.batch is not None and self.settings.get("subsample_cv") and self.structure is None
-                  and anchored(self.batch, self.model, self.discrete) else False)
+        from .subsample import minibatch, structure_rows, uses_cv
+        anchor = None if uses_cv(str(self.settings.get("subsample_cv")) == "True", self.batch, self.model,
+                                 self.discrete, self.report, self.plan) else False   # as the fit did
         for _ in range(num_samples):
             model, structure = self.model, self.structure
             if self.batch is not None:  # a minibatch fit's gradients: each estimate on its own minibatch
-                mean = None if anchor is False else self.family.mean(params["continuous"])
-                model, idx, order, anchor = minibatch(model, self.batch, order, g, anchor, mean)
+                model, idx, order, anchor = minibatch(model, self.batch, order, g, anchor,
+                                                      lambda: self.family.mean(params["continuous"]))
                 if structure is not None:
                     structure = structure.select(structure_rows(self.report.factors, idx,
                                                                 structure.continuous.shape[0]))

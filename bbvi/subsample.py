@@ -22,7 +22,7 @@ import torch
 from .errors import ConfigError, ModelError
 
 __all__ = ["check_plates", "sizes", "check_subsample", "next_batch", "batch_model", "structure_rows", "Anchor",
-           "anchored", "minibatch", "thinned"]
+           "uses_cv", "minibatch", "thinned"]
 
 
 def check_plates(plates, data):
@@ -108,11 +108,14 @@ def batch_model(model, idx, anchor=None):
     before = model.factor_scale or {}   # a data-parallel rank's shard is already scaled (bbvi.distributed)
     scale = {**before, **{p: before.get(p, 1.0) * n[p] / rows.numel() for p, rows in idx.items()}}
     out = model.with_data(data, factor_scale=scale)
-    if anchor is not None:
-        here = plate_sums(out, anchor.point, list(idx))
+    if anchor is not None and anchor.sums:
+        try:
+            here = plate_sums(out, anchor.point, list(anchor.sums))
+        except Exception:  # noqa: BLE001 - the log-joint raised at the anchor: this step goes without them
+            return out
         out.factor_anchor = {}
-        for p, rows in idx.items():
-            (total, grad), (part, part_grad), r, s0 = anchor.sums[p], here[p], n[p] / rows.numel(), before.get(p, 1.0)
+        for p, (total, grad) in anchor.sums.items():
+            (part, part_grad), r, s0 = here[p], n[p] / idx[p].numel(), before.get(p, 1.0)
             out.factor_anchor[p] = Control(anchor.point, s0 * (total - r * part),
                                            {k: s0 * (grad[k] - r * part_grad[k]) for k in grad})
     return out
@@ -144,12 +147,20 @@ class Control:
 
 class Anchor:
     """The point z0 of the minibatch control variates (constrained values {latent: tensor}, q's mean when it was
-    set) with every plate factor's sum and gradient over the model's rows there: {plate: (L, {latent: G})}."""
+    set) with the subsampled plates' factor sums and gradients over the model's rows there: `sums`, {plate: (L,
+    {latent: G})}; empty, and `finite` False, when the log-joint raised or was not finite there (the steps then go
+    without control variates until the next anchor)."""
 
     def __init__(self, model, point, plates):
-        self.point, self.sums = point, plate_sums(model, point, plates)
-        self.finite = bool(torch.stack([torch.isfinite(t).all() for total, grad in self.sums.values()
-                                        for t in (total, *grad.values())]).all())
+        self.point = {k: v.detach().clone() for k, v in point.items()}
+        try:
+            self.sums = plate_sums(model, self.point, plates)
+            self.finite = bool(torch.stack([torch.isfinite(t).all() for total, grad in self.sums.values()
+                                            for t in (total, *grad.values())]).all())
+        except Exception:  # noqa: BLE001 - any failure of the user's log-joint at q's mean
+            self.sums, self.finite = {}, False
+        if not self.finite:
+            self.sums = {}
 
 
 def plate_sums(model, point, plates):
@@ -161,37 +172,47 @@ def plate_sums(model, point, plates):
         sums = {}
         for i, p in enumerate(plates):
             total = out[p].sum()
-            grads = torch.autograd.grad(total, list(z.values()), retain_graph=i + 1 < len(plates), allow_unused=True)
+            grads = ((None,) * len(z) if not total.requires_grad else
+                     torch.autograd.grad(total, list(z.values()), retain_graph=i + 1 < len(plates), allow_unused=True))
             sums[p] = (total.detach(), {k: torch.zeros_like(point[k]) if g is None else g[0]
                                         for k, g in zip(z, grads)})
     return sums
 
 
-def anchored(batch, model, discrete):
-    """Whether a minibatch fit uses the control variates: some plate is subsampled (B < N) and every latent is
-    continuous (a Taylor expansion needs one)."""
+def uses_cv(setting, batch, model, discrete, report, plan):
+    """Whether a minibatch fit uses the control variates: `setting` (bbvi.fit's subsample_cv) is on, some plate
+    is subsampled (B < N), every latent is continuous (a Taylor expansion needs one), torch can differentiate the
+    log-joint, and the score terms are not Rao-Blackwellized (their dependency structure is per row)."""
+    if not setting or batch is None or discrete.spec or model.dim == 0 or not report.differentiable:
+        return False
+    if report.factors is not None and plan.has_score_terms and not plan.sum_over:
+        return False
     n = sizes(model)
-    return batch is not None and any(b < n[p] for p, b in batch.items()) and not discrete.spec and model.dim > 0
+    return any(b < n[p] for p, b in batch.items())
 
 
 def minibatch(model, batch, order, generator, anchor=False, mean=None):
     """The next step's minibatch: (the model on its rows, their indices {plate: (B,)}, the new order, the
-    anchor). anchor: False (no control variates), None (anchored, its sums not yet computed: after a resume) or
-    the current `Anchor`; a new one is set at q's mean `mean` (unconstrained, (D,)) whenever a plate starts a new
-    epoch, and its point is kept in the order ('anchor/<latent>'), so that a checkpoint holds it."""
+    anchor). anchor: False (no control variates), None (control variates, their sums not yet computed: the first
+    step, or after a resume) or the current `Anchor`. A new anchor is set at q's mean (`mean()`: unconstrained,
+    (D,)) whenever the subsampled plate with the longest epoch (most steps per pass) starts one; its point is
+    kept in the order ('anchor/<latent>'), so that a checkpoint holds it. Plates with B >= N get none (they are
+    whole at every step)."""
     idx, order = next_batch(batch, sizes(model), order, generator)
     if anchor is False:
         return batch_model(model, idx), idx, order, False
-    new_epoch = any(int(order[f"pos/{p}"]) == b for p, b in batch.items())
+    n = sizes(model)
+    plates = [p for p, b in batch.items() if b < n[p]]
+    lead = max(plates, key=lambda p: n[p] / batch[p])
+    new_epoch = int(order[f"pos/{lead}"]) == batch[lead]
     if new_epoch or not any(k.startswith("anchor/") for k in order):
         with torch.no_grad():
-            z, _ = model.constrain(mean.detach().unsqueeze(0))
+            z, _ = model.constrain(mean().detach().clone().unsqueeze(0))
         order = {**{k: v for k, v in order.items() if not k.startswith("anchor/")},
-                 **{f"anchor/{k}": v[0] for k, v in z.items()}}
+                 **{f"anchor/{k}": v[0].clone() for k, v in z.items()}}
     if new_epoch or anchor is None:
-        anchor = Anchor(model, {k[len("anchor/"):]: v for k, v in order.items() if k.startswith("anchor/")},
-                        list(batch))
-    return batch_model(model, idx, anchor if anchor.finite else None), idx, order, anchor   # NaN at q's mean: none
+        anchor = Anchor(model, {k[len("anchor/"):]: v for k, v in order.items() if k.startswith("anchor/")}, plates)
+    return batch_model(model, idx, anchor), idx, order, anchor
 
 
 def structure_rows(factors, idx, num_elements):
@@ -217,6 +238,5 @@ def thinned(model, factors, size, generator, at):
     if not idx:
         return model
     with torch.no_grad():
-        z, _ = model.constrain(at.detach().unsqueeze(0))
-    anchor = Anchor(model, {k: v[0] for k, v in z.items()}, list(idx))
-    return batch_model(model, idx, anchor if anchor.finite else None)
+        z, _ = model.constrain(at.detach().clone().unsqueeze(0))
+    return batch_model(model, idx, Anchor(model, {k: v[0] for k, v in z.items()}, list(idx)))

@@ -107,6 +107,45 @@ def test_a_minibatch_fit_on_many_rows_is_accurate():
     assert ((ratio - 1).abs() < 0.1).all(), ratio
 
 
+def test_a_zero_start_minibatch_fit_with_control_variates_resumes_bit_for_bit(tmp_path):
+    """No preconditioner (the zero start): the anchor point must be a copy of q's mean, not a view that the
+    optimizer moves (a view made the estimate biased and the resume differ). Resumed mid-epoch (N = 600, B = 50:
+    12 steps an epoch; killed at 35) and at an epoch boundary (36)."""
+    model = _model(600)
+    kw = dict(estimator="reparam", steps=60, seed=0, diagnose=False, init_strategy="zero", subsample_size=50)
+    want = bbvi.fit(model, **kw)
+    for stop in (35, 36):
+        path = str(tmp_path / f"ck{stop}.pt")
+        bbvi.fit(model, **kw, checkpoint=path, checkpoint_every=1000, callbacks=[lambda s: s.step == stop])
+        assert_same_fit(want, bbvi.fit(model, **kw, resume=path))
+
+
+def test_the_anchor_moves_with_the_longest_epoch_only():
+    """Two plates: 'obs' (600 rows, B = 50: 12 steps an epoch) and 'site' (20 rows, B = 10: 2 steps): the anchor
+    is set again every 12 steps, not at every plate's wrap; a plate with B >= N gets no control variate."""
+    from bbvi.subsample import minibatch
+    g = torch.Generator().manual_seed(0)
+    d = dict(_data(600), s=torch.randn(20, dtype=F64))
+
+    def lj(z, dd):
+        return dict(_log_joint(z, dd), site=Normal(z["w"][:, :1], 1.0).log_prob(dd["s"]))
+    model = bbvi.Model(lj, {"w": bbvi.Latent(shape=(3,))}, data=d, plates={"obs": ("X", "y"), "site": ("s",)})
+    mean = torch.zeros(3, dtype=F64)
+    order, anchor, made = {}, None, []
+    for t in range(30):
+        mean += 0.01
+        part, idx, order, new = minibatch(model, {"obs": 50, "site": 10}, order, g, anchor, lambda: mean)
+        if new is not anchor:
+            made.append(t)
+            at = mean.clone()
+        anchor = new
+        assert set(part.factor_anchor) == {"obs", "site"}
+    assert made == [0, 12, 24]
+    assert torch.equal(order["anchor/w"], at) and not torch.equal(at, mean)      # set at step 24, not moved
+    part, _, _, new = minibatch(model, {"obs": 50, "site": 20}, {}, g, None, lambda: mean)
+    assert set(new.sums) == {"obs"} and set(part.factor_anchor) == {"obs"}
+
+
 def test_which_minibatch_fits_use_control_variates():
     """On by default where every latent is continuous and some plate is subsampled; off with subsample_cv=False,
     with Rao-Blackwellized score terms (their dependency structure is per row), and with B >= N."""
@@ -114,6 +153,8 @@ def test_which_minibatch_fits_use_control_variates():
     assert bbvi.init(_model(50), steps=1, subsample_size=5, subsample_cv=False).anchor is False
     assert bbvi.init(_model(50), steps=1, subsample_size=50).anchor is False
     assert bbvi.init(_model(50), estimator="score", baseline="loo", steps=1, subsample_size=5).anchor is False
+    fit = bbvi.fit(_model(50), steps=3, subsample_size=5, subsample_cv=False, diagnose=False)
+    assert "subsample_cv" not in fit.settings     # written only when on: older checkpoints compare as before
     with pytest.raises(bbvi.ConfigError, match="subsample_cv must be True or False"):
         bbvi.fit(_model(50), steps=1, subsample_size=5, subsample_cv="yes")
 
