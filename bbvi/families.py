@@ -69,7 +69,11 @@ class MeanField(_Gaussian):
         return params
 
     def rsample(self, params, num, generator):
-        return params["loc"] + params["log_scale"].exp() * self._noise(params, num, generator)
+        return self.transform(params, self._noise(params, num, generator))
+
+    def transform(self, params, noise):
+        """u from standard normal noise (S, D): what rsample does with its draws (bbvi.compiled draws them first)."""
+        return params["loc"] + params["log_scale"].exp() * noise
 
     def log_prob(self, params, u):
         log_scale = params["log_scale"]
@@ -140,7 +144,11 @@ class FullRank(_Gaussian):
         return torch.tril(params["off_diag"], -1) + torch.diag_embed(params["log_diag"].exp())
 
     def rsample(self, params, num, generator):
-        return params["loc"] + self._noise(params, num, generator) @ self.scale_tril(params).T
+        return self.transform(params, self._noise(params, num, generator))
+
+    def transform(self, params, noise):
+        """u from standard normal noise (S, D): what rsample does with its draws (bbvi.compiled draws them first)."""
+        return params["loc"] + noise @ self.scale_tril(params).T
 
     def log_prob(self, params, u):
         L = self.scale_tril(params)

@@ -48,14 +48,20 @@ def log_joint(z, data):
 
 
 def bbvi_runner(X, y, estimator, S, lr=0.01, family="meanfield", compiled=False):
+    """A step of bbvi (eager, or with compiled=True the step bbvi.fit(compile=True) runs: then (runner, seconds
+    its first call took to compile))."""
     D = X.shape[1]
-    lj = torch.compile(log_joint, dynamic=False) if compiled else log_joint
-    model = bbvi.Model(lj, {"w": bbvi.Latent(shape=(D,))}, data={"X": X, "y": y}, name="logreg",
-                       differentiable=True if compiled else None)
+    model = bbvi.Model(log_joint, {"w": bbvi.Latent(shape=(D,))}, data={"X": X, "y": y}, name="logreg")
     state = bbvi.init(model, family, estimator, "loo" if estimator == "score" else "default",
                       num_particles=S, lr=lr, schedule=None, steps=1000, seed=0, init_strategy="zero",
                       dtype=X.dtype)   # the same start and dtype as the hand-written step
-    return lambda: bbvi.step(state)
+    if not compiled:
+        return lambda: bbvi.step(state)
+    from bbvi.compiled import CompiledStep
+    t = time.perf_counter()
+    compiled_step = CompiledStep(state)
+    compiled_step(state, bbvi.step)
+    return (lambda: compiled_step(state, bbvi.step)), time.perf_counter() - t
 
 
 def hand_runner(X, y, estimator, S, lr=0.01):
@@ -224,27 +230,30 @@ def time_steps(runners, steps, repeats, warmup=20):
 
 
 def per_step_table(N, D, S, steps, repeats, compile_row=True, numpyro=None):
-    """`numpyro`: bench_numpyro.py's output (numpyro_rows) or None; its rows at this N join the table."""
+    """`numpyro`: bench_numpyro.py's output (numpyro_rows) or None; its rows at this N join the table, and
+    numpyro_over_bbvi compares each bbvi row with NumPyro's jitted step (> 1: bbvi is faster)."""
     X, y = make_data(N, D)
     rows = []
     for est in ("reparam", "score"):
         runners = {"hand-written torch": hand_runner(X, y, est, S), "bbvi": bbvi_runner(X, y, est, S),
                    "pyro SVI": pyro_runner(X, y, est, S)}
-        if compile_row:  # ~16 s of compilation each, done before the timing
-            runners["bbvi + torch.compile(log_joint)"] = bbvi_runner(X, y, est, S, compiled=True)
-            runners["bbvi + torch.compile(log_joint)"]()
+        compile_s = {}
+        if compile_row:  # compiled before the timing; its compile time is its own column
+            runners["bbvi compile=True"], compile_s["bbvi compile=True"] = bbvi_runner(X, y, est, S, compiled=True)
         med = time_steps(runners, steps, repeats)
         base = med["hand-written torch"]
         label = "reparam" if est == "reparam" else "score + baseline (LOO; pyro: decaying avg; numpyro: none)"
+        jit = [r for r in (numpyro or {}).get("rows", []) if r["estimator"] == est and r.get("N", N) == N]
         for k, v in med.items():
             rows.append(dict(estimator=label, system=k, ms_per_step=1e3 * v, ratio_to_hand=v / base,
                              pyro_over_bbvi=med["pyro SVI"] / med["bbvi"] if k == "bbvi" else float("nan"),
-                             compile_s=float("nan")))
-        for r in (numpyro or {}).get("rows", []):
-            if r["estimator"] == est and r.get("N", N) == N:
-                rows.append(dict(estimator=label, system="numpyro SVI (jit)", ms_per_step=r["ms_per_step"],
-                                 ratio_to_hand=r["ms_per_step"] / (1e3 * base), pyro_over_bbvi=float("nan"),
-                                 compile_s=r["compile_s"]))
+                             numpyro_over_bbvi=(jit[0]["ms_per_step"] / (1e3 * v) if jit and k.startswith("bbvi")
+                                                else float("nan")),
+                             compile_s=compile_s.get(k, float("nan"))))
+        for r in jit:
+            rows.append(dict(estimator=label, system="numpyro SVI (jit)", ms_per_step=r["ms_per_step"],
+                             ratio_to_hand=r["ms_per_step"] / (1e3 * base), pyro_over_bbvi=float("nan"),
+                             numpyro_over_bbvi=float("nan"), compile_s=r["compile_s"]))
     return rows
 
 
@@ -307,11 +316,15 @@ def main(argv=None):
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
                f"({torch.get_num_threads()} threads), pyro {pyro.__version__}, python {platform.python_version()}")
     print("machine:", machine)
-    numpyro = numpyro_rows(1000, 10, 16, steps, repeats, create_env=not args.quick)
+    numpyro = numpyro_rows(1000, 10, 16, steps, repeats, create_env=not args.quick,
+                           sizes=None if args.quick else [1000, 100000])
     if numpyro:
         machine += f", numpyro {numpyro['numpyro']} + jax {numpyro['jax']} (separate process)"
     per_step = pd.DataFrame(per_step_table(1000, 10, 16, steps, repeats, compile_row=not args.quick,
                                            numpyro=numpyro))
+    if not args.quick:   # the same at N = 1e5, where the log-joint's own arithmetic dominates
+        big = pd.DataFrame(per_step_table(100000, 10, 16, max(steps // 10, 10), repeats, numpyro=numpyro))
+        per_step = pd.concat([per_step.assign(N=1000), big.assign(N=100000)], ignore_index=True)
     per_step.to_csv(os.path.join(args.out, "bench.csv"), index=False)
     print(per_step.round(3).to_string(index=False))
     scaling = pd.DataFrame(scaling_rows(steps, args.quick))
@@ -319,8 +332,8 @@ def main(argv=None):
     print(scaling.round(3).to_string(index=False))
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(f"Machine: {machine}\n\nBayesian logistic regression, N=1000, D=10, 16 particles, mean-field; "
-                f"median of {repeats} x {steps} steps; compile_s: NumPyro's one-off JIT compile (first jitted "
-                "update), not in ms_per_step.\n\n")
+                f"median of {repeats} x {steps} steps (N = 1e5: a tenth as many steps); compile_s: the one-off "
+                "compile (NumPyro's first jitted update, bbvi compile=True's first step), not in ms_per_step.\n\n")
         f.write(per_step.to_markdown(index=False, floatfmt=".3f") + "\n\nScaling (bbvi vs hand-written):\n\n")
         f.write(scaling.to_markdown(index=False, floatfmt=".3f") + "\n")
     _figure(scaling, os.path.join(args.out, "bench.png"))
@@ -338,9 +351,10 @@ def _update_readme(out, machine, per_step, scaling):
         converged = f.read()
     replace_readme_block("bench", "Speed", "\n".join([
         f"Regenerated by `make bench` (do not edit by hand). Machine: {machine}.", "",
-        "**Per step**, Bayesian logistic regression (N=1000, D=10, 16 particles, mean-field), median of 7 x 200 steps:",
-        "NumPyro runs in its own JAX process (not round-robin with the rest); `compile_s` is its one-off JIT "
-        "compile, left out of its ms_per_step; NumPyro's TraceGraph_ELBO has no baseline.",
+        "**Per step**, Bayesian logistic regression (N=1000 and 1e5, D=10, 16 particles, mean-field), median of 7 x "
+        "200 steps (20 at N=1e5): NumPyro runs in its own JAX process (not round-robin with the rest); `compile_s` "
+        "is the one-off compile (NumPyro's jit, bbvi's compile=True), left out of ms_per_step; numpyro_over_bbvi "
+        "> 1: that bbvi row is faster than NumPyro's jitted step; NumPyro's TraceGraph_ELBO has no baseline.",
         "", per_step.to_markdown(index=False, floatfmt=".3f"), "",
         "**Scaling** (mean-field; `hand` is always the hand-written mean-field step): the bbvi/hand-written "
         f"ratio falls towards 1 as the log-joint's own cost grows (ratios {big.ratio.min():.2f}-{big.ratio.max():.2f} "
