@@ -1,6 +1,8 @@
 """compile=True (bbvi.compiled): the compiled step follows the eager step within rounding on every estimator it
 covers, drops and counts NaN particles as the eager step does, falls back to the eager step where the log-joint
 raises, resumes bit for bit from its checkpoints, and refuses what it does not cover with a ConfigError."""
+import shutil
+
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ import bbvi
 from fitcheck import assert_same_fit
 
 F64 = torch.float64
+pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                reason="torch.compile's CPU backend needs a C++ compiler; none on this machine")
 
 
 def _data(n=200, seed=0):
