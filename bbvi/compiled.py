@@ -15,7 +15,10 @@ the noise to the updated parameters, and torch.compile (TorchInductor) fuses it 
     Adam's update (torch.optim.Adam's arithmetic, on its own state tensors, so checkpoints and resume work as for
     an eager fit)
 
-The host reads one small tensor per step (what the counters need). The results equal the eager step's within
+Inside the graph torch.distributions' argument checks are off (dynamo cannot trace their data-dependent branches;
+it switches them off for the whole process, and bbvi puts the flag back outside the step): a value outside a
+distribution's support then gives a NaN log density, dropped and counted, where the eager step's check raises and
+the particle is dropped and counted as raising. The host reads one small tensor per step (what the counters need). The results equal the eager step's within
 floating-point rounding (the same particles; sums fused in another order), not bit for bit. A step whose log-joint
 raises, or (score path) is -inf at some particle, is redone eagerly from the same generator state: the eager
 step's fault handling is the reference, not copied. `check` refuses what the graph does not cover with a
@@ -25,6 +28,7 @@ import math
 import types
 
 import torch
+from torch.distributions import Distribution
 
 from .errors import ConfigError
 from .estimators.baselines import LOO
@@ -162,7 +166,9 @@ class CompiledStep:
         # a copy of the code object per fit keeps every fit's step in a cache of its own
         self.pure = types.FunctionType(pure.__code__.replace(), pure.__globals__, pure.__name__, None,
                                        pure.__closure__)
+        before = Distribution._validate_args
         self.compiled = torch.compile(self.pure, fullgraph=True, dynamic=False)
+        Distribution._validate_args = before   # dynamo's first torch.compile switches it off for the process
 
     def _adam_state(self, state):
         opt = state.optimizer
@@ -183,6 +189,8 @@ class CompiledStep:
         noise = state.family._noise(pc, state.num_particles, state.generator)
         inputs = ([pc[k].detach() for k in self.names] + [noise] + [a["exp_avg"] for a in adam]
                   + [a["exp_avg_sq"] for a in adam] + [a["step"] for a in adam] + [torch.tensor(lr, dtype=noise.dtype)])
+        validate = Distribution._validate_args
+        Distribution._validate_args = False   # inside the graph only: dynamo cannot trace the checks' branches
         try:
             if self.calls:   # compiled for these shapes and dtypes, which a fit never changes: the guards that
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):   # re-check them cost ~60 us
@@ -190,12 +198,14 @@ class CompiledStep:
             else:
                 out = self.compiled(*inputs)
         except Exception as e:  # noqa: BLE001 - the log-joint raised at some particle, or cannot be compiled
+            Distribution._validate_args = validate
             if isinstance(e, torch._dynamo.exc.TorchDynamoException):
                 raise ConfigError(f"compile=True: torch.compile could not run the step of model "
                                   f"{state.model.name!r} ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
                                   f"use compile=False") from e
             state.generator.set_state(before)
             return eager_step(state)
+        Distribution._validate_args = validate
         self.calls += 1
         k = len(self.names)
         new_p, new_m, new_v, new_steps = out[:k], out[k:2 * k], out[2 * k:3 * k], out[3 * k:4 * k]

@@ -24,7 +24,7 @@ CONFIGS = [("score", "loo"), ("score", "ema"), ("score", "cv"), ("reparam", "def
 def test_conjugate_posteriors(model_name, estimator, baseline):
     model, exact = MODELS[model_name]()
     fit = bbvi.fit(model, estimator=estimator, baseline=baseline, num_particles=16, steps=3000, lr=0.05,
-                   seed=0, dtype=torch.float64)
+                   seed=0, dtype=torch.float64, diagnose=False)
     assert fit.status == "completed" and fit.num_failed_steps == 0
     (name, (mean, sd)), = exact.items()
     draws = fit.sample(100_000, seed=1)[name]
@@ -39,7 +39,7 @@ def test_normal_normal_is_recovered_exactly_by_the_baselined_score_path():
     model, exact = normal_normal()
     mean, sd = exact["mu"]
     for baseline in ["loo", "cv"]:
-        fit = bbvi.fit(model, estimator="score", baseline=baseline, steps=3000, dtype=torch.float64)
+        fit = bbvi.fit(model, estimator="score", baseline=baseline, steps=3000, dtype=torch.float64, diagnose=False)
         assert abs(fit.unconstrained_mean().item() - mean) < 1e-3 * sd
         assert abs(fit.unconstrained_covariance().sqrt().item() / sd - 1) < 1e-3
 
@@ -55,14 +55,14 @@ def mvn_model(cov):
 
 
 def test_fullrank_recovers_a_gaussian_mean_and_covariance():
-    fit = bbvi.fit(mvn_model(TARGET_COV), family="fullrank", estimator="stl", steps=3000, dtype=torch.float64)
+    fit = bbvi.fit(mvn_model(TARGET_COV), family="fullrank", estimator="stl", steps=3000, dtype=torch.float64, diagnose=False)
     torch.testing.assert_close(fit.unconstrained_mean(), TARGET_MEAN, atol=0.02, rtol=0)
     torch.testing.assert_close(fit.unconstrained_covariance(), TARGET_COV, atol=0.03, rtol=0.03)
 
 
 def test_meanfield_recovers_the_inverse_diagonal_of_the_precision():
     """KL(q||p) for diagonal q and Gaussian p is minimised at var_i = 1 / P_ii (not at Sigma_ii)."""
-    fit = bbvi.fit(mvn_model(TARGET_COV), family="meanfield", estimator="stl", steps=3000, dtype=torch.float64)
+    fit = bbvi.fit(mvn_model(TARGET_COV), family="meanfield", estimator="stl", steps=3000, dtype=torch.float64, diagnose=False)
     var = fit.unconstrained_covariance().diagonal()
     expected = 1 / torch.linalg.inv(TARGET_COV).diagonal()
     torch.testing.assert_close(var, expected, rtol=0.03, atol=0)
@@ -73,7 +73,7 @@ def test_lowrank_recovers_a_diagonal_plus_rank_one_covariance():
     v = torch.tensor([0.9, -0.7, 0.4], dtype=torch.float64)
     cov = torch.diag(torch.tensor([0.3, 0.2, 0.5], dtype=torch.float64)) + torch.outer(v, v)
     fit = bbvi.fit(mvn_model(cov), family=bbvi.LowRank(rank=1), estimator="stl", steps=3000,
-                   dtype=torch.float64)
+                   dtype=torch.float64, diagnose=False)
     torch.testing.assert_close(fit.unconstrained_covariance(), cov, atol=0.03, rtol=0.03)
 
 
@@ -118,7 +118,7 @@ def test_discrete_model_reaches_the_exact_meanfield_optimum():
     s_exact, k_exact = cavi_optimum()
     for seed in range(2):
         fit = bbvi.fit(discrete_model(), estimator="score", baseline="loo", steps=3000, seed=seed,
-                       dtype=torch.float64)
+                       dtype=torch.float64, diagnose=False)
         probs = fit.discrete.probs(fit.params["discrete"])
         torch.testing.assert_close(probs["s"][:, 1], s_exact, atol=0.02, rtol=0)
         torch.testing.assert_close(probs["k"], k_exact, atol=0.02, rtol=0)
@@ -141,7 +141,7 @@ def test_mixed_model_auto_uses_pathwise_and_score_together():
     def log_joint(z, data):
         return torch.distributions.Normal(2.0, 0.5).log_prob(z["mu"]) + 1.3 * z["s"]
     model = bbvi.Model(log_joint, {"mu": bbvi.Latent(), "s": bbvi.Latent(support=constraints.boolean)})
-    fit = bbvi.fit(model, estimator="auto", steps=3000, dtype=torch.float64)
+    fit = bbvi.fit(model, estimator="auto", steps=3000, dtype=torch.float64, diagnose=False)
     assert fit.plan.path == "reparam" and fit.plan.has_discrete
     assert abs(fit.unconstrained_mean().item() - 2.0) < 0.02
     assert abs(fit.unconstrained_covariance().sqrt().item() - 0.5) < 0.02
@@ -162,7 +162,7 @@ def numpy_log_joint(z, x):
 def test_numpy_log_joint_is_fitted_by_the_score_path():
     model, exact = normal_normal()
     npmodel = bbvi.Model(numpy_log_joint, {"mu": bbvi.Latent()}, data=model.data, name="numpy_normal")
-    fit = bbvi.fit(npmodel, estimator="auto", steps=3000, dtype=torch.float64)
+    fit = bbvi.fit(npmodel, estimator="auto", steps=3000, dtype=torch.float64, diagnose=False)
     assert fit.plan.path == "score"
     mean, sd = exact["mu"]
     draws = fit.sample(100_000)["mu"]

@@ -92,12 +92,12 @@ def test_nuts_refuses_discrete_latents():
 
 def test_compare_passes_a_good_fit_and_flags_a_wrong_one(nn_reference):
     model, exact, ref, _ = nn_reference
-    good = bbvi.fit(model, estimator="score", baseline="loo", steps=2000, dtype=torch.float64)
+    good = bbvi.fit(model, estimator="score", baseline="loo", steps=2000, dtype=torch.float64, diagnose=False)
     table = bbvi.compare(good, ref)
     assert list(table.index) == ["mu"] and table.loc["mu", "verdict"] == "good"
     assert abs(table.loc["mu", "mean_err_sd"]) < 0.15 and abs(table.loc["mu", "sd_ratio"] - 1) < 0.1
     wrong = bbvi.fit(model, estimator="score", baseline="loo", steps=2000, dtype=torch.float64,
-                     init_strategy="zero")   # the shift below is in the model's own (unwhitened) units
+                     init_strategy="zero", diagnose=False)   # the shift below is in the model's own (unwhitened) units
     with torch.no_grad():
         wrong.params["continuous"]["loc"] += 0.5 * exact["mu"][1]
         wrong.params["continuous"]["log_scale"] += 0.7
@@ -138,8 +138,8 @@ def _correlated():
 
 
 def test_khat_small_for_an_exact_family_and_large_for_meanfield_on_correlation():
-    exact = bbvi.fit(_correlated(), family="fullrank", estimator="stl", steps=3000, dtype=torch.float64)
-    poor = bbvi.fit(_correlated(), family="meanfield", estimator="stl", steps=3000, dtype=torch.float64)
+    exact = bbvi.fit(_correlated(), family="fullrank", estimator="stl", steps=3000, dtype=torch.float64, diagnose=False)
+    poor = bbvi.fit(_correlated(), family="meanfield", estimator="stl", steps=3000, dtype=torch.float64, diagnose=False)
     k_exact, k_poor = exact.diagnostics()["khat"], poor.diagnostics()["khat"]
     assert k_exact < 0.5 and exact.diagnostics()["khat_reading"].startswith("good")
     assert k_poor > 0.7 and poor.diagnostics()["khat_reading"].startswith("not reliable")
@@ -147,7 +147,7 @@ def test_khat_small_for_an_exact_family_and_large_for_meanfield_on_correlation()
 
 def test_importance_resampling_corrects_a_usable_fit_and_refuses_a_bad_one():
     model, exact = gamma_poisson()
-    fit = bbvi.fit(model, steps=2000, dtype=torch.float64)
+    fit = bbvi.fit(model, steps=2000, dtype=torch.float64, diagnose=False)
     with torch.no_grad():      # a deliberately too-wide q: importance sampling can correct it
         fit.params["continuous"]["log_scale"] += 0.3
     raw = fit.sample(20000)["lam"]
@@ -155,7 +155,7 @@ def test_importance_resampling_corrects_a_usable_fit_and_refuses_a_bad_one():
     mean, sd = exact["lam"]
     assert abs(raw.std().item() / sd - 1) > 0.2
     assert abs(fixed.std().item() / sd - 1) < 0.05 and abs(fixed.mean().item() - mean) < 0.05 * sd
-    poor = bbvi.fit(_correlated(), family="meanfield", estimator="stl", steps=2000, dtype=torch.float64)
+    poor = bbvi.fit(_correlated(), family="meanfield", estimator="stl", steps=2000, dtype=torch.float64, diagnose=False)
     with pytest.raises(bbvi.FitError, match="k-hat"):
         importance_resample(poor, 1000)
 
@@ -163,7 +163,7 @@ def test_importance_resampling_corrects_a_usable_fit_and_refuses_a_bad_one():
 def test_plots_write_non_empty_pngs(tmp_path, nn_reference):
     from bbvi import plots
     model, _, ref, _ = nn_reference
-    fit = bbvi.fit(model, steps=300)
+    fit = bbvi.fit(model, steps=300, diagnose=False)
     for name, call in [("elbo", lambda p: plots.plot_elbo(fit, path=p)),
                        ("marginals", lambda p: plots.plot_marginals(fit, ref, path=p)),
                        ("pair", lambda p: plots.plot_pair(fit, ref, path=p)),

@@ -116,7 +116,7 @@ def test_a_zero_start_minibatch_fit_with_control_variates_resumes_bit_for_bit(tm
     want = bbvi.fit(model, **kw)
     for stop in (35, 36):
         path = str(tmp_path / f"ck{stop}.pt")
-        bbvi.fit(model, **kw, checkpoint=path, checkpoint_every=1000, callbacks=[lambda s: s.step == stop])
+        bbvi.fit(model, **kw, checkpoint=path, checkpoint_every=1000, callbacks=[lambda s, stop=stop: s.step == stop])
         assert_same_fit(want, bbvi.fit(model, **kw, resume=path))
 
 
@@ -134,7 +134,7 @@ def test_the_anchor_moves_with_the_longest_epoch_only():
     order, anchor, made = {}, None, []
     for t in range(30):
         mean += 0.01
-        part, idx, order, new = minibatch(model, {"obs": 50, "site": 10}, order, g, anchor, lambda: mean)
+        part, idx, order, new = minibatch(model, {"obs": 50, "site": 10}, order, g, anchor, lambda m=mean: m)
         if new is not anchor:
             made.append(t)
             at = mean.clone()
