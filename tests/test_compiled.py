@@ -8,17 +8,11 @@ import torch
 
 import bbvi
 from fitcheck import assert_same_fit
+from test_subsample import _data   # the same small logistic-regression data
 
 F64 = torch.float64
 pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                                 reason="torch.compile's CPU backend needs a C++ compiler; none on this machine")
-
-
-def _data(n=200, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 3, generator=g, dtype=F64)
-    y = torch.bernoulli(torch.sigmoid(X @ torch.tensor([1.0, -0.5, 0.25], dtype=F64)), generator=g)
-    return {"X": X, "y": y}
 
 
 def _log_joint(z, d):
@@ -34,7 +28,7 @@ def _flaky(z, d):
 
 
 def _model(log_joint=_log_joint, name="logreg"):
-    return bbvi.Model(log_joint, {"w": bbvi.Latent(shape=(3,))}, data=_data(), name=name)
+    return bbvi.Model(log_joint, {"w": bbvi.Latent(shape=(3,))}, data=_data(200), name=name)
 
 
 def _close(a, b, tol):
