@@ -33,6 +33,7 @@ from torch.distributions import Distribution
 from .errors import ConfigError
 from .estimators.baselines import LOO
 from .families import FullRank, MeanField
+from .fit import _overflow_limit
 
 __all__ = ["CompiledStep", "check"]
 
@@ -69,10 +70,6 @@ def check(state):
     return plan.continuous.name
 
 
-def _overflow_limit(dtype):
-    return math.sqrt(torch.finfo(dtype).max) * 1e-3
-
-
 class CompiledStep:
     """The compiled step of one fit (see the module docstring). Call it with the FitState in place of
     bbvi.fit's eager `step`; it returns the ELBO estimate (0-dim) like `step`."""
@@ -82,11 +79,9 @@ class CompiledStep:
         self.names = list(state.params["continuous"])
         self.calls = 0
         group = state.optimizer.param_groups[0]
-        self.beta1, self.beta2 = group["betas"]
-        self.eps = group["eps"]
+        (beta1, beta2), adam_eps = group["betas"], group["eps"]
         model, family, kind, S = state.model, state.family, self.kind, state.num_particles
-        limit, clip = _overflow_limit(next(iter(state.leaves())).dtype), state.clip_grad
-        beta1, beta2, adam_eps = self.beta1, self.beta2, self.eps
+        limit, clip = _overflow_limit(next(iter(state.leaves()))), state.clip_grad   # the eager step's limit
 
         names = self.names
 

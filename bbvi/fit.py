@@ -25,7 +25,7 @@ from .checkpoint import Keeper, load_checkpoint, load_rank, rank_state, read_che
 from .errors import ConfigError, FitError, ReliabilityWarning
 from .convergence import Adaptive, RelativeTolerance
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, plan_for, resolve_estimator
-from .estimators.rao_blackwell import check_baseline, discover
+from .estimators.rao_blackwell import check_baseline, discover, rao_blackwellized
 from .families import Discrete, resolve_family
 from .model import precision_notes
 from .distributed import shard
@@ -213,7 +213,7 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
     plan = plan_for(estimator, model, report, num_particles)
     batch = check_subsample(subsample_size, model, report)
     structure = None
-    if report.factors is not None and plan.has_score_terms and not plan.sum_over:  # Rao-Blackwellized
+    if rao_blackwellized(report, plan):
         check_baseline(plan.baseline)
         structure = discover(model, discrete, report, u.detach()[:2], {n: v[:2] for n, v in k.items()},
                              report.differentiable)

@@ -88,8 +88,8 @@ def other_modes(result, u, seed=0, num_starts=16, steps=150, spreads=(2.0, 4.0, 
     u = u.detach()
     center, sd = u.mean(0), u.std(0).clamp_min(1e-12)
 
-    def f(y):  # the log density in units of q's sd around q's mean
-        return model.log_density(center + sd * y)
+    def f(y, on=model):  # the log density in units of q's sd around q's mean
+        return on.log_density(center + sd * y)
 
     from .subsample import thinned
     try:
@@ -107,7 +107,7 @@ def other_modes(result, u, seed=0, num_starts=16, steps=150, spreads=(2.0, 4.0, 
         for _ in range(steps):
             opt.zero_grad()
             try:
-                lp = climbed.log_density(center + sd * y)
+                lp = f(y, climbed)
             except Exception:  # noqa: BLE001
                 break
             evals += num_starts

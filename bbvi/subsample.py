@@ -185,7 +185,8 @@ def uses_cv(setting, batch, model, discrete, report, plan):
     log-joint, and the score terms are not Rao-Blackwellized (their dependency structure is per row)."""
     if not setting or batch is None or discrete.spec or model.dim == 0 or not report.differentiable:
         return False
-    if report.factors is not None and plan.has_score_terms and not plan.sum_over:
+    from .estimators.rao_blackwell import rao_blackwellized
+    if rao_blackwellized(report, plan):
         return False
     n = sizes(model)
     return any(b < n[p] for p, b in batch.items())
@@ -198,10 +199,10 @@ def minibatch(model, batch, order, generator, anchor=False, mean=None):
     (D,)) whenever the subsampled plate with the longest epoch (most steps per pass) starts one; its point is
     kept in the order ('anchor/<latent>'), so that a checkpoint holds it. Plates with B >= N get none (they are
     whole at every step)."""
-    idx, order = next_batch(batch, sizes(model), order, generator)
+    n = sizes(model)
+    idx, order = next_batch(batch, n, order, generator)
     if anchor is False:
         return batch_model(model, idx), idx, order, False
-    n = sizes(model)
     plates = [p for p, b in batch.items() if b < n[p]]
     lead = max(plates, key=lambda p: n[p] / batch[p])
     new_epoch = int(order[f"pos/{lead}"]) == batch[lead]

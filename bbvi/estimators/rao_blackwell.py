@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from .baselines import EMA, LOO
 from .trick import magic_box
 
-__all__ = ["Structure", "discover", "score_terms"]
+__all__ = ["Structure", "discover", "score_terms", "rao_blackwellized"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,12 @@ class Structure:
         both = torch.cat([self.continuous, self.discrete], 1)
         return {"elements": both.shape[0], "coordinates": both.shape[1],
                 "mean_blanket": float(both.sum(0).double().mean()) if both.shape[1] else 0.0}
+
+
+def rao_blackwellized(report, plan):
+    """Whether a fit's score terms are Rao-Blackwellized: the log-joint returns factor terms, the plan has score
+    terms, and no exact sums replace them (bbvi.fit then discovers the terms' dependency structure)."""
+    return report.factors is not None and plan.has_score_terms and not plan.sum_over
 
 
 def _entries(model, discrete):
