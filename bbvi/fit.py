@@ -12,7 +12,9 @@ plus the convergence test, callbacks, a progress bar and fault handling:
   windows of `check_every` steps: stop when the mean or the median of recent relative changes falls below it.
 """
 import dataclasses
+import functools
 import math
+import operator
 import os
 import sys
 import time
@@ -455,17 +457,26 @@ def _gradient(state, model, structure, guard):
     if state.clip_grad is not None:
         norm = torch.nn.utils.clip_grad_norm_(leaves, state.clip_grad)
     else:  # a sum of norms is finite exactly when every gradient entry is
-        norm = sum(torch._foreach_norm(grads))
+        norm = functools.reduce(operator.add, torch._foreach_norm(grads))
     return surrogate, baseline_state, num_bad, error, raised, norm
 
 
 def _verdict(surrogate, norm, value_too):
     """One host sync: [is the step finite, is its gradient so large that the optimizer's squared-gradient
     statistics would overflow (Adam's v = inf freezes every later update at m / sqrt(v) = 0)] and, with
-    `value_too`, whether the ELBO estimate is finite."""
+    `value_too`, whether the ELBO estimate is finite. The checks are made on the host, on the values in the
+    tensors' dtype (value + norm summed there; the limit rounded to it): the same answers as the tensor
+    comparisons, without their half-dozen small operations per step."""
     value = surrogate.detach()
-    checks = [torch.isfinite(value + norm), norm > _overflow_limit(norm)]
-    return torch.stack(checks + [torch.isfinite(value)] if value_too else checks).tolist()
+    total, norm_value, value_value = torch.stack([value + norm, norm, value]).tolist()
+    checks = [math.isfinite(total), norm_value > _limit_in(norm.dtype)]
+    return checks + [math.isfinite(value_value)] if value_too else checks
+
+
+@functools.lru_cache(maxsize=None)
+def _limit_in(dtype):
+    """_overflow_limit rounded to dtype, as a tensor comparison with it rounds it."""
+    return torch.tensor(math.sqrt(torch.finfo(dtype).max) * 1e-3, dtype=dtype).item()
 
 
 def _saved_int(text):

@@ -239,12 +239,12 @@ class Model:
         return tuple(blocks)
 
     # ---- unconstrained <-> constrained -------------------------------------------------------------------
-    def constrain(self, u, per_element=False):
+    def constrain(self, u, per_element=False, _none=False):
         """u: (S, D) unconstrained -> (dict name -> (S, *shape) constrained, log|det J| (S,)). With a
         preconditioner (shift, scale), u is first mapped to shift + scale * u (its log-Jacobian included).
         per_element=True: the log|det J| as a list of (S, m) pieces, one column per transformed latent element
         (one per latent for a transform that couples its elements), without the preconditioner's constant
-        (`preconditioner_log_det`)."""
+        (`preconditioner_log_det`). _none=True: None instead of zeros where nothing is transformed."""
         S = u.shape[0]
         z, ladj, parts = {}, None, []
         if self.preconditioner is not None:
@@ -269,7 +269,7 @@ class Model:
             ladj = lad if ladj is None else ladj + lad
         if per_element:
             return z, parts
-        return z, (u.new_zeros(S) if ladj is None else ladj)
+        return z, (u.new_zeros(S) if ladj is None and not _none else ladj)
 
     def unconstrain(self, z):
         """dict name -> (S, *shape) constrained continuous values -> (S, D) unconstrained (the inverse of
@@ -293,10 +293,15 @@ class Model:
 
     def log_density(self, u, discrete=None):
         """log p(x, T(u), k) + log|det J_T(u)|, shape (S,): the target density on the unconstrained scale."""
-        z, ladj = self.constrain(u)
+        z, ladj = self.constrain(u, _none=True)
         if discrete:
             z.update(discrete)
-        return self.call(z) + ladj
+        lp = self.call(z)
+        if ladj is None:   # nothing transformed: adding zeros would change nothing here (two operations saved)
+            if torch.is_tensor(lp) and lp.shape == u.shape[:1] and lp.dtype == torch.promote_types(lp.dtype, u.dtype):
+                return lp
+            ladj = u.new_zeros(u.shape[0])
+        return lp + ladj
 
     def log_density_guarded(self, u, discrete=None):
         """`log_density`, but a log-joint that raises (a Cholesky of one particle's kernel matrix that is not

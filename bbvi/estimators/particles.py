@@ -86,9 +86,13 @@ def from_log_p(u, k, lp, error=None):
     """Particles from draws and their log density lp (S,)."""
     if lp.dtype != u.dtype:
         lp = lp.to(u.dtype)
-    valid = torch.isfinite(lp)
     S = lp.shape[0]
-    if bool(valid.all()):  # the common case: plain means, no masking
+    # the common case, every particle finite: a finite sum says so in two small operations (isfinite is four);
+    # a sum that overflows (or is NaN/inf) goes the long way, which says the same where every particle is finite
+    if math.isfinite(lp.sum().item()):
+        return Particles(u, k, lp, lp.new_ones(S, dtype=torch.bool), None, float(S), None, error)
+    valid = torch.isfinite(lp)
+    if bool(valid.all()):  # every particle finite; their sum overflowed
         return Particles(u, k, lp, valid, None, float(S), None, error)
     mask = valid.to(lp.dtype)
     infeasible = lp == -math.inf

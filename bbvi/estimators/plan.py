@@ -174,19 +174,18 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
             return alone, baseline_state, p.num_bad, p.error
 
     # score terms (continuous on the score path, and/or discrete), possibly beside a pathwise part
-    carrier = p.log_p.new_zeros(())
+    carrier = None   # the sum of the parts below (adding them to a zero would give the same bits, ops later)
     score_logq, score_params = None, []
     lq_c = None
     if path is not None:
         extra, lq_c, score_logq, score_params = path.terms(p, family, pc)
-        if extra is not None:
-            carrier = carrier + extra
+        carrier = _plus(carrier, extra)
     f = p.log_p.detach() if lq_c is None else p.log_p.detach() - lq_c.detach()
     if plan.has_discrete:
         lq_d = discrete.log_prob(pd, k)
         f = f - lq_d.detach()
         if plan.sum_over:  # those latents' terms are exact sums; the others keep score terms
-            carrier = carrier + sum_terms(plan.sum_over, model, discrete, pd, u, k)
+            carrier = _plus(carrier, sum_terms(plan.sum_over, model, discrete, pd, u, k))
             lq_d = discrete.log_prob(pd, k, skip=plan.sum_over)
         if lq_d is not None:
             score_logq = lq_d if score_logq is None else score_logq + lq_d
@@ -201,8 +200,14 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
             score_logq = score_logq * p.mask
         term, baseline_state = (plan.baseline or _NO_BASELINE).score_term(f, score_logq, score_params, p, elbo,
                                                                           baseline_state)
-        carrier = carrier + term
+        carrier = _plus(carrier, term)
+    if carrier is None:
+        carrier = p.log_p.new_zeros(())
     return with_gradient(elbo, carrier), baseline_state, p.num_bad, p.error
+
+
+def _plus(carrier, term):
+    return term if carrier is None else carrier if term is None else carrier + term
 
 
 def _drop_nonfinite_gradients(p):
