@@ -64,3 +64,13 @@ def test_bench_quick(tmp_path):
     assert table.compile_s[~numpyro].isna().all()
     if numpyro.any():
         assert numpyro.sum() == 2 and (table.compile_s[numpyro] > 0).all()
+
+
+def test_time_to_fit_quick(tmp_path):
+    """The time-to-accurate-fit table's bbvi row on sblrc-blr (the other systems run in `make bench` only)."""
+    import pandas as pd
+    import time_to_fit
+    time_to_fit.main(["--out", str(tmp_path), "--quick"])
+    row = pd.read_csv(tmp_path / "time_to_fit.csv").iloc[0]
+    assert row.system == "bbvi default" and row.seconds > 0 and row.steps > 0
+    assert row.accurate == (row.final_error < 0.1)
