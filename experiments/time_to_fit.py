@@ -19,6 +19,7 @@ posteriordb's (Stan, 10 x 1000 draws) for the posteriordb models and, for the lo
 x 5000 draws (cached). Every mean: each element of each latent, on the constrained scale. One run, one seed;
 `make bench` runs it after bench.py (results/time_to_fit.csv, .md). --quick: sblrc-blr, bbvi default only.
 """
+import functools
 import json
 import os
 import subprocess
@@ -204,11 +205,12 @@ def main(argv=None):
     refs = {name: reference(name, m) for name, (m, _) in ms.items()}
     rows = []
     for name, (model, _) in ms.items():
-        runs = {"bbvi default": lambda: run_bbvi(model, refs[name], False)}
+        ref = refs[name]
+        runs = {"bbvi default": functools.partial(run_bbvi, model, ref, False)}
         if not args.quick:
-            runs.update({"bbvi compile=True": lambda: run_bbvi(model, refs[name], True),
-                         "pyro SVI (AutoNormal)": lambda: run_pyro(model, refs[name]),
-                         "pyro NUTS (bbvi.nuts, 4 chains x 1000 + 1000)": lambda: run_nuts(model, refs[name])})
+            runs.update({"bbvi compile=True": functools.partial(run_bbvi, model, ref, True),
+                         "pyro SVI (AutoNormal)": functools.partial(run_pyro, model, ref),
+                         "pyro NUTS (bbvi.nuts, 4 chains x 1000 + 1000)": functools.partial(run_nuts, model, ref)})
         for system, run in runs.items():
             row = dict(model=name, system=system, **run())
             print(row, flush=True)
