@@ -348,7 +348,7 @@ def main(argv=None):
         machine += f", numpyro {numpyro['numpyro']} + jax {numpyro['jax']} (separate process)"
     rows = per_step_table(1000, 10, 16, steps, repeats, compile_row=not args.quick)
     big = [] if args.quick else per_step_table(100000, 10, 16, max(steps // 10, 10), repeats)   # arithmetic-bound
-    if numpyro:   # timed again after the torch contenders: the machine's speed drifts; NumPyro keeps its faster run
+    if numpyro and not args.quick:   # timed again after the torch contenders: the machine's speed drifts; NumPyro keeps its faster run
         numpyro = faster(numpyro, numpyro_rows(1000, 10, 16, steps, repeats, create_env=False,
                                                sizes=None if args.quick else [1000, 100000]))
     per_step = pd.DataFrame(with_numpyro(rows, numpyro, 1000))
