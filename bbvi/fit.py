@@ -102,7 +102,7 @@ class FitState:
     order: dict = dataclasses.field(default_factory=dict)   # the minibatches' permutations and positions
     comm: object = None                  # the ranks of a data-parallel fit (bbvi.distributed), else None
     shard: object = None                 # this rank's model, structure and factor sizes on its rows of the plates
-    guard_until: int = 0                 # steps before this one run with the pathwise guard on (`step`): speed only
+    guard_until: int = 0                 # steps before this one run with the estimate's guard on (`step`): speed only
     anchor: object = False               # minibatch control variates: False (off), None (to compute) or an Anchor
     compiled: object = None              # compile=True: the CompiledStep that runs in place of `step`
 
@@ -378,21 +378,22 @@ def step(state):
         if structure is not None:
             rows = structure_rows(factors, idx, structure.continuous.shape[0])
             structure = structure.select(rows)
-    # A particle whose log-joint is finite but whose gradient is not would make the whole pathwise gradient NaN.
-    # The estimate's guard drops such particles, at a few ops per step; it is the identity when every gradient is
-    # finite, so the step goes without it and, only when the gradient comes out non-finite, is done again with it
-    # from the same generator state (the same particles); after such a step the guard stays on for GUARD_STEPS
-    # steps (a log-joint that gives NaN gradients often would otherwise pay every step twice). Either way the
-    # result is the same.
-    retry = state.plan.continuous is not None and state.plan.continuous.pathwise and state.step >= state.guard_until
+    # The estimate's guard (`estimate`, guard=True) leaves out the particles whose log-joint is not finite (a host
+    # read of the log densities) and, on the pathwise path, drops those whose gradient is not finite (a particle
+    # with a finite log-joint but a NaN gradient would make the whole gradient NaN), at a sync and a few ops per
+    # step. Where every particle and gradient is finite it changes nothing, so the step goes without it and, only
+    # when the estimate or its gradient comes out non-finite, is done again with it from the same generator state
+    # (the same particles); after such a step the guard stays on for GUARD_STEPS steps (a log-joint that is often
+    # NaN would otherwise pay every step twice). Either way the result is the same, bit for bit.
+    retry = state.plan.whole is None and state.step >= state.guard_until
     before = state.generator.get_state() if retry else None
     surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=not retry)
-    ok, huge, *finite = _verdict(surrogate, norm, retry)
-    if retry and not ok and finite[0]:
+    ok, huge = _verdict(surrogate, norm)
+    if retry and not ok:
         state.generator.set_state(before)
         state.guard_until = state.step + GUARD_STEPS
         surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=True)
-        ok, huge, _ = _verdict(surrogate, norm, True)
+        ok, huge = _verdict(surrogate, norm)
     if error is not None:
         state.num_raised_steps += 1
     if ok and huge:
@@ -461,16 +462,13 @@ def _gradient(state, model, structure, guard):
     return surrogate, baseline_state, num_bad, error, raised, norm
 
 
-def _verdict(surrogate, norm, value_too):
+def _verdict(surrogate, norm):
     """One host sync: [is the step finite, is its gradient so large that the optimizer's squared-gradient
-    statistics would overflow (Adam's v = inf freezes every later update at m / sqrt(v) = 0)] and, with
-    `value_too`, whether the ELBO estimate is finite. The checks are made on the host, on the values in the
-    tensors' dtype (value + norm summed there; the limit rounded to it): the same answers as the tensor
-    comparisons, without their half-dozen small operations per step."""
-    value = surrogate.detach()
-    total, norm_value, value_value = torch.stack([value + norm, norm, value]).tolist()
-    checks = [math.isfinite(total), norm_value > _limit_in(norm.dtype)]
-    return checks + [math.isfinite(value_value)] if value_too else checks
+    statistics would overflow (Adam's v = inf freezes every later update at m / sqrt(v) = 0)]. The checks are made
+    on the host, on the values in the tensors' dtype (value + norm summed there; the limit rounded to it): the same
+    answers as the tensor comparisons, without their half-dozen small operations per step."""
+    total, norm_value = torch.stack([surrogate.detach() + norm, norm]).tolist()
+    return math.isfinite(total), norm_value > _limit_in(norm.dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -73,11 +73,10 @@ def hand_runner(X, y, estimator, S, lr=0.01):
     log_scale = torch.full((D,), -2.302585, requires_grad=True)
     opt = torch.optim.Adam([loc, log_scale], lr=lr)
     g = torch.Generator().manual_seed(0)
-    Xt = X.T
+    data = {"X": X, "y": y}
 
-    def logp(w):
-        logits = w @ Xt
-        return -0.5 * (w * w).sum(-1) + (y * logits - F.softplus(logits)).sum(-1)
+    def logp(w):   # bbvi's log-joint itself: the two steps differ only in what is around it
+        return log_joint({"w": w}, data)
 
     def reparam():
         opt.zero_grad()

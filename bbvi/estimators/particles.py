@@ -71,14 +71,21 @@ class Particles:
         return (self.mask * torch.where(self.valid, x, torch.zeros_like(x))).sum() / self.n
 
 
-def evaluate(model, u, k, *, grad):
+def evaluate(model, u, k, *, grad, checked=True):
     """Particles for draws (u, k): the log density, with gradient when `grad` (pathwise estimators), and which
-    particles are valid. A particle whose log-joint is NaN/inf, or raises, is invalid: its weight is zero."""
+    particles are valid. A particle whose log-joint is NaN/inf, or raises, is invalid: its weight is zero.
+    checked=False (bbvi.fit's step): where the log-joint did not raise, every particle is taken as valid without
+    looking (no host sync); a NaN/inf particle then makes every average, and so the estimate, NaN/inf, and the
+    caller must redo the estimate from the same draws with checked=True, which gives what it would have."""
     if grad:
         lp, error = model.log_density_guarded(u, k)
     else:
         with torch.no_grad():
             lp, error = model.log_density_guarded(u, k)
+    if not checked and error is None:
+        lp = lp if lp.dtype == u.dtype else lp.to(u.dtype)
+        S = lp.shape[0]
+        return Particles(u, k, lp, lp.new_ones(S, dtype=torch.bool), None, float(S), None, None)
     return from_log_p(u, k, lp, error)
 
 

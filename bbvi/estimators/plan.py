@@ -146,8 +146,11 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     exception the log-joint raised for some particles (they count as NaN particles), or None. With a
     `structure` (a log-joint of factor terms; rao_blackwell.py) the score terms are Rao-Blackwellized. `step`: the
     fit's step number, for an estimator with a schedule (`takes_step`: Concrete's temperature); None outside a fit.
-    `guard`: on the pathwise path, drop particles whose gradient is not finite (`_drop_nonfinite_gradients`;
-    the identity when all are: bbvi.fit's step leaves it off and redoes a step whose gradient is not finite)."""
+    `guard`: check which particles' log-joint is finite (`evaluate`) and, on the pathwise path, drop particles
+    whose gradient is not finite (`_drop_nonfinite_gradients`). Where every particle and gradient is finite both
+    change nothing, so bbvi.fit's step leaves them off (guard=False: no host sync) and redoes, from the same
+    generator state, with guard=True a step whose estimate or gradient is not finite; guard=False is for such
+    callers only (a NaN particle makes its estimate NaN instead of being dropped)."""
     if plan.whole is not None:
         whole = plan.whole
         if getattr(whole, "stateful", False):  # state of its own (RELAX's surrogate), kept like a baseline's
@@ -163,7 +166,7 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     pathwise = path is not None and path.pathwise
     u, k, lq_draw = draw(model, family, discrete, params, num_particles, generator, pathwise=pathwise,
                          with_log_q=True)
-    p = evaluate(model, u, k, grad=pathwise)
+    p = evaluate(model, u, k, grad=pathwise, checked=guard)
     if lq_draw is not None:
         p = dataclasses.replace(p, log_q_c=lq_draw)
     if pathwise and u.requires_grad and guard:
