@@ -66,6 +66,22 @@ def test_bench_quick(tmp_path):
         assert numpyro.sum() == 2 and (table.compile_s[numpyro] > 0).all()
 
 
+def test_floor_counts_and_rows(tmp_path):
+    """floor.py's arithmetic: the counts of the module docstring, the floor the largest of the three costs at the
+    given peaks, the achieved rates the counts over the step's time."""
+    import floor
+    assert floor.counts("reparam", 16, 1000, 10) == (4 * 16 * 1000 * 10, 3 * 16 * 1000, 2 * 1000 * 10 * 4 + 4000)
+    assert floor.counts("score", 16, 1000, 10) == (2 * 16 * 1000 * 10, 2 * 16 * 1000, 1000 * 10 * 4 + 4000)
+    peaks = {"gemm_gflops": 100.0, "bandwidth_gbs": 10.0, "exp_gps": 1.0}
+    flops, transc, nbytes = floor.counts("reparam", 16, 100000, 10)   # 64 MFLOP, 4.8 M exp, 8.4 MB
+    floor_ms = 1e3 * max(flops / 100e9, transc / 1e9, nbytes / 10e9)
+    rows = floor.floor_rows([("reparam", "a", floor_ms), ("reparam", "b", 2 * floor_ms)], peaks, 16, 100000, 10)
+    assert rows[0]["bound_by"] == "exp" and rows[0]["floor_ms"] == pytest.approx(4.8)
+    assert rows[0]["floor_over_ms"] == pytest.approx(1.0) and rows[1]["floor_over_ms"] == pytest.approx(0.5)
+    assert rows[1]["achieved_gflops"] == pytest.approx(flops / (2 * floor_ms * 1e-3) / 1e9)
+    assert "| b " in floor.write(rows, peaks, 16, 100000, 10, tmp_path) and (tmp_path / "floor.md").exists()
+
+
 def test_time_to_fit_quick(tmp_path):
     """The time-to-accurate-fit table's bbvi row on sblrc-blr (the other systems run in `make bench` only)."""
     import pandas as pd
