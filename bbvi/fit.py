@@ -27,6 +27,7 @@ from .checkpoint import Keeper, load_checkpoint, load_rank, rank_state, read_che
 from .errors import ConfigError, FitError, ReliabilityWarning
 from .convergence import Adaptive, RelativeTolerance
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, plan_for, resolve_estimator
+from .estimators.plan import defers_check
 from .estimators.rao_blackwell import check_baseline, discover, rao_blackwellized
 from .families import Discrete, resolve_family
 from .model import precision_notes
@@ -102,7 +103,8 @@ class FitState:
     order: dict = dataclasses.field(default_factory=dict)   # the minibatches' permutations and positions
     comm: object = None                  # the ranks of a data-parallel fit (bbvi.distributed), else None
     shard: object = None                 # this rank's model, structure and factor sizes on its rows of the plates
-    guard_until: int = 0                 # steps before this one run with the estimate's guard on (`step`): speed only
+    guard_until: int = 0                 # steps before this one run with the pathwise guard on (`step`): speed only
+    check_until: int = 0                 # steps before this one check the particles first (`step`): speed only
     anchor: object = False               # minibatch control variates: False (off), None (to compute) or an Anchor
     compiled: object = None              # compile=True: the CompiledStep that runs in place of `step`
 
@@ -378,22 +380,36 @@ def step(state):
         if structure is not None:
             rows = structure_rows(factors, idx, structure.continuous.shape[0])
             structure = structure.select(rows)
-    # The estimate's guard (`estimate`, guard=True) leaves out the particles whose log-joint is not finite (a host
-    # read of the log densities) and, on the pathwise path, drops those whose gradient is not finite (a particle
-    # with a finite log-joint but a NaN gradient would make the whole gradient NaN), at a sync and a few ops per
-    # step. Where every particle and gradient is finite it changes nothing, so the step goes without it and, only
-    # when the estimate or its gradient comes out non-finite, is done again with it from the same generator state
-    # (the same particles); after such a step the guard stays on for GUARD_STEPS steps (a log-joint that is often
-    # NaN would otherwise pay every step twice). Either way the result is the same, bit for bit.
-    retry = state.plan.whole is None and state.step >= state.guard_until
-    before = state.generator.get_state() if retry else None
-    surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=not retry)
-    ok, huge = _verdict(surrogate, norm)
-    if retry and not ok:
+    # Two checks of the estimate change nothing where every particle and gradient is finite, at a host read or a
+    # few ops per step, so the step first goes without them and, only when its estimate or gradient comes out
+    # non-finite, is done again from the same generator state (the same particles) as it would have been with
+    # them; each then stays on for GUARD_STEPS steps (a log-joint that is often NaN would otherwise pay every step
+    # twice). The particles' check (`estimate`, checked=True) leaves out those whose log-joint is not finite; it
+    # waits only for bbvi's own paths and baselines (`defers_check`), whose ELBO value averages every particle, so
+    # that a non-finite one shows in it. The pathwise guard (guard=True) drops particles whose log-joint is finite
+    # but whose gradient is not (one would make the whole gradient NaN). The result is the same bit for bit, for a
+    # log-joint without side effects (a redone step calls it again: the global RNG, a call counter see it).
+    defer = state.step >= state.check_until and defers_check(state.plan, structure)
+    retry = state.plan.continuous is not None and state.plan.continuous.pathwise and state.step >= state.guard_until
+    before = state.generator.get_state() if defer or retry else None
+    exception = state.last_exception
+    surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=not retry,
+                                                                        checked=not defer)
+    ok, huge, finite = _verdict(surrogate, norm)
+    if defer and not ok:   # the step as it is with the particles' check
         state.generator.set_state(before)
+        state.last_exception = exception
+        state.check_until = state.step + GUARD_STEPS
+        surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure,
+                                                                            guard=not retry, checked=True)
+        ok, huge, finite = _verdict(surrogate, norm)
+    if retry and not ok and finite:   # a finite estimate, a gradient that is not: with the pathwise guard
+        state.generator.set_state(before)
+        state.last_exception = exception
         state.guard_until = state.step + GUARD_STEPS
-        surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=True)
-        ok, huge = _verdict(surrogate, norm)
+        surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=True,
+                                                                            checked=True)
+        ok, huge, _ = _verdict(surrogate, norm)
     if error is not None:
         state.num_raised_steps += 1
     if ok and huge:
@@ -423,7 +439,7 @@ def step(state):
     return elbo
 
 
-def _gradient(state, model, structure, guard):
+def _gradient(state, model, structure, guard, checked=True):
     """Estimate at this step's particles, backward, and (data-parallel) average over the ranks: (surrogate,
     baseline state, bad particles, the log-joint's exception or None, whether the log-joint or its gradient
     raised, the gradient's norm, clipped with clip_grad)."""
@@ -432,7 +448,7 @@ def _gradient(state, model, structure, guard):
     surrogate, baseline_state, num_bad, error = estimate(state.plan, model, state.family, state.discrete,
                                                          state.params, state.num_particles, state.generator,
                                                          state.baseline_state, structure, step=state.step,
-                                                         guard=guard)
+                                                         guard=guard, checked=checked)
     raised = error is not None
     if raised:
         state.last_exception = (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -464,11 +480,12 @@ def _gradient(state, model, structure, guard):
 
 def _verdict(surrogate, norm):
     """One host sync: [is the step finite, is its gradient so large that the optimizer's squared-gradient
-    statistics would overflow (Adam's v = inf freezes every later update at m / sqrt(v) = 0)]. The checks are made
-    on the host, on the values in the tensors' dtype (value + norm summed there; the limit rounded to it): the same
-    answers as the tensor comparisons, without their half-dozen small operations per step."""
-    total, norm_value = torch.stack([surrogate.detach() + norm, norm]).tolist()
-    return math.isfinite(total), norm_value > _limit_in(norm.dtype)
+    statistics would overflow (Adam's v = inf freezes every later update at m / sqrt(v) = 0), is the ELBO estimate
+    finite]. The checks are made on the host, on the values in the tensors' dtype (value + norm summed there; the
+    limit rounded to it): the same answers as the tensor comparisons, without their half-dozen small operations."""
+    value = surrogate.detach()
+    total, norm_value, value_value = torch.stack([value + norm, norm, value]).tolist()
+    return math.isfinite(total), norm_value > _limit_in(norm.dtype), math.isfinite(value_value)
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,15 +17,16 @@ from .concrete import Concrete
 from .relax import RELAX
 from .vimco import VIMCO
 from .auto import Auto
-from .baselines import LOO, NoBaseline, resolve_baseline
+from .baselines import CV, EMA, LOO, NoBaseline, resolve_baseline
 from .particles import draw, evaluate, from_log_p, with_floor
 from .rao_blackwell import score_terms
 from .sums import sum_terms
 from .pathwise import STL, Reparam
-from .score import Score
+from .score import Score, ScorePath
 from .trick import with_gradient
 
-__all__ = ["Plan", "plan_for", "estimate", "resolve_estimator", "init_baseline_state", "with_gradient", "DEFAULT"]
+__all__ = ["Plan", "plan_for", "estimate", "defers_check", "resolve_estimator", "init_baseline_state", "with_gradient",
+           "DEFAULT"]
 
 
 class _Default:
@@ -136,7 +137,7 @@ def init_baseline_state(plan, device, dtype):
 
 
 def estimate(plan, model, family, discrete, params, num_particles, generator, baseline_state, structure=None,
-             step=None, guard=True):
+             step=None, guard=True, checked=True):
     """One Monte Carlo estimate at the current q with `num_particles` particles.
 
     Returns (surrogate, baseline_state, num_bad, error): `surrogate` is a scalar whose value is an ELBO estimate
@@ -146,11 +147,11 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     exception the log-joint raised for some particles (they count as NaN particles), or None. With a
     `structure` (a log-joint of factor terms; rao_blackwell.py) the score terms are Rao-Blackwellized. `step`: the
     fit's step number, for an estimator with a schedule (`takes_step`: Concrete's temperature); None outside a fit.
-    `guard`: check which particles' log-joint is finite (`evaluate`) and, on the pathwise path, drop particles
-    whose gradient is not finite (`_drop_nonfinite_gradients`). Where every particle and gradient is finite both
-    change nothing, so bbvi.fit's step leaves them off (guard=False: no host sync) and redoes, from the same
-    generator state, with guard=True a step whose estimate or gradient is not finite; guard=False is for such
-    callers only (a NaN particle makes its estimate NaN instead of being dropped)."""
+    `guard`: on the pathwise path, drop particles whose gradient is not finite (`_drop_nonfinite_gradients`;
+    the identity when all are: bbvi.fit's step leaves it off and redoes a step whose gradient is not finite).
+    `checked`: leave out the particles whose log-joint is not finite (`evaluate`); with checked=False (only where
+    `defers_check(plan)`, and only for a caller that redoes a step whose estimate is not finite with checked=True,
+    as bbvi.fit's step does) every particle counts, without a host read, and a NaN particle makes the estimate NaN."""
     if plan.whole is not None:
         whole = plan.whole
         if getattr(whole, "stateful", False):  # state of its own (RELAX's surrogate), kept like a baseline's
@@ -166,7 +167,7 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     pathwise = path is not None and path.pathwise
     u, k, lq_draw = draw(model, family, discrete, params, num_particles, generator, pathwise=pathwise,
                          with_log_q=True)
-    p = evaluate(model, u, k, grad=pathwise, checked=guard)
+    p = evaluate(model, u, k, grad=pathwise, checked=checked)
     if lq_draw is not None:
         p = dataclasses.replace(p, log_q_c=lq_draw)
     if pathwise and u.requires_grad and guard:
@@ -207,6 +208,16 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     if carrier is None:
         carrier = p.log_p.new_zeros(())
     return with_gradient(elbo, carrier), baseline_state, p.num_bad, p.error
+
+
+def defers_check(plan, structure=None):
+    """Whether `estimate` may run this plan with checked=False: only bbvi's own continuous paths and baselines,
+    whose ELBO value averages every particle, so that a particle with a non-finite log-joint shows in it (a user's
+    path or baseline may read the particles' validity or keep state across calls); not a whole-step estimator or
+    a Rao-Blackwellized step, which check their particles themselves."""
+    return (plan.whole is None and structure is None
+            and type(plan.continuous) in (type(None), Reparam, STL, ScorePath)
+            and type(plan.baseline) in (type(None), EMA, LOO, CV))
 
 
 def _plus(carrier, term):
