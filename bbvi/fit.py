@@ -396,19 +396,18 @@ def step(state):
     surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=not retry,
                                                                         checked=not defer)
     ok, huge, finite = _verdict(surrogate, norm)
-    if defer and not ok:   # the step as it is with the particles' check
+
+    def again(guard):   # the step redone from the same generator state, with the particles' check
         state.generator.set_state(before)
         state.last_exception = exception
+        return _gradient(state, model, structure, guard=guard, checked=True)
+    if defer and not ok:   # the step as it is with the particles' check
         state.check_until = state.step + GUARD_STEPS
-        surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure,
-                                                                            guard=not retry, checked=True)
+        surrogate, baseline_state, num_bad, error, raised, norm = again(guard=not retry)
         ok, huge, finite = _verdict(surrogate, norm)
     if retry and not ok and finite:   # a finite estimate, a gradient that is not: with the pathwise guard
-        state.generator.set_state(before)
-        state.last_exception = exception
         state.guard_until = state.step + GUARD_STEPS
-        surrogate, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=True,
-                                                                            checked=True)
+        surrogate, baseline_state, num_bad, error, raised, norm = again(guard=True)
         ok, huge, _ = _verdict(surrogate, norm)
     if error is not None:
         state.num_raised_steps += 1

@@ -355,13 +355,12 @@ def main(argv=None):
     if not args.quick:
         per_step = pd.concat([per_step.assign(N=1000), pd.DataFrame(with_numpyro(big, numpyro, 100000))
                               .assign(N=100000)], ignore_index=True)
-    if not args.quick:   # the physical floor at N = 1e5 and how close each system's step comes to it
-        import floor
+        import floor   # the physical floor at N = 1e5 and how close each system's step comes to it
         peaks = floor.machine_peaks(16, 100000)
         at_big = per_step[(per_step.N == 100000) & (per_step.system != "pyro SVI")]
-        floor.write(floor.floor_rows([("reparam" if r.estimator == "reparam" else "score", r.system, r.ms_per_step)
-                                      for r in at_big.itertuples()], peaks, 16, 100000, 10), peaks, 16, 100000, 10,
-                    args.out)
+        times = [("reparam" if r.estimator == "reparam" else "score", r.system, r.ms_per_step)
+                 for r in at_big.itertuples()]
+        floor.write(floor.floor_rows(times, peaks, 16, 100000, 10), peaks, 16, 100000, 10, args.out)
     per_step.to_csv(os.path.join(args.out, "bench.csv"), index=False)
     print(per_step.round(3).to_string(index=False))
     scaling = pd.DataFrame(scaling_rows(steps, args.quick))

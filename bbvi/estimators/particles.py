@@ -82,21 +82,17 @@ def evaluate(model, u, k, *, grad, checked=True):
     else:
         with torch.no_grad():
             lp, error = model.log_density_guarded(u, k)
-    if not checked and error is None:
-        lp = lp if lp.dtype == u.dtype else lp.to(u.dtype)
-        S = lp.shape[0]
-        return Particles(u, k, lp, lp.new_ones(S, dtype=torch.bool), None, float(S), None, None)
-    return from_log_p(u, k, lp, error)
+    return from_log_p(u, k, lp, error, checked=checked)
 
 
-def from_log_p(u, k, lp, error=None):
-    """Particles from draws and their log density lp (S,)."""
+def from_log_p(u, k, lp, error=None, checked=True):
+    """Particles from draws and their log density lp (S,); checked=False: see `evaluate`."""
     if lp.dtype != u.dtype:
         lp = lp.to(u.dtype)
     S = lp.shape[0]
     # the common case, every particle finite: a finite sum says so in two small operations (isfinite is four);
     # a sum that overflows (or is NaN/inf) goes the long way, which says the same where every particle is finite
-    if math.isfinite(lp.sum().item()):
+    if (not checked and error is None) or math.isfinite(lp.sum().item()):
         return Particles(u, k, lp, lp.new_ones(S, dtype=torch.bool), None, float(S), None, error)
     valid = torch.isfinite(lp)
     if bool(valid.all()):  # every particle finite; their sum overflowed
