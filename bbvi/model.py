@@ -298,7 +298,8 @@ class Model:
             z.update(discrete)
         lp = self.call(z)
         if ladj is None:   # nothing transformed: adding zeros would change nothing here (two operations saved)
-            if torch.is_tensor(lp) and lp.shape == u.shape[:1] and lp.dtype == torch.promote_types(lp.dtype, u.dtype):
+            if torch.is_tensor(lp) and lp.shape == u.shape[:1] and (lp.dtype == u.dtype or
+                                                                   lp.dtype == torch.promote_types(lp.dtype, u.dtype)):
                 return lp
             ladj = u.new_zeros(u.shape[0])
         return lp + ladj

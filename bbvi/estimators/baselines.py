@@ -18,6 +18,8 @@ The baseline protocol (a new baseline is one class with these, in a file of its 
         f (S,) learning signals and score_logq (S,) log q of the score-path draws (with gradient), both zero at
         invalid particles; score_params the leaves score_logq depends on; elbo = particles.average(f). Returns a
         scalar whose gradient is the score term's estimate, and the state for the next step.
+    first_order_term(...) -> (carrier, state)               optional: the same arguments, the same gradient, without
+        higher derivatives (bbvi.fit's steps use it where a baseline has it; bbvi.expectation never does)
 """
 import dataclasses
 
@@ -40,6 +42,12 @@ class _PerParticle:
     def score_term(self, f, score_logq, score_params, particles, elbo, state):
         b, state = self.values(f, particles, elbo, state)
         return particles.average(magic_box(score_logq) * (f - b)), state
+
+    def first_order_term(self, f, score_logq, score_params, particles, elbo, state):
+        """mean_s log q_s (f_s - b_s): the score term's gradient, the same bits (the magic box's value is exactly 1
+        and its backward multiplies by it), without its three operations or its higher derivatives."""
+        b, state = self.values(f, particles, elbo, state)
+        return particles.average(score_logq * (f - b)), state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .pathwise import STL, Reparam
 from .score import Score, ScorePath
 from .trick import with_gradient
 
-__all__ = ["Plan", "plan_for", "estimate", "defers_check", "resolve_estimator", "init_baseline_state", "with_gradient",
+__all__ = ["Plan", "plan_for", "estimate", "estimate_parts", "defers_check", "resolve_estimator", "init_baseline_state", "with_gradient",
            "DEFAULT"]
 
 
@@ -152,13 +152,29 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     `checked`: leave out the particles whose log-joint is not finite (`evaluate`); with checked=False (only where
     `defers_check(plan)`, and only for a caller that redoes a step whose estimate is not finite with checked=True,
     as bbvi.fit's step does) every particle counts, without a host read, and a NaN particle makes the estimate NaN."""
+    value, carrier, baseline_state, num_bad, error = estimate_parts(
+        plan, model, family, discrete, params, num_particles, generator, baseline_state, structure, step=step,
+        guard=guard, checked=checked)
+    return (carrier if value is None else with_gradient(value, carrier)), baseline_state, num_bad, error
+
+
+def estimate_parts(plan, model, family, discrete, params, num_particles, generator, baseline_state,
+                   structure=None, step=None, guard=True, checked=True, first_order=False):
+    """`estimate`, its surrogate in two parts: (value, carrier, baseline_state, num_bad, error), `value` the ELBO
+    estimate (detached) and `carrier` a scalar whose gradient is the estimate's, whatever its value; value=None
+    where the carrier is the surrogate itself (its value the estimate's). bbvi.fit's step runs the backward on the
+    carrier and keeps the value, without with_gradient's four operations. `first_order`: the score terms of a
+    baseline with `first_order_term` (bbvi's own per-particle baselines) without the DiCE magic box: the same
+    gradient, bit for bit, but no higher derivatives (bbvi.expectation needs those; a fit's step does not)."""
     if plan.whole is not None:
         whole = plan.whole
         if getattr(whole, "stateful", False):  # state of its own (RELAX's surrogate), kept like a baseline's
-            return whole.estimate(model, family, discrete, params, num_particles, generator, baseline_state)
+            surrogate, baseline_state, num_bad, error = whole.estimate(model, family, discrete, params, num_particles,
+                                                                       generator, baseline_state)
+            return None, surrogate, baseline_state, num_bad, error
         extra = {"step": step} if getattr(whole, "takes_step", False) else {}
         surrogate, num_bad, error = whole.estimate(model, family, discrete, params, num_particles, generator, **extra)
-        return surrogate, baseline_state, num_bad, error
+        return None, surrogate, baseline_state, num_bad, error
     if structure is not None and plan.has_score_terms and not plan.sum_over:  # exact sums replace it
         return _estimate_rao_blackwell(plan, model, family, discrete, params, num_particles, generator,
                                        baseline_state, structure)
@@ -175,7 +191,7 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     if path is not None and not plan.has_discrete:
         alone = path.alone(p, family, pc)
         if alone is not None:
-            return alone, baseline_state, p.num_bad, p.error
+            return None, alone, baseline_state, p.num_bad, p.error
 
     # score terms (continuous on the score path, and/or discrete), possibly beside a pathwise part
     carrier = None   # the sum of the parts below (adding them to a zero would give the same bits, ops later)
@@ -202,12 +218,14 @@ def estimate(plan, model, family, discrete, params, num_particles, generator, ba
     if score_logq is not None:
         if p.mask is not None:
             score_logq = score_logq * p.mask
-        term, baseline_state = (plan.baseline or _NO_BASELINE).score_term(f, score_logq, score_params, p, elbo,
-                                                                          baseline_state)
+        baseline = plan.baseline or _NO_BASELINE
+        score_term = getattr(baseline, "first_order_term", None) if first_order else None
+        term, baseline_state = (score_term or baseline.score_term)(f, score_logq, score_params, p, elbo,
+                                                                   baseline_state)
         carrier = _plus(carrier, term)
     if carrier is None:
         carrier = p.log_p.new_zeros(())
-    return with_gradient(elbo, carrier), baseline_state, p.num_bad, p.error
+    return elbo.detach(), carrier, baseline_state, p.num_bad, p.error
 
 
 def defers_check(plan, structure=None):
@@ -278,4 +296,4 @@ def _estimate_rao_blackwell(plan, model, family, discrete, params, num_particles
     elbo = p.average(f)
     term, baseline_state = score_terms(structure, p, terms, torch.cat(columns, 1), score_continuous,
                                        plan.baseline, baseline_state)
-    return with_gradient(elbo, carrier + term), baseline_state, p.num_bad, p.error
+    return elbo.detach(), carrier + term, baseline_state, p.num_bad, p.error

@@ -10,6 +10,10 @@ B(log p) = exp(log p - stop(log p)) has value 1 and derivative B * grad log p, t
 has the score estimator as its gradient and unbiased higher derivatives too (the naive mean f log p gets the
 second derivative wrong). `with_gradient(value, carrier)` gives the surrogate the estimate's value (mean f)
 exactly and the carrier's derivatives. The baselines (baselines.py) supply b_s and the carrier.
+
+bbvi.fit's steps need first derivatives only: they run the backward on the carrier alone (`estimate_parts`) and,
+for bbvi's own per-particle baselines, leave the box out (`first_order_term`). Neither changes a bit of the
+gradient: the box's value is exactly 1 and its backward multiplies by it.
 """
 import torch
 
