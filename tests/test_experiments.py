@@ -82,6 +82,26 @@ def test_floor_counts_and_rows(tmp_path):
     assert "| b " in floor.write(rows, peaks, 16, 100000, 10, tmp_path) and (tmp_path / "floor.md").exists()
 
 
+def test_compiled_again_keeps_the_faster_run_and_rescales_its_ratio(monkeypatch):
+    """bench's second, lone timing of the compile=True rows (as NumPyro's rows get): the faster run is kept, its
+    ratio to the hand-written step follows, and no other row changes."""
+    import bench
+    monkeypatch.setattr(bench, "bbvi_runner", lambda *a, **k: (lambda: None, 0.0))
+    seconds = {"reparam": 0.5e-3, "score": 2e-3}   # the second run: reparam faster, score slower than the first
+    calls = []
+
+    def fake_time_steps(runners, steps, repeats):
+        calls.append(len(calls))
+        return {"again": seconds["reparam" if len(calls) == 1 else "score"]}
+    monkeypatch.setattr(bench, "time_steps", fake_time_steps)
+    rows = [dict(estimator="reparam", system="bbvi compile=True", ms_per_step=1.0, ratio_to_hand=0.25),
+            dict(estimator="reparam", system="bbvi", ms_per_step=3.0, ratio_to_hand=0.75),
+            dict(estimator=bench.SCORE_LABEL, system="bbvi compile=True", ms_per_step=1.0, ratio_to_hand=0.5)]
+    out = bench.compiled_again([dict(r) for r in rows], 50, 3, 4, 2, 1)
+    assert out[0]["ms_per_step"] == 0.5 and out[0]["ratio_to_hand"] == pytest.approx(0.125)
+    assert out[1] == rows[1] and out[2] == rows[2] and len(calls) == 2
+
+
 def test_time_to_fit_quick(tmp_path):
     """The time-to-accurate-fit table's bbvi row on sblrc-blr (the other systems run in `make bench` only)."""
     import pandas as pd
