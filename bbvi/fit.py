@@ -479,7 +479,7 @@ def _gradient(state, model, structure, guard, checked=True):
 def _clear_grads(opt):
     """opt.zero_grad(set_to_none=True): every parameter's gradient set to None; done here, where the optimizer
     keeps torch's zero_grad, without its profiler record and dynamo guard (~12 us, 2-3% of a small eager step)."""
-    if type(opt).zero_grad is not torch.optim.Optimizer.zero_grad:
+    if getattr(getattr(opt, "zero_grad", None), "__func__", None) is not torch.optim.Optimizer.zero_grad:
         opt.zero_grad(set_to_none=True)
         return
     for group in opt.param_groups:

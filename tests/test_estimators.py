@@ -190,3 +190,15 @@ def test_the_step_leaves_a_custom_optimizers_zero_grad_in_charge():
     bbvi.fit(gaussian_model(), optimizer=lambda params, lr: Counting(params, lr=lr), steps=5, progress=False,
              diagnose=False)
     assert calls and all(calls)
+
+
+def test_a_baseline_subclass_that_overrides_score_term_is_what_the_fit_runs():
+    """first_order_term is bbvi's own classes' shortcut: a LOO subclass with its own score_term gets that run."""
+    calls = []
+
+    class Counted(bbvi.LOO):
+        def score_term(self, *args):
+            calls.append(1)
+            return super().score_term(*args)
+    bbvi.fit(gaussian_model(), estimator=bbvi.Score(baseline=Counted()), steps=5, progress=False, diagnose=False)
+    assert len(calls) >= 5

@@ -219,7 +219,8 @@ def estimate_parts(plan, model, family, discrete, params, num_particles, generat
         if p.mask is not None:
             score_logq = score_logq * p.mask
         baseline = plan.baseline or _NO_BASELINE
-        score_term = getattr(baseline, "first_order_term", None) if first_order else None
+        # only bbvi's own classes: a subclass may override score_term, which its first_order_term would bypass
+        score_term = baseline.first_order_term if first_order and type(baseline) in (NoBaseline, EMA, LOO) else None
         term, baseline_state = (score_term or baseline.score_term)(f, score_logq, score_params, p, elbo,
                                                                    baseline_state)
         carrier = _plus(carrier, term)
