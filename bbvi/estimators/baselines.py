@@ -18,8 +18,8 @@ The baseline protocol (a new baseline is one class with these, in a file of its 
         f (S,) learning signals and score_logq (S,) log q of the score-path draws (with gradient), both zero at
         invalid particles; score_params the leaves score_logq depends on; elbo = particles.average(f). Returns a
         scalar whose gradient is the score term's estimate, and the state for the next step.
-    first_order_term(...) -> (carrier, state)               optional: the same arguments, the same gradient, without
-        higher derivatives (bbvi.fit's steps use it where a baseline has it; bbvi.expectation never does)
+    (bbvi's own None/EMA/LOO also have first_order_term: the same gradient without higher derivatives, which
+    bbvi.fit's steps use for those exact classes only, so a subclass's own score_term is never bypassed)
 """
 import dataclasses
 

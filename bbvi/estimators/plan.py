@@ -163,8 +163,8 @@ def estimate_parts(plan, model, family, discrete, params, num_particles, generat
     """`estimate`, its surrogate in two parts: (value, carrier, baseline_state, num_bad, error), `value` the ELBO
     estimate (detached) and `carrier` a scalar whose gradient is the estimate's, whatever its value; value=None
     where the carrier is the surrogate itself (its value the estimate's). bbvi.fit's step runs the backward on the
-    carrier and keeps the value, without with_gradient's four operations. `first_order`: the score terms of a
-    baseline with `first_order_term` (bbvi's own per-particle baselines) without the DiCE magic box: the same
+    carrier and keeps the value, without with_gradient's four operations. `first_order`: the score terms of
+    bbvi's own NoBaseline/EMA/LOO (exactly those classes) through `first_order_term`, without the DiCE magic box: the same
     gradient, bit for bit, but no higher derivatives (bbvi.expectation needs those; a fit's step does not)."""
     if plan.whole is not None:
         whole = plan.whole
