@@ -5,7 +5,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 JOBS        ?= 2
 
-.PHONY: install test demo experiments bench lint clean docs
+.PHONY: install test demo experiments bench lint clean docs verify-posteriordb
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: install
 
 experiments: install
 	$(PY) experiments/run_all.py --out results
+
+# NUTS on every bundled posteriordb model against its Stan reference draws (hours on 2 cores; draws cached in
+# results/nuts_cache); writes models/posteriordb/VERIFIED.csv, the record the yardstick reads NUTS's cost from.
+verify-posteriordb: install
+	$(PY) experiments/verify_posteriordb.py --out results --record
 
 bench: install
 	$(PY) experiments/bench.py --out results

@@ -364,7 +364,7 @@ def _run_chain(model, chain, seed, num_draws, num_warmup, target_accept, max_tre
         if 0 <= t < num_draws:
             diverging[t] = True
     n_steps = np.asarray(stats["n_steps"], dtype=np.int64)
-    return {"u": u.numpy(), "lp": lp.numpy(), "diverging": diverging,
+    return {"u": u.numpy(), "lp": lp.numpy(), "diverging": diverging, "num_evals": counter["n"],
             "step_size": np.asarray(stats["step_size"]), "n_steps": n_steps,
             "tree_depth": np.ceil(np.log2(np.maximum(n_steps, 1) + 1)).astype(np.int64)}
 
@@ -529,6 +529,7 @@ def nuts(model, num_draws=1000, num_warmup=1000, num_chains=4, seed=0, *, target
     idata.posterior.attrs.update({**{k: str(v) for k, v in settings.items()}, "model": model.name,
                                   "sampler": "pyro NUTS (bbvi.nuts)", "sampling_time_s": elapsed,
                                   "parallel_chains": int(bool(parallel)), "bbvi_cache_key": key,
+                                  "num_gradient_evals": int(sum(c["num_evals"] for c in chains)),
                                   "bbvi_checksum": _checksum(idata)})
     if use_cache:
         try:

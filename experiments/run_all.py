@@ -1,4 +1,5 @@
-"""Every experiment, in one command (`make experiments`): the defaults on posteriordb, accuracy on posteriordb, flows, gradient variance,
+"""Every experiment, in one command (`make experiments`): the field's yardstick (36 posteriordb posteriors beside
+Baudart & Mandel's published table), the defaults on posteriordb, accuracy on posteriordb, flows, gradient variance,
 convergence, discrete models, natural-gradient steps, black-box optimisation, policy gradients,
 option Greeks with bbvi.expectation, and scale (minibatches and data parallel against N); then the README's results section is regenerated from their tables, and the
 headline figures are copied to docs/figures/."""
@@ -21,10 +22,11 @@ import natural
 import policy_gradient
 import rao_blackwell
 import scale
+import yardstick
 
-MODULES = (defaults, accuracy, flows, gradient_variance, convergence, discrete, rao_blackwell, natural, blackbox,
+MODULES = (yardstick, defaults, accuracy, flows, gradient_variance, convergence, discrete, rao_blackwell, natural, blackbox,
            policy_gradient, greeks, scale)
-PARTS = ("defaults", "accuracy", "flows", "convergence", "discrete", "rao_blackwell", "natural", "blackbox",
+PARTS = ("yardstick", "defaults", "accuracy", "flows", "convergence", "discrete", "rao_blackwell", "natural", "blackbox",
          "policy_gradient", "greeks", "scale")   # the tables gathered in experiments.md, in order
 
 
@@ -54,7 +56,7 @@ def summarize(out, times):
 def _update_readme(out):
     figures = os.path.join(ROOT, "docs", "figures")
     os.makedirs(figures, exist_ok=True)
-    for name in ("accuracy.png", "flows.png", "gradient_variance.png", "convergence.png", "discrete.png", "rao_blackwell.png", "blackbox.png",
+    for name in ("yardstick.png", "accuracy.png", "flows.png", "gradient_variance.png", "convergence.png", "discrete.png", "rao_blackwell.png", "blackbox.png",
                  "policy_gradient.png", "greeks.png", "scale.png"):
         shutil.copy(os.path.join(out, name), os.path.join(figures, name))
     import pandas as pd
@@ -75,6 +77,7 @@ def _update_readme(out):
     replace_readme_block("rao_blackwell", "Rao-Blackwellized score terms",
                          open(os.path.join(out, "rao_blackwell.md")).read()
                          + "\n![Rao-Blackwellization](docs/figures/rao_blackwell.png)\n")
+    replace_readme_block("yardstick", "The field's yardstick", yardstick.readme_block(out))
     replace_readme_block("defaults", "Right by default", defaults.readme_block(pd.read_csv(os.path.join(out, "defaults.csv"))))
     replace_readme_block("natural", "Natural gradients", natural.readme_block(out))
     replace_readme_block("flows", "Flows where every Gaussian fails", flows.readme_block(out, acc))

@@ -1,4 +1,5 @@
-"""The ten posteriordb posteriors bundled in models/posteriordb/, as torch log-joints.
+"""The posteriordb posteriors bundled in models/posteriordb/, as torch log-joints (the ARM regressions among them
+are built in models/arm.py).
 
 Each matches its Stan model (the spec is models/posteriordb/<name>/model.md): the same priors, Stan's implicit
 flat priors where the program states none, the same constraints, and latent names and shapes as the Stan
@@ -13,15 +14,22 @@ scipy evaluation at the reference draws.
 import math
 
 import torch
-from torch.distributions import Beta, Cauchy, Gamma, Normal, Poisson, StudentT, constraints
+from torch.distributions import Beta, Cauchy, Dirichlet, Gamma, Normal, Poisson, StudentT, constraints
 
 import bbvi
 from bbvi.constraints import ordered_vector, positive_ordered_vector
 from models._data import data as _data
 from models._data import names as _names
 from models._data import reference  # noqa: F401  (re-exported)
+from models.arm import BUILDERS as ARM
 
-__all__ = ["load", "names", "reference", "BUILDERS"]
+__all__ = ["load", "names", "reference", "BUILDERS", "FIRST_TEN"]
+
+# The ten bundled first (the defaults, accuracy and natural-gradient experiments run on these; the yardstick
+# experiment on Baudart & Mandel's 36 that are bundled)
+FIRST_TEN = ("arK-arK", "diamonds-diamonds", "earnings-logearn_interaction", "eight_schools-eight_schools_centered",
+             "eight_schools-eight_schools_noncentered", "garch-garch11", "gp_pois_regr-gp_pois_regr",
+             "hmm_example-hmm_example", "low_dim_gauss_mix-low_dim_gauss_mix", "sblrc-blr")
 
 _HALF = math.log(2.0)
 
@@ -57,8 +65,10 @@ def earnings_logearn_interaction():
                       data=data, name="earnings-logearn_interaction")
 
 
-def sblrc_blr():
-    d = _data("sblrc-blr")
+def blr(name="sblrc-blr"):
+    """posteriordb's blr program; sblrc and sblri are its two simulated data sets (correlated and independent
+    predictors)."""
+    d = _data(name)
 
     def log_joint(z, data):
         beta, sigma = z["beta"], z["sigma"]
@@ -66,7 +76,7 @@ def sblrc_blr():
                 + Normal(beta @ data["X"].T, sigma[:, None]).log_prob(data["y"]).sum(-1))
 
     return bbvi.Model(log_joint, {"beta": bbvi.Latent(shape=(5,)), "sigma": bbvi.Latent(support=constraints.positive)},
-                      data={"X": d["X"], "y": d["y"]}, name="sblrc-blr")
+                      data={"X": d["X"], "y": d["y"]}, name=name)
 
 
 def diamonds():
@@ -155,6 +165,45 @@ def hmm_example():
                       data={"y": d["y"]}, name="hmm_example-hmm_example")
 
 
+def log_matrix_product(m):
+    """The product of the matrices m[:, 0] m[:, 1] ... m[:, T-1] in the log semiring (logsumexp for sum, + for
+    product): (S, T, K, K) -> (S, K, K), by pairwise products in log2(T) vectorized rounds instead of T
+    sequential ones (the forward algorithm's recursion, associated differently; the same sum)."""
+    while m.shape[1] > 1:
+        odd = m[:, -1:] if m.shape[1] % 2 else m[:, :0]
+        pairs = m[:, : m.shape[1] - odd.shape[1]]
+        a, b = pairs[:, 0::2], pairs[:, 1::2]
+        m = torch.cat([torch.logsumexp(a[..., :, :, None] + b[..., None, :, :], dim=-2), odd], 1)
+    return m[:, 0]
+
+
+def hmm_drive_1():
+    """bball_drive_event_1's two-state HMM (none / drive) on 1/speed u and hoop distance v, states summed out by
+    the forward algorithm: theta1, theta2 simplex[2] (rows of the transition matrix) with Dirichlet(alpha[k])
+    priors, phi and lambda ordered[2] (the states' emission means) with normal priors, emission sds tau and rho
+    fixed by the data."""
+    d = _data("bball_drive_event_1-hmm_drive_1")
+    data = {"u": d["u"], "v": d["v"], "alpha": d["alpha"], "tau": float(d["tau"]), "rho": float(d["rho"])}
+
+    def log_joint(z, data):
+        phi, lam = z["phi"], z["lambda"]                                  # (S, 2), ordered
+        theta = torch.stack([z["theta1"], z["theta2"]], -2)               # (S, from j, to k)
+        alpha = data["alpha"]
+        prior = (Dirichlet(alpha[0]).log_prob(z["theta1"]) + Dirichlet(alpha[1]).log_prob(z["theta2"])
+                 + Normal(0.0, 1.0).log_prob(phi[:, 0]) + Normal(3.0, 1.0).log_prob(phi[:, 1])
+                 + Normal(0.0, 1.0).log_prob(lam[:, 0]) + Normal(3.0, 1.0).log_prob(lam[:, 1]))
+        emit = (Normal(phi[:, None, :], data["tau"]).log_prob(data["u"][None, :, None])
+                + Normal(lam[:, None, :], data["rho"]).log_prob(data["v"][None, :, None]))   # (S, N, K)
+        steps = torch.log(theta)[:, None] + emit[:, 1:, None, :]          # (S, N-1, j, k): into k at t
+        return prior + torch.logsumexp(emit[:, 0] + torch.logsumexp(log_matrix_product(steps), -1), -1)
+
+    return bbvi.Model(log_joint, {"theta1": bbvi.Latent(shape=(2,), support=constraints.simplex),
+                                  "theta2": bbvi.Latent(shape=(2,), support=constraints.simplex),
+                                  "phi": bbvi.Latent(shape=(2,), support=ordered_vector),
+                                  "lambda": bbvi.Latent(shape=(2,), support=ordered_vector)},
+                      data=data, name="bball_drive_event_1-hmm_drive_1")
+
+
 # ---- mixtures and GPs ---------------------------------------------------------------------------------------
 def low_dim_gauss_mix():
     d = _data("low_dim_gauss_mix-low_dim_gauss_mix")
@@ -213,7 +262,10 @@ BUILDERS = {
     "gp_pois_regr-gp_pois_regr": gp_pois_regr,
     "hmm_example-hmm_example": hmm_example,
     "low_dim_gauss_mix-low_dim_gauss_mix": low_dim_gauss_mix,
-    "sblrc-blr": sblrc_blr,
+    "sblrc-blr": blr,
+    "sblri-blr": lambda: blr("sblri-blr"),
+    "bball_drive_event_1-hmm_drive_1": hmm_drive_1,
+    **ARM,
 }
 
 

@@ -14,7 +14,7 @@ def _quick(name, out):
 
 
 # One test per experiment, so that the 2-worker test run can balance them (run_all.main runs them all in turn).
-EXPERIMENTS = ["defaults", "accuracy", "gradient_variance", "convergence", "discrete", "rao_blackwell", "natural",
+EXPERIMENTS = ["yardstick", "defaults", "accuracy", "gradient_variance", "convergence", "discrete", "rao_blackwell", "natural",
                "blackbox", "policy_gradient", "greeks", "scale"]   # and flows, with accuracy
 
 
@@ -33,6 +33,15 @@ def test_experiment_quick(name, tmp_path):
         assert (tmp_path / "flows.csv").stat().st_size > 100 and (tmp_path / "flows.png").stat().st_size > 5000
         block = flows.readme_block(str(tmp_path), pd.read_csv(tmp_path / "accuracy.csv"))
         assert "map flow reparam" in block and "Flows against the best Gaussian" in block
+    if name == "yardstick":
+        import yardstick
+        frame = pd.read_csv(tmp_path / "yardstick.csv")
+        assert len(frame) == 1 and frame.raised.isna().all() and frame.max_mean_err_sd.iloc[0] < 0.3
+        assert frame.fit_gradient_evals.iloc[0] > 0 and frame.check_evals.iloc[0] > 0
+        assert (tmp_path / "yardstick.png").stat().st_size > 5000
+        block = yardstick.readme_block(str(tmp_path))
+        assert "Baudart & Mandel" in block and "AutoNormal (published)" in block
+        assert len(yardstick.names()) == 36 and not set(yardstick.names()) & set(yardstick.HELD_OUT)
     if name == "natural":
         import natural
         runs, pdb = pd.read_csv(tmp_path / "natural_runs.csv"), pd.read_csv(tmp_path / "natural_posteriordb.csv")

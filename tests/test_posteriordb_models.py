@@ -90,11 +90,104 @@ def lp_scipy(name, row, d):
                            np.log1p(-th) + stats.norm(mu[1], s[1]).logpdf(y))
         return (stats.norm(0, 2).logpdf(s).sum() + stats.norm(0, 2).logpdf(mu).sum() + stats.beta(5, 5).logpdf(th)
                 + mix.sum())
-    if name == "sblrc-blr":
+    if name in ("sblrc-blr", "sblri-blr"):
         b, s = vec(row, "beta"), row["sigma"]
         return (stats.norm(0, 10).logpdf(b).sum() + stats.norm(0, 10).logpdf(s)
                 + stats.norm(d["X"] @ b, s).logpdf(d["y"]).sum())
+    if name == "bball_drive_event_1-hmm_drive_1":
+        th = [vec(row, "theta1"), vec(row, "theta2")]
+        phi, lam, u, v = vec(row, "phi"), vec(row, "lambda"), d["u"], d["v"]
+        lp = sum(stats.dirichlet(d["alpha"][k]).logpdf(th[k]) for k in range(2))
+        lp += (stats.norm(0, 1).logpdf(phi[0]) + stats.norm(3, 1).logpdf(phi[1]) + stats.norm(0, 1).logpdf(lam[0])
+               + stats.norm(3, 1).logpdf(lam[1]))
+        gamma = [stats.norm(phi[k], d["tau"]).logpdf(u[0]) + stats.norm(lam[k], d["rho"]).logpdf(v[0]) for k in range(2)]
+        for t in range(1, len(u)):
+            gamma = [logsumexp([gamma[j] + np.log(th[j][k]) + stats.norm(phi[k], d["tau"]).logpdf(u[t])
+                                + stats.norm(lam[k], d["rho"]).logpdf(v[t]) for j in range(2)]) for k in range(2)]
+        return lp + logsumexp(gamma)
+    if name.startswith("dogs-"):
+        y = d["y"]
+        b, lp = vec(row, "beta"), 0.0
+        for j in range(y.shape[0]):
+            avoid = shock = 0.0
+            for t in range(y.shape[1]):
+                if t > 0:
+                    avoid += 1 - y[j, t - 1]
+                    shock += y[j, t - 1]
+                if name == "dogs-dogs":
+                    p = 1 / (1 + np.exp(-(b[0] + b[1] * avoid + b[2] * shock)))
+                else:
+                    p = 1 / (1 + np.exp(-(b[0] * avoid + b[1] * shock)))
+                lp += stats.bernoulli(p).logpmf(y[j, t])
+        if name == "dogs-dogs":
+            return lp + stats.norm(0, 100).logpdf(b).sum()
+        return lp + stats.uniform(-100, 100).logpdf(b[0]) + stats.uniform(0, 100).logpdf(b[1])
+    if name in ARM_DESIGNS:
+        response, columns, sigma_prior = ARM_DESIGNS[name](d)
+        b, s = vec(row, "beta"), row["sigma"]
+        mean = sum(b[k] * c for k, c in enumerate(columns))
+        lp = stats.norm(mean, s).logpdf(response).sum()
+        return lp + (stats.cauchy(0, sigma_prior).logpdf(s) if sigma_prior else 0.0)
     raise KeyError(name)
+
+
+# The ARM regressions straight from their Stan programs (transformed data and model blocks), in numpy:
+# data -> (response, [columns multiplying beta[1], beta[2], ...], half-Cauchy scale of sigma or None)
+def _earn(d, which):
+    h, m, one = d["height"], d["male"], np.ones_like(d["height"])
+    z = (h - np.mean(h)) / np.std(h, ddof=1)
+    return {"log10earn_height": (np.log10(d["earn"]), [one, h], None),
+            "logearn_height": (np.log(d["earn"]), [one, h], None),
+            "logearn_height_male": (np.log(d["earn"]), [one, h, m], None),
+            "logearn_logheight_male": (np.log(d["earn"]), [one, np.log(h), m], None),
+            "logearn_interaction_z": (np.log(d["earn"]), [one, z, m, z * m], None)}[which]
+
+
+def _kid(d, which):
+    hs, iq, one = d["mom_hs"], d["mom_iq"], np.ones_like(d["mom_hs"])
+    w = d.get("mom_work")
+    cases = {"kidscore_momhs": ([one, hs], 2.5), "kidscore_momiq": ([one, iq], 2.5),
+             "kidscore_momhsiq": ([one, hs, iq], 2.5)}
+    if w is not None:
+        c = (hs - hs.mean(), iq - iq.mean())
+        c2 = (hs - 0.5, iq - 100.0)
+        zz = ((hs - hs.mean()) / (2 * np.std(hs, ddof=1)), (iq - iq.mean()) / (2 * np.std(iq, ddof=1)))
+        cases = {"kidscore_interaction_c": ([one, c[0], c[1], c[0] * c[1]], None),
+                 "kidscore_interaction_c2": ([one, c2[0], c2[1], c2[0] * c2[1]], None),
+                 "kidscore_interaction_z": ([one, zz[0], zz[1], zz[0] * zz[1]], None),
+                 "kidscore_mom_work": ([one, 1.0 * (w == 2), 1.0 * (w == 3), 1.0 * (w == 4)], None)}
+    columns, scale = cases[which]
+    return d["kid_score"], columns, scale
+
+
+def _mesq(d, which):
+    one = np.ones_like(d["weight"])
+    d1, d2, ch, th, den, g = d["diam1"], d["diam2"], d["canopy_height"], d["total_height"], d["density"], d["group"]
+    vol, area, shape = np.log(d1 * d2 * ch), np.log(d1 * d2), np.log(d1 / d2)
+    lw = np.log(d["weight"])
+    return {"mesquite": (d["weight"], [one, d1, d2, ch, th, den, g], None),
+            "logmesquite": (lw, [one, np.log(d1), np.log(d2), np.log(ch), np.log(th), np.log(den), g], None),
+            "logmesquite_logva": (lw, [one, vol, area, g], None),
+            "logmesquite_logvash": (lw, [one, vol, area, shape, np.log(th), g], None),
+            "logmesquite_logvolume": (lw, [one, vol], None)}[which]
+
+
+def _nes(d):
+    a = d["age_discrete"]
+    return (d["partyid7"], [np.ones_like(a), d["real_ideo"], d["race_adj"], 1.0 * (a == 2), 1.0 * (a == 3),
+                            1.0 * (a == 4), d["educ1"], d["gender"], d["income"]], None)
+
+
+ARM_DESIGNS = {
+    **{f"earnings-{w}": (lambda d, w=w: _earn(d, w)) for w in
+       ("log10earn_height", "logearn_height", "logearn_height_male", "logearn_logheight_male", "logearn_interaction_z")},
+    **{f"kidiq-{w}": (lambda d, w=w: _kid(d, w)) for w in ("kidscore_momhs", "kidscore_momiq", "kidscore_momhsiq")},
+    **{f"kidiq_with_mom_work-{w}": (lambda d, w=w: _kid(d, w)) for w in
+       ("kidscore_interaction_c", "kidscore_interaction_c2", "kidscore_interaction_z", "kidscore_mom_work")},
+    **{f"mesquite-{w}": (lambda d, w=w: _mesq(d, w)) for w in
+       ("mesquite", "logmesquite", "logmesquite_logva", "logmesquite_logvash", "logmesquite_logvolume")},
+    **{f"nes{y}-nes": _nes for y in (1972, 1976, 1980, 1984, 1988, 1992, 1996)},
+}
 
 
 def torch_latents(name, row, model):
