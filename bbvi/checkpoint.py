@@ -130,7 +130,7 @@ def setting(value):
 
 # What a step (and the adaptive rule's look at it) changes, besides the tensors and the rule's state.
 _STEP_FIELDS = ("step", "num_failed_steps", "num_rescaled_steps", "consecutive_failures", "last_failure",
-                "num_bad_particles", "num_raised_steps", "last_exception", "baseline_state", "order", "anchor")
+                "num_bad_particles", "num_raised_steps", "last_exception", "baseline_state", "order", "anchor", "stop")
 
 
 class Keeper:

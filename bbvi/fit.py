@@ -106,7 +106,8 @@ class FitState:
     guard_until: int = 0                 # steps before this one run with the pathwise guard on (`step`): speed only
     check_until: int = 0                 # steps before this one check the particles first (`step`): speed only
     anchor: object = False               # minibatch control variates: False (off), None (to compute) or an Anchor
-    compiled: object = None              # compile=True: the CompiledStep that runs in place of `step`
+    compiled: object = None              # compile=True: the CompiledStep that runs in place of `step`'s update
+    stop: bool = False                   # the adaptive rule says the fit is done (set by `step`)
 
     def leaves(self):
         return list(self.params["continuous"].values()) + list(self.params["discrete"].values())
@@ -366,7 +367,18 @@ GUARD_STEPS = 100
 
 
 def step(state):
-    """One step: estimate, check, update. Returns the ELBO estimate (0-dim tensor, possibly NaN if skipped)."""
+    """One step: estimate, check, update, then the adaptive rule's look at it (steps=None: its levels, averaging
+    and stop). Returns the ELBO estimate (0-dim tensor, possibly NaN if skipped). `state.stop` turns True when the
+    rule says the fit is done (converged, or max_steps), so a loop of one's own is
+    `while not state.stop: bbvi.step(state)`; with a fixed step count (steps=N) the loop counts its own steps."""
+    value = state.compiled(state, _update) if state.compiled is not None else _update(state)
+    if state.tracker is not None:
+        state.stop = state.tracker.observe(state)
+    return value
+
+
+def _update(state):
+    """The step without the rule's look: estimate, check, update (the compiled step's eager fallback)."""
     opt = state.optimizer
     for group in opt.param_groups:
         group["lr"] = state.lr * state.schedule(state.step)
@@ -710,8 +722,7 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
         while state.step < cap and not (tracker is not None and tracker.converged):
             kept = keeper.keep(state)
             try:  # a step and the rule's look at it: done whole, or undone (Ctrl-C)
-                state.compiled(state, step) if state.compiled is not None else step(state)
-                stop = tracker is not None and tracker.observe(state)
+                step(state)
             except KeyboardInterrupt:
                 keeper.undo(state, kept)
                 raise
@@ -743,7 +754,7 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
             if converged(state.elbo) and _q_settled(state, seed):
                 status = "converged"
                 break
-            if stop:
+            if state.stop:
                 break
     except KeyboardInterrupt:
         status = "interrupted"

@@ -173,3 +173,23 @@ def test_many_bad_particles_are_warned_about():
     fit, warned = _fit_recording(model, steps=200, seed=0)
     assert fit.num_bad_particles > 0.2 * 200 * 16
     assert any("NaN/inf log-joint" in w for w in warned)
+
+
+def test_a_users_own_loop_over_step_gets_the_adaptive_rules_levels_and_stop():
+    """`step` runs the adaptive rule's look at each step (its levels, averaging and stop), so
+    `while not state.stop: bbvi.step(state)` is the default fit, bit for bit: the same ELBO trace, parameters and
+    levels as bbvi.fit's own loop (diagnose=False: the end-of-fit check is the driver's, not the loop's)."""
+    model, _ = gamma_poisson()
+    fit = bbvi.fit(model, seed=0, diagnose=False)
+    state = bbvi.init(model, seed=0)
+    while not state.stop:
+        bbvi.step(state)
+    assert state.tracker.converged and fit.status == "converged" and state.step == fit.num_steps
+    assert torch.equal(torch.stack(state.elbo), fit.elbo)
+    for name, value in fit.params["continuous"].items():
+        assert torch.equal(state.params["continuous"][name].detach(), value)
+    assert state.tracker.report() == fit.levels and len(fit.levels) >= 2
+    capped = bbvi.init(model, seed=0, max_steps=120)   # the stop at max_steps, too
+    while not capped.stop:
+        bbvi.step(capped)
+    assert capped.step == 120 and not capped.tracker.converged
