@@ -327,7 +327,8 @@ def _initial_point(model, generator, tries=100):
                           f"{model.name!r}")
 
 
-def _run_chain(model, chain, seed, num_draws, num_warmup, target_accept, max_tree_depth, progress, tick=None):
+def _run_chain(model, chain, seed, num_draws, num_warmup, target_accept, max_tree_depth, progress, full_mass=False,
+               tick=None):
     """One NUTS chain -> dict of numpy arrays: u (draws, D) and per-draw stats. `tick()` after every iteration
     (warmup and sampling): the parent's progress bar over chains run in parallel."""
     from pyro.infer import MCMC, NUTS
@@ -352,7 +353,8 @@ def _run_chain(model, chain, seed, num_draws, num_warmup, target_accept, max_tre
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1000 + chain)
         init = _initial_point(model, g)
-        kernel = NUTS(potential_fn=potential, target_accept_prob=target_accept, max_tree_depth=max_tree_depth)
+        kernel = NUTS(potential_fn=potential, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
+                      full_mass=full_mass)
         mcmc = MCMC(kernel, num_samples=num_draws, warmup_steps=num_warmup, initial_params={"u": init},
                     num_chains=1, disable_progbar=not progress, hook_fn=hook)
         mcmc.run()
@@ -477,14 +479,16 @@ def _derived_names(model):
 
 
 def nuts(model, num_draws=1000, num_warmup=1000, num_chains=4, seed=0, *, target_accept=0.8, max_tree_depth=10,
-         cache_dir=None, use_cache=True, parallel=None, progress=None):
+         full_mass=False, cache_dir=None, use_cache=True, parallel=None, progress=None):
     """NUTS reference for `model` -> arviz.InferenceData (posterior in constrained space, derived included;
     sample_stats: diverging, step_size, n_steps, tree_depth, lp). Chains run in forked processes when
     `parallel` (default: when the machine has more than one core and fork is available); a chain that fails
     or whose process dies raises SamplerError naming it. Cached in `cache_dir` (default: $BBVI_CACHE if set,
     else .bbvi_cache/nuts under the current working directory) unless use_cache=False; a cache that cannot be
     written is a warning, and the draws are returned. progress: a progress bar over the iterations of every chain
-    (default: when stderr is a terminal)."""
+    (default: when stderr is a terminal). full_mass: adapt a dense mass matrix in warm-up (Stan's dense_e metric)
+    instead of a diagonal one: far fewer leapfrog steps where the posterior's coordinates are strongly correlated
+    (an intercept against an uncentred predictor), each a little dearer."""
     import arviz as az
     if progress is None:
         progress = sys.stderr.isatty()
@@ -503,6 +507,10 @@ def nuts(model, num_draws=1000, num_warmup=1000, num_chains=4, seed=0, *, target
     check_arviz_names(_derived_names(m64), where, "derived quantity")
     settings = dict(num_draws=num_draws, num_warmup=num_warmup, num_chains=num_chains, seed=seed,
                     target_accept=target_accept, max_tree_depth=max_tree_depth)
+    if not isinstance(full_mass, bool):
+        raise SamplerError(f"bbvi.nuts: full_mass must be True or False, got {full_mass!r}")
+    if full_mass:   # in the settings (and the cache key) only when set: cached diagonal-metric draws keep their key
+        settings["full_mass"] = True
     key = cache_key(m64, settings)
     cache_dir = cache_dir or default_cache_dir()
     path = os.path.join(cache_dir, f"{re.sub(r'[^A-Za-z0-9_.-]', '_', model.name)}-{key[:20]}.nc")
@@ -514,8 +522,8 @@ def nuts(model, num_draws=1000, num_warmup=1000, num_chains=4, seed=0, *, target
     if parallel is None:
         parallel = num_chains > 1 and (os.cpu_count() or 1) > 1 and "fork" in multiprocessing.get_all_start_methods()
     start = time.perf_counter()
-    args = [(m64, c, seed, num_draws, num_warmup, target_accept, max_tree_depth, progress and not parallel)
-            for c in range(num_chains)]
+    args = [(m64, c, seed, num_draws, num_warmup, target_accept, max_tree_depth, progress and not parallel,
+             full_mass) for c in range(num_chains)]
     chains = _run_chains(args, parallel, progress=progress)
     elapsed = time.perf_counter() - start
 
