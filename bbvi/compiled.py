@@ -42,7 +42,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .errors import ConfigError
 from .estimators.baselines import LOO
 from .families import FullRank, MeanField
-from .fit import _overflow_limit
+from .update import overflow_limit
 
 __all__ = ["CompiledStep", "check"]
 
@@ -90,7 +90,7 @@ class CompiledStep:
         group = state.optimizer.param_groups[0]
         (beta1, beta2), adam_eps = group["betas"], group["eps"]
         model, family, kind, S = state.model, state.family, self.kind, state.num_particles
-        limit, clip = _overflow_limit(next(iter(state.leaves()))), state.clip_grad   # the eager step's limit
+        limit, clip = overflow_limit(next(iter(state.leaves()))), state.clip_grad   # the eager step's limit
 
         names = self.names
 

@@ -12,7 +12,7 @@ owns (no parameter store). Every family has
     mean(params) -> (D,), covariance(params) -> (D, D), marginal_sd(params) -> (D,)
     init_from_precision(params, H) -> params     optional: the MAP start's q from a Hessian (needs params["loc"])
 
-Any object with these methods is a family (`resolve_family` checks them): a new family is one class, in a file
+Any object with these methods is a family (`bbvi.family_names.resolve_family` checks them): a new family is one class, in a file
 of its own or here. A dataclass family can be saved and loaded by class name and fields.
 
 Noise is drawn with `torch.randn(..., generator=g)` and transformed, so runs are reproducible without the
@@ -30,7 +30,7 @@ from torch.distributions import constraints
 
 from .errors import ConfigError
 
-__all__ = ["MeanField", "FullRank", "LowRank", "Discrete", "resolve_family"]
+__all__ = ["MeanField", "FullRank", "LowRank", "Discrete"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -285,27 +285,3 @@ class Discrete:
 
     def probs(self, params):
         return {name: torch.softmax(params[name], -1) for name, *_ in self.spec}
-
-
-_FAMILIES = {"meanfield": MeanField, "fullrank": FullRank, "lowrank": LowRank, "flow": None}
-
-
-PROTOCOL = ("init", "rsample", "sample", "log_prob", "entropy", "mean", "covariance", "marginal_sd")
-
-
-def resolve_family(family):
-    """'meanfield' | 'fullrank' | 'lowrank' | 'flow' | any object with the family protocol -> a family object."""
-    if isinstance(family, str) and family in _FAMILIES:
-        if family == "flow":
-            from .flows import Flow  # imports zuko
-            return Flow()
-        return _FAMILIES[family]()
-    if not isinstance(family, (str, type)) and family is not None:
-        missing = [m for m in PROTOCOL if not callable(getattr(family, m, None))
-                   and not (m == "entropy" and getattr(family, m, 0) is None)]
-        if not missing:
-            return family
-        raise ConfigError(f"family {family!r} lacks {missing} of the family protocol {list(PROTOCOL)} "
-                          f"(see bbvi/families.py)")
-    raise ConfigError(f"family must be one of {sorted(_FAMILIES)} or a bbvi.MeanField/FullRank/LowRank/Flow object, "
-                      f"got {family!r}")

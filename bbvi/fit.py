@@ -29,12 +29,14 @@ from .convergence import Adaptive, RelativeTolerance
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, plan_for, resolve_estimator
 from .estimators.plan import defers_check, estimate_parts
 from .estimators.rao_blackwell import check_baseline, discover, rao_blackwellized
-from .families import Discrete, resolve_family
+from .families import Discrete
+from .family_names import resolve_family
 from .model import precision_notes
 from .distributed import shard
 from .subsample import check_subsample, minibatch, structure_rows, uses_cv
 from .result import Result
 from .saving import check_writable, describe
+from .update import clear_grads, overflow_limit, verdict
 from .start import choose as choose_start
 from .start import initial_loc
 
@@ -111,11 +113,6 @@ class FitState:
 
     def leaves(self):
         return list(self.params["continuous"].values()) + list(self.params["discrete"].values())
-
-
-def _overflow_limit(t):
-    """Largest gradient norm whose square stays far from overflowing t's dtype (1.8e16 for float32)."""
-    return math.sqrt(torch.finfo(t.dtype).max) * 1e-3
 
 
 def _positive_number(value):
@@ -407,7 +404,7 @@ def _update(state):
     exception = state.last_exception
     value, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=not retry,
                                                                     checked=not defer)
-    ok, huge, finite = _verdict(value, norm)
+    ok, huge, finite = verdict(value, norm)
 
     def again(guard):   # the step redone from the same generator state, with the particles' check
         state.generator.set_state(before)
@@ -416,15 +413,15 @@ def _update(state):
     if defer and not ok:   # the step as it is with the particles' check
         state.check_until = state.step + GUARD_STEPS
         value, baseline_state, num_bad, error, raised, norm = again(guard=not retry)
-        ok, huge, finite = _verdict(value, norm)
+        ok, huge, finite = verdict(value, norm)
     if retry and not ok and finite:   # a finite estimate, a gradient that is not: with the pathwise guard
         state.guard_until = state.step + GUARD_STEPS
         value, baseline_state, num_bad, error, raised, norm = again(guard=True)
-        ok, huge, _ = _verdict(value, norm)
+        ok, huge, _ = verdict(value, norm)
     if error is not None:
         state.num_raised_steps += 1
     if ok and huge:
-        limit = _overflow_limit(norm)
+        limit = overflow_limit(norm)
         torch._foreach_mul_([p.grad for p in state.leaves() if p.grad is not None], (limit / norm).item())
         state.num_rescaled_steps += 1
     if num_bad is not None:
@@ -454,7 +451,7 @@ def _gradient(state, model, structure, guard, checked=True):
     estimate (detached), baseline state, bad particles, the log-joint's exception or None, whether the log-joint
     or its gradient raised, the gradient's norm, clipped with clip_grad)."""
     opt = state.optimizer
-    _clear_grads(opt)
+    clear_grads(opt)
     value, carrier, baseline_state, num_bad, error = estimate_parts(
         state.plan, model, state.family, state.discrete, state.params, state.num_particles, state.generator,
         state.baseline_state, structure, step=state.step, guard=guard, checked=checked, first_order=True)
@@ -467,7 +464,7 @@ def _gradient(state, model, structure, guard, checked=True):
     try:
         (-carrier).backward()
     except Exception as e:  # noqa: BLE001 - e.g. the backward of a Cholesky at an ill-conditioned particle
-        _clear_grads(opt)
+        clear_grads(opt)
         value = value * float("nan")
         raised = True
         state.last_exception = f"{type(e).__name__} in the gradient: {str(e).splitlines()[0] if str(e) else ''}"
@@ -486,32 +483,6 @@ def _gradient(state, model, structure, guard, checked=True):
     else:  # a sum of norms is finite exactly when every gradient entry is
         norm = functools.reduce(operator.add, torch._foreach_norm(grads))
     return value, baseline_state, num_bad, error, raised, norm
-
-
-def _clear_grads(opt):
-    """opt.zero_grad(set_to_none=True): every parameter's gradient set to None; done here, where the optimizer
-    keeps torch's zero_grad, without its profiler record and dynamo guard (~12 us, 2-3% of a small eager step)."""
-    if getattr(getattr(opt, "zero_grad", None), "__func__", None) is not torch.optim.Optimizer.zero_grad:
-        opt.zero_grad(set_to_none=True)
-        return
-    for group in opt.param_groups:
-        for p in group["params"]:
-            p.grad = None
-
-
-def _verdict(value, norm):
-    """One host sync: [is the step finite, is its gradient so large that the optimizer's squared-gradient
-    statistics would overflow (Adam's v = inf freezes every later update at m / sqrt(v) = 0), is the ELBO estimate
-    finite]. The checks are made on the host, on the values in the tensors' dtype (value + norm summed there; the
-    limit rounded to it): the same answers as the tensor comparisons, without their half-dozen small operations."""
-    total, norm_value, value_value = torch.stack([value + norm, norm, value]).tolist()
-    return math.isfinite(total), norm_value > _limit_in(norm.dtype), math.isfinite(value_value)
-
-
-@functools.lru_cache(maxsize=None)
-def _limit_in(dtype):
-    """_overflow_limit rounded to dtype, as a tensor comparison with it rounds it."""
-    return torch.tensor(math.sqrt(torch.finfo(dtype).max) * 1e-3, dtype=dtype).item()
 
 
 def _saved_int(text):

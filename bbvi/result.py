@@ -501,7 +501,8 @@ def load_result(path, model, device="cpu", family=None):
     """A Result saved by `Result.save`, attached to `model` (the same latents; its data may be new). `family`:
     the family object, needed only when the saved one is a class bbvi cannot rebuild from the file."""
     from . import families
-    from .families import Discrete, resolve_family
+    from .families import Discrete
+    from .family_names import resolve_family
     from .model import CheckReport
     saved = read(path, "result")
     check_signature(saved["model"], model, path)

@@ -23,7 +23,7 @@ class Auto:
         return _repr(self)
 
     def plan(self, model, report, num_particles):
-        from .plan import Plan
+        from .record import Plan
         from .sums import check_sum_over
         path = (Reparam() if report.differentiable else ScorePath()) if model.dim > 0 else None
         return Plan(path, self.baseline, bool(model.discrete), sum_over=check_sum_over(self.sum_over, model))

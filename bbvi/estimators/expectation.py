@@ -40,7 +40,7 @@ class FamilyDistribution:
     has_rsample = True
 
     def __init__(self, family, params):
-        from ..families import resolve_family
+        from ..family_names import resolve_family
         self.family, self.params = resolve_family(family), params
 
     def log_prob(self, x):

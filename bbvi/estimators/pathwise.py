@@ -28,7 +28,7 @@ class _Pathwise:
 
     def plan(self, model, report, num_particles):
         from ..errors import ConfigError
-        from .plan import Plan
+        from .record import Plan
         if model.discrete:
             raise ConfigError(f"estimator={self.name!r} needs every latent continuous, but {sorted(model.discrete)} "
                               f"are discrete; use estimator='auto' (pathwise for continuous, score for discrete) "
@@ -70,7 +70,7 @@ def whole_plan(estimator, model, report):
     """The Plan of an estimator that computes the whole step for the discrete latents (ARM/DisARM, RELAX,
     Concrete): the continuous latents pathwise beside it, so the log-joint must be differentiable in them."""
     from ..errors import ConfigError
-    from .plan import Plan
+    from .record import Plan
     if model.dim and not report.differentiable:
         raise ConfigError(f"estimator={estimator.name!r} takes continuous latents pathwise, but torch cannot "
                           f"differentiate model {model.name!r} in {list(report.nondifferentiable)}: use "

@@ -26,7 +26,7 @@ class Score:
         return _repr(self)
 
     def plan(self, model, report, num_particles):
-        from .plan import Plan
+        from .record import Plan
         from .sums import check_sum_over
         return Plan(ScorePath() if model.dim > 0 else None, self.baseline, bool(model.discrete),
                     sum_over=check_sum_over(self.sum_over, model))

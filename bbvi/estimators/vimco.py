@@ -26,7 +26,7 @@ class VIMCO:
 
     def plan(self, model, report, num_particles):
         from ..errors import ConfigError
-        from .plan import Plan
+        from .record import Plan
         from .score import ScorePath
         if num_particles < 2:
             raise ConfigError(f"estimator='vimco' needs num_particles >= 2 (the K samples of its bound; each "
