@@ -241,7 +241,7 @@ class Result:
         attrs."""
         import arviz as az
 
-        from .reference import arviz_dims, check_arviz_names
+        from .arviz_names import arviz_dims, check_arviz_names
         where = f"to_arviz (model {self.model.name!r})"
         num_draws, seed = self._check_draws(num_draws, seed, "fit.to_arviz")
         check_arviz_names(self.model.latents, where)
