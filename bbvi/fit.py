@@ -31,7 +31,7 @@ from .estimators.plan import defers_check, estimate_parts
 from .estimators.rao_blackwell import check_baseline, discover, rao_blackwellized
 from .families import Discrete
 from .family_names import resolve_family
-from .model import precision_notes
+from .data_forms import precision_notes
 from .distributed import shard
 from .subsample import check_subsample, minibatch, structure_rows, uses_cv
 from .result import Result

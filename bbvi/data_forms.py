@@ -1,0 +1,96 @@
+"""The data as the log-joint sees it: `as_tensors` turns numpy arrays, numbers, pandas Series and DataFrames, and
+nested dicts, lists and tuples of them into tensors (float64 where a number is a float); `precision_notes` says
+what a lower dtype would round; `_move` puts the data on a device and dtype."""
+import torch
+
+from .errors import ModelError
+
+
+def as_tensors(obj, where="data"):
+    """The data as the log-joint will see it: numpy arrays and scalars, pandas Series and DataFrames (numeric), and
+    lists/tuples of plain numbers become tensors, once (float64 stays float64 until the fit casts it to its dtype;
+    integers stay int64, booleans bool); dicts, lists and tuples of other things are walked; anything else is passed
+    as it is (a Python int stays an int). Data that cannot be numbers (strings, objects, complex) is a ModelError
+    naming the entry."""
+    if torch.is_tensor(obj) or obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    module = type(obj).__module__.split(".")[0]
+    if module == "pandas" and hasattr(obj, "to_numpy"):
+        return _from_pandas(obj, where)
+    if module == "numpy":
+        import numpy as np
+        arr = np.asarray(obj)
+        if arr.dtype.kind not in "biuf":
+            raise ModelError(f"{where} is a numpy {'array' if arr.ndim else 'scalar'} of dtype {arr.dtype}, which "
+                             f"bbvi cannot pass to torch as numbers" + (": complex data is not supported"
+                                                                         if arr.dtype.kind == "c" else ""))
+        return torch.as_tensor(arr.astype(np.int64) if arr.dtype.kind in "iu" else arr.copy())
+    if isinstance(obj, dict):
+        return type(obj)((k, as_tensors(v, f"{where}[{k!r}]")) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        if obj and _all_numbers(obj):
+            try:
+                return torch.tensor(obj, dtype=torch.float64 if _any_float(obj) else None)
+            except (ValueError, TypeError) as e:  # ragged nesting
+                raise ModelError(f"{where} is a nested list of numbers that is not rectangular ({e}); pass a "
+                                 f"tensor or an array") from None
+        return type(obj)(as_tensors(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    return obj
+
+
+def _all_numbers(obj):
+    if isinstance(obj, (list, tuple)):
+        return all(_all_numbers(v) for v in obj)
+    return isinstance(obj, (bool, int, float)) or type(obj).__module__ == "numpy" and getattr(obj, "ndim", 1) == 0
+
+
+def _any_float(obj):
+    if isinstance(obj, (list, tuple)):
+        return any(_any_float(v) for v in obj)
+    return isinstance(obj, float) or getattr(getattr(obj, "dtype", None), "kind", "") == "f"
+
+
+def _from_pandas(obj, where):
+    import numpy as np
+    from pandas.api.types import is_bool_dtype, is_float_dtype, is_numeric_dtype
+    frame = obj.to_frame() if obj.ndim == 1 else obj
+    bad = [(c, frame[c].dtype) for c in frame.columns if not is_numeric_dtype(frame[c])]
+    if bad:
+        raise ModelError(f"{where}: pandas column(s) {[str(c) for c, _ in bad]} have dtype(s) {[str(d) for _, d in bad]}, "
+                         f"not numbers; convert them first (a categorical: .cat.codes; text: a mapping to numbers) "
+                         f"or pass only the numeric columns")
+    if any(is_float_dtype(frame[c]) or bool(frame[c].isna().any()) for c in frame.columns):
+        arr = obj.to_numpy(dtype=np.float64, na_value=np.nan)
+    elif all(is_bool_dtype(frame[c]) for c in frame.columns):
+        arr = obj.to_numpy(dtype=bool)
+    else:
+        arr = obj.to_numpy(dtype=np.int64)
+    return torch.as_tensor(arr.copy())
+
+
+def precision_notes(obj, dtype, where="data"):
+    """For a fit in `dtype` (float32): a text for every float64 data tensor whose values round when cast."""
+    if torch.is_tensor(obj):
+        if obj.dtype == torch.float64 and dtype == torch.float32:
+            back = obj.to(torch.float32).to(torch.float64)
+            changed = (back != obj) & torch.isfinite(obj)
+            if bool(changed.any()):
+                rel = ((back - obj).abs() / obj.abs().clamp_min(torch.finfo(torch.float64).tiny))[changed].max()
+                return [f"{where} is float64 and the fit runs in float32: {int(changed.sum())} of {obj.numel()} "
+                        f"values round (largest relative change {rel.item():.2g})"]
+        return []
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in precision_notes(v, dtype, f"{where}[{k!r}]")]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in precision_notes(v, dtype, f"{where}[{i}]")]
+    return []
+
+
+def _move(obj, device, dtype):
+    if torch.is_tensor(obj):
+        return obj.to(device=device, dtype=dtype if obj.is_floating_point() and dtype is not None else None)
+    if isinstance(obj, dict):
+        return type(obj)((k, _move(v, device, dtype)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_move(v, device, dtype) for v in obj)
+    return obj
