@@ -25,8 +25,8 @@ import torch
 
 from .checkpoint import Keeper, load_checkpoint, load_rank, rank_state, read_checkpoint, save_checkpoint, setting
 from .errors import ConfigError, FitError, ReliabilityWarning
-from .convergence import Adaptive, RelativeTolerance
-from .estimators import DEFAULT, draw, estimate, init_baseline_state, plan_for, resolve_estimator
+from .convergence import Adaptive, RelativeTolerance, q_settled
+from .estimators import DEFAULT, draw, init_baseline_state, plan_for, resolve_estimator
 from .estimators.plan import defers_check, estimate_parts
 from .estimators.rao_blackwell import check_baseline, discover, rao_blackwellized
 from .families import Discrete
@@ -722,7 +722,7 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
             if stopped:
                 status = "stopped by callback"
                 break
-            if converged(state.elbo) and _q_settled(state, seed):
+            if converged(state.elbo) and q_settled(state, seed):
                 status = "converged"
                 break
             if state.stop:
@@ -767,38 +767,6 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
         if comm is not None:  # rank 0's check (and warning) on the full data; its findings on every rank
             result.reliability = comm.share(result.reliability)
     return result
-
-
-def _q_settled(state, seed, num_estimates=32, threshold=0.1):
-    """tol_rel_obj's ELBO test passes when the ELBO's running mean stops changing, which can happen while q's mean
-    is still far from the optimum (seen: a 5000 x 20 logistic regression 'converged' at step 300 with 9 of 21
-    means more than 0.1 sd off). Before accepting it, estimate the ELBO's gradient in q's mean (num_estimates
-    independent estimates from a generator of their own, so the fit's draws are untouched) and the coordinate-wise
-    Newton step it implies in q's sds, g_i sd_i (at a mean-field optimum sd_i^2 = 1 / E_q[-d^2 log p / du_i^2]):
-    settled when no coordinate would move more than `threshold` sd beyond 3 Monte Carlo errors."""
-    pc = state.params["continuous"]
-    if "loc" not in pc or not callable(getattr(state.family, "marginal_sd", None)):
-        return True
-    generator = torch.Generator(device=pc["loc"].device).manual_seed((seed * 1_000_003 + state.step) % 2 ** 63)
-    grads = []
-    for _ in range(num_estimates):
-        surrogate, _, _, _ = estimate(state.plan, state.model, state.family, state.discrete, state.params,
-                                      state.num_particles, generator, state.baseline_state, state.structure,
-                                      step=state.step)
-        try:
-            g, = torch.autograd.grad(surrogate, [pc["loc"]], allow_unused=True)
-        except RuntimeError:
-            return True
-        if g is None or not bool(torch.isfinite(g).all()):
-            continue
-        grads.append(g.detach())
-    if len(grads) < 2:
-        return True
-    with torch.no_grad():
-        sd = state.family.marginal_sd(pc)
-        shift = torch.stack(grads) * sd  # (K, D) Newton steps in q's sds
-        mean, se = shift.mean(0), shift.std(0) / len(grads) ** 0.5
-    return not bool(((mean.abs() > threshold) & (mean.abs() > 3 * se)).any())
 
 
 def _unusable_q(result):

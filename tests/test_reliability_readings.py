@@ -216,7 +216,8 @@ def test_tol_rel_obj_is_not_accepted_while_q_is_still_off():
     (seen on that fit: refused at 1700 where the implied steps tracked the errors, 0.45 for the 0.48 one;
     accepted at step 14400 with max error 0.19). Exact check here: q at the Gaussian posterior is settled, q
     moved 0.5 sd off in one coordinate is not."""
-    from bbvi.fit import _q_settled, init
+    from bbvi.convergence import q_settled as _q_settled
+    from bbvi.fit import init
     cov = torch.tensor([[1.0, 0.3], [0.3, 2.0]], dtype=torch.float64)
     target = MultivariateNormal(torch.tensor([1.0, -1.0], dtype=torch.float64), cov)
     model = bbvi.Model(lambda z, d: target.log_prob(z["x"]), {"x": bbvi.Latent((2,))}, name="gauss2")
