@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 
 def load(path, model, device="cpu", family=None):
     """A fitted Result saved with `fit.save(path)`, attached to `model` (pass the model again)."""
-    from .result import load_result
+    from .result_file import load_result
     return load_result(path, model, device=device, family=family)
 
 

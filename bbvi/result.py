@@ -8,10 +8,9 @@ import torch
 from .errors import ConfigError
 from .subsample import sizes
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, log_q, plan_for, resolve_estimator
-from .saving import FORMAT, atomic_save, check_signature, config_of, model_signature, object_from, plan_config, \
-    plan_from, read
+from .saving import FORMAT, atomic_save, config_of, model_signature, plan_config
 
-__all__ = ["Result", "load_result"]
+__all__ = ["Result"]   # bbvi.load reads a saved fit back (result_file.load_result)
 
 
 SEED_LIMIT = 2 ** 63  # bbvi.fit's rule: a seed is an int in [0, 2**63)
@@ -469,66 +468,6 @@ class Result:
                 f"final ELBO {self.final_elbo():.4g}>")
 
 
-def _saved_family_name(cfg):
-    if cfg is None:
-        return "none"
-    fields = cfg.get("fields") or {}
-    return f"{cfg['type']}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
-
-
-def _check_loaded_family(family, saved_cfg, params, dim, path):
-    """ConfigError when `family` (given to bbvi.load) cannot hold the saved parameters: its parameters (names
-    and shapes, from family.init at the saved dimension) must be those in the file."""
-    if not dim or not params:
-        return
-    loc = next(iter(params.values())).new_zeros(dim)
-    try:
-        expected = family.init(dim, loc)
-    except ConfigError:
-        raise
-    except Exception:  # noqa: BLE001 - a family whose init cannot run here: nothing to compare with
-        return
-    want = {k: tuple(t.shape) for k, t in expected.items()}
-    got = {k: tuple(t.shape) for k, t in params.items()}
-    if want != got:
-        raise ConfigError(f"bbvi.load({str(path)!r}): the file holds a fit with family {_saved_family_name(saved_cfg)} "
-                          f"(parameters {got}), but family={family!r} was given, whose parameters are {want}: leave "
-                          f"family out to use the saved {saved_cfg['type'] if saved_cfg else 'family'}, or pass one "
-                          f"of the same kind (family= is for a saved family bbvi cannot rebuild by itself)")
-
-
-def load_result(path, model, device="cpu", family=None):
-    """A Result saved by `Result.save`, attached to `model` (the same latents; its data may be new). `family`:
-    the family object, needed only when the saved one is a class bbvi cannot rebuild from the file."""
-    from . import families
-    from .families import Discrete
-    from .family_names import resolve_family
-    from .model import CheckReport
-    saved = read(path, "result")
-    check_signature(saved["model"], model, path)
-    params = {g: {k: t.to(device) for k, t in grp.items()} for g, grp in saved["params"].items()}
-    dtype = next(t for grp in params.values() for t in grp.values()).dtype
-    if saved["preconditioner"]:
-        model = model.preconditioned(*saved["preconditioner"])
-    model = model.to(device, dtype)
-    if family is None:
-        from types import SimpleNamespace
-
-        from .flows import Flow
-        family = object_from(saved["family"], SimpleNamespace(**vars(families), Flow=Flow), "family")
-    else:
-        family = resolve_family(family)
-        _check_loaded_family(family, saved["family"], params["continuous"], model.dim, path)
-    return Result(model=model, family=family, discrete=Discrete.for_model(model), plan=plan_from(saved["plan"]),
-                  report=CheckReport(saved["report"]["differentiable"], tuple(saved["report"]["nondifferentiable"])),
-                  params=params, elbo=saved["elbo"], settings=dict(saved["settings"]), status=saved["status"],
-                  num_steps=saved["num_steps"], num_failed_steps=saved["num_failed_steps"],
-                  num_bad_particles=saved["num_bad_particles"], wall_time=saved["wall_time"],
-                  num_rescaled_steps=saved["num_rescaled_steps"],
-                  baseline_state={k: v.to(device) for k, v in saved["baseline_state"].items()},
-                  batch=_saved_batch(saved["settings"].get("subsample_size"), model))
-
-
 def _pick(mapping, names, what, listing):
     """The entries of `mapping` named by `names` (a name or a list), in that order; ConfigError listing the others."""
     names = [names] if isinstance(names, str) else list(names)
@@ -536,13 +475,3 @@ def _pick(mapping, names, what, listing):
     if missing:
         raise ConfigError(f"{what} {missing}; {listing} {list(mapping)}")
     return {n: mapping[n] for n in names}
-
-
-def _saved_batch(text, model):
-    """{plate: B} of a saved minibatch fit (its settings hold subsample_size as text), or None."""
-    if text is None:
-        return None
-    import ast
-    size = ast.literal_eval(text)
-    n = sizes(model)
-    return {p: min(b, n[p]) for p, b in (size if isinstance(size, dict) else {p: size for p in n}).items()}
