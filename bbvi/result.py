@@ -5,30 +5,13 @@ import numbers
 
 import torch
 
+from .arguments import check_count, check_seed, pick as _pick  # noqa: F401  (check_seed: re-exported)
 from .errors import ConfigError
 from .subsample import sizes
 from .estimators import DEFAULT, draw, estimate, init_baseline_state, log_q, plan_for, resolve_estimator
 from .saving import FORMAT, atomic_save, config_of, model_signature, plan_config
 
 __all__ = ["Result"]   # bbvi.load reads a saved fit back (result_file.load_result)
-
-
-SEED_LIMIT = 2 ** 63  # bbvi.fit's rule: a seed is an int in [0, 2**63)
-
-
-def check_seed(seed, where):
-    """The one rule for a seed, shared by every Result method and the same as bbvi.fit's: an int (not a bool)
-    in [0, 2**63). Returns it as a Python int; anything else is a ConfigError naming `where`."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < SEED_LIMIT:
-        raise ConfigError(f"{where}: seed must be an int in [0, 2**63) (as for bbvi.fit), got {seed!r}")
-    return int(seed)
-
-
-def check_count(name, value, where):
-    """A count argument (num_draws, num_samples, num_particles): a positive int, else a ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ConfigError(f"{where}: {name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _detached(params):
@@ -238,108 +221,9 @@ class Result:
         coords={"school": names}); others are named `{name}_dim_{i}` (with trailing `_` where that would clash with
         a variable's name); a latent named `chain` or `draw` is a ModelError. The fit's settings are the posterior's
         attrs."""
-        import arviz as az
-
-        from .arviz_names import arviz_dims, check_arviz_names
-        where = f"to_arviz (model {self.model.name!r})"
-        num_draws, seed = self._check_draws(num_draws, seed, "fit.to_arviz")
-        check_arviz_names(self.model.latents, where)
-        if num_chains is None:
-            num_chains = next(c for c in (4, 2, 1) if num_draws % c == 0 and num_draws // c >= 4 or c == 1)
-        num_chains = check_count("num_chains", num_chains, "fit.to_arviz")
-        if num_draws % num_chains:
-            raise ConfigError(f"fit.to_arviz: num_chains={num_chains} must divide num_draws={num_draws} (the "
-                              f"independent draws are split into that many equal groups)")
-        u, k, log_w = self.weighted_draws(num_draws, seed)
-        draws = self.model.named_draws(u, k, seed=seed)
-        check_arviz_names(draws, where, "derived quantity")
-
-        def grouped(t):
-            a = t.detach().cpu().numpy()
-            return a.reshape((num_chains, num_draws // num_chains) + a.shape[1:])
-        groups = {"posterior": {n: grouped(v) for n, v in draws.items()}}
-        with torch.no_grad():
-            lq = log_q(self.model, self.family, self.discrete, self.params, u, k)
-        lq = sum(t for t in lq if t is not None)
-        groups["sample_stats"] = {"log_weight": grouped(log_w), "lp": grouped(log_w + lq)}
-        loglik = self._pointwise_log_likelihood(u, k, log_likelihood)
-        if loglik:
-            groups["log_likelihood"] = {n: grouped(v) for n, v in loglik.items()}
-        predict = predict if predict is not None else self.model.predict
-        if predict is not None:
-            groups["posterior_predictive"] = {n: grouped(v) for n, v in self._predictive(predict, u, k, seed).items()}
-        observed = self._observed(observed_data)
-        dims = dict(dims or {})
-        auto = arviz_dims({n: a for g in groups.values() for n, a in g.items()})
-        for n, d in auto.items():
-            dims.setdefault(n, d)
-        for n, v in observed.items():
-            dims.setdefault(n, [f"{n}_dim_{i}" for i in range(v.ndim)])
-        attrs = {k_: str(v) for k_, v in self.settings.items()}
-        attrs.update(inference_library="bbvi", status=self.status, num_steps=self.num_steps,
-                     num_failed_steps=self.num_failed_steps, final_elbo=float(self.final_elbo()),
-                     draws="independent draws from q, split into chains for ArviZ: R-hat is not a check of the fit")
-        try:
-            idata = az.from_dict(**groups, observed_data=observed or None, dims=dims, coords=coords)
-        except (ValueError, KeyError) as e:
-            raise ConfigError(f"fit.to_arviz: ArviZ refused dims={dims!r} / coords={coords!r}: {e}") from None
-        idata.posterior.attrs.update(attrs)
-        return idata
-
-    def _pointwise_log_likelihood(self, u, k, names):
-        """name -> (S, n...) pointwise log-likelihood terms (factor terms of the log-joint) at the draws."""
-        if names is False:
-            return {}
-        with torch.no_grad():
-            z, _ = self.model.constrain(u)
-            z.update(k)
-            probe = self.model.call_raw({n: v[:2] for n, v in z.items()})
-        if not isinstance(probe, dict):
-            if names is None:
-                return {}
-            raise ConfigError(f"fit.to_arviz: log_likelihood={names!r}, but model {self.model.name!r}'s log-joint "
-                              f"returns one tensor; return a dict of factor terms ({{'prior': ..., 'obs': ...}}, "
-                              f"'obs' with one term per observation) to get pointwise log-likelihoods")
-        if names is None:
-            names = ["obs"] if "obs" in probe else []
-        names = [names] if isinstance(names, str) else list(names)
-        missing = [n for n in names if n not in probe]
-        if missing:
-            raise ConfigError(f"fit.to_arviz: log_likelihood names factor(s) {missing}; the log-joint of model "
-                              f"{self.model.name!r} returns {list(probe)}")
-        out = {n: [] for n in names}
-        with torch.no_grad():
-            for i in range(0, u.shape[0], 1024):
-                terms = self.model.call_raw({n: v[i:i + 1024] for n, v in z.items()})
-                for n in names:
-                    out[n].append(torch.as_tensor(terms[n]).to(u.dtype))
-        return {n: torch.cat(v) for n, v in out.items()}
-
-    def _predictive(self, predict, u, k, seed):
-        if not callable(predict):
-            raise ConfigError(f"fit.to_arviz: predict must be a callable (z, data, generator) -> dict, got {predict!r}")
-        with torch.no_grad():
-            z, _ = self.model.constrain(u)
-            z.update(k)
-            out = predict(z, self.model.data, self._generator(seed))
-        if not isinstance(out, dict) or not all(torch.is_tensor(v) and v.shape[:1] == (u.shape[0],)
-                                                for v in out.values()):
-            raise ConfigError(f"fit.to_arviz: predict must return a dict name -> Tensor ({u.shape[0]}, ...), one "
-                              f"simulated data set per draw; got {type(out).__name__}"
-                              + (f" with shapes { {n: tuple(getattr(v, 'shape', ())) for n, v in out.items()} }"
-                                 if isinstance(out, dict) else ""))
-        return out
-
-    def _observed(self, which):
-        """name -> numpy array: the model's data entries for the observed_data group."""
-        data = self.model.data
-        if which is False or data is None:
-            return {}
-        items = data.items() if isinstance(data, dict) else [("data", data)]
-        tensors = {str(n): v for n, v in items if torch.is_tensor(v)}
-        if which is not None:
-            tensors = _pick(tensors, which, "fit.to_arviz: observed_data names", "the model's data tensors are")
-        return {n: v.detach().cpu().numpy() for n, v in tensors.items()}
+        from .arviz_export import to_arviz
+        return to_arviz(self, num_draws, seed, num_chains=num_chains, log_likelihood=log_likelihood,
+                        predict=predict, observed_data=observed_data, dims=dims, coords=coords)
 
     def final_elbo(self, window=100):
         """Mean of the last `window` finite per-step ELBO estimates."""
@@ -466,12 +350,3 @@ class Result:
     def __repr__(self):
         return (f"<bbvi.Result {self.model.name!r} {self.status}, {self.num_steps} steps, "
                 f"final ELBO {self.final_elbo():.4g}>")
-
-
-def _pick(mapping, names, what, listing):
-    """The entries of `mapping` named by `names` (a name or a list), in that order; ConfigError listing the others."""
-    names = [names] if isinstance(names, str) else list(names)
-    missing = [n for n in names if n not in mapping]
-    if missing:
-        raise ConfigError(f"{what} {missing}; {listing} {list(mapping)}")
-    return {n: mapping[n] for n in names}
