@@ -23,7 +23,7 @@ __all__ = ["DESIGNS", "regression", "dogs", "dogs_log", "BUILDERS"]
 
 
 def _sd(x):
-    return x.std(unbiased=True)
+    return x.std(correction=1)
 
 
 def _ones(d):
