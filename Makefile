@@ -27,9 +27,10 @@ experiments: install
 	$(PY) experiments/run_all.py --out results
 
 # NUTS on every bundled posteriordb model against its Stan reference draws (hours on 2 cores; draws cached in
-# results/nuts_cache); writes models/posteriordb/VERIFIED.csv, the record the yardstick reads NUTS's cost from.
+# results/nuts_cache); writes each row into models/posteriordb/VERIFIED.csv as it is verified (the record the
+# yardstick reads NUTS's cost from) and skips the posteriors it holds: stop it any time, run it again to go on.
 verify-posteriordb: install
-	$(PY) experiments/verify_posteriordb.py --out results --record
+	$(PY) experiments/verify_posteriordb.py --out results --record --missing
 
 bench: install
 	$(PY) experiments/bench.py --out results

@@ -5,7 +5,8 @@ its Monte Carlo standard error (sqrt(MCSE_ref^2 + MCSE_nuts^2), MCSE from ArviZ'
 divergences, NUTS's cost (gradient evaluations over warm-up and draws, seconds). A translation passes when every
 mean is within 4 MCSE and every sd within 10%. Writes verify_posteriordb.{csv,md}; NUTS draws are cached by
 bbvi.nuts (BBVI_CACHE or <out>/nuts_cache), so a rerun only recomputes the table. The committed record is
-models/posteriordb/VERIFIED.csv (python experiments/verify_posteriordb.py --record)."""
+models/posteriordb/VERIFIED.csv: --record writes each posterior's row into it as soon as it is verified, and
+--missing runs only the posteriors it does not hold yet (make verify-posteriordb passes both)."""
 import os
 import sys
 import time
@@ -84,21 +85,45 @@ def verify(name, cache_dir):
                 wall_s=wall)
 
 
+RECORD = os.path.join(ROOT, "models", "posteriordb", "VERIFIED.csv")
+
+
+def recorded():
+    """The committed verification record (an empty frame where there is none)."""
+    import pandas as pd
+    return pd.read_csv(RECORD) if os.path.exists(RECORD) else pd.DataFrame({"posterior": []})
+
+
+def record_rows(rows, path=None):
+    """Put `rows` into the record, replacing the rows of the same posteriors; sorted by posterior."""
+    import pandas as pd
+    path = path or RECORD
+    old = pd.read_csv(path) if os.path.exists(path) else pd.DataFrame({"posterior": []})
+    new = pd.DataFrame(rows)
+    frame = pd.concat([old[~old.posterior.isin(new.posterior)], new], ignore_index=True)
+    frame.sort_values("posterior").to_csv(path, index=False)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    record = "--record" in argv   # also write models/posteriordb/VERIFIED.csv
-    args = parse(__doc__.splitlines()[0], [a for a in argv if a != "--record"],
+    record = "--record" in argv     # also write each posterior's row into models/posteriordb/VERIFIED.csv
+    missing = "--missing" in argv   # only the posteriors VERIFIED.csv does not hold yet
+    args = parse(__doc__.splitlines()[0], [a for a in argv if a not in ("--record", "--missing")],
                  extra=[("--only", "comma-separated posterior names")])
     import pandas as pd
 
     from models import posteriordb
     cache_dir = os.environ.get("BBVI_CACHE") or os.path.join(args.out, "nuts_cache")
     names = args.only.split(",") if args.only else posteriordb.names()
+    if missing:
+        names = [n for n in names if n not in set(recorded().posterior)]
     rows = []
     for name in names:
         row = verify(name, cache_dir)
         print(row, flush=True)
         rows.append(row)
+        if record:   # after each posterior: an interrupted run keeps what it verified
+            record_rows([row])
     frame = pd.DataFrame(rows)
     note = (f"bbvi.nuts (Pyro NUTS, 4 chains x (1000 + 1000), seed 0, float64; metric: dense mass matrix where two "
             f"parameters correlate above {DENSE_CORR}, diagonal otherwise) against posteriordb's Stan "
@@ -106,8 +131,6 @@ def main(argv=None):
             f"passed: every mean within {MEAN_Z:g} MCSE and every sd within {SD_TOL:.0%}. nuts_gradient_evals: "
             f"log-density gradient evaluations over the 4 chains, warm-up and draws.")
     text = write_table(frame, args.out, "verify_posteriordb", "posteriordb translations verified by NUTS", note)
-    if record:
-        frame.to_csv(os.path.join(ROOT, "models", "posteriordb", "VERIFIED.csv"), index=False)
     print(text)
     return frame
 

@@ -119,3 +119,23 @@ def test_time_to_fit_quick(tmp_path):
     row = pd.read_csv(tmp_path / "time_to_fit.csv").iloc[0]
     assert row.system == "bbvi default" and row.seconds > 0 and row.steps > 0
     assert row.accurate == (row.final_error < 0.1)
+
+
+def test_verify_posteriordb_reads_references_picks_the_metric_and_keeps_its_record(tmp_path):
+    """The NUTS verification's pieces that need no NUTS: every scalar of a reference by its Stan name, the dense
+    metric where two parameters correlate above 0.9 (an intercept against an uncentred predictor) and not for a
+    simplex's exactly linked components, and a record that keeps each posterior's latest row."""
+    import pandas as pd
+    import verify_posteriordb as v
+
+    from models import posteriordb
+    flat = v.flat(posteriordb.reference("hmm_example-hmm_example"))
+    assert set(flat) == {"theta1[1]", "theta1[2]", "theta2[1]", "theta2[2]", "mu[1]", "mu[2]"}
+    assert flat["mu[1]"].shape == (10, 1000)
+    assert v.needs_dense(posteriordb.reference("earnings-logearn_height"))
+    assert not v.needs_dense(posteriordb.reference("hmm_example-hmm_example"))
+    path = str(tmp_path / "record.csv")
+    v.record_rows([{"posterior": "b", "passed": True}, {"posterior": "a", "passed": False}], path)
+    v.record_rows([{"posterior": "a", "passed": True}], path)
+    frame = pd.read_csv(path)
+    assert list(frame.posterior) == ["a", "b"] and frame.passed.all()
