@@ -98,9 +98,11 @@ def record_rows(rows, path=None):
     """Put `rows` into the record, replacing the rows of the same posteriors; sorted by posterior."""
     import pandas as pd
     path = path or RECORD
-    old = pd.read_csv(path) if os.path.exists(path) else pd.DataFrame({"posterior": []})
     new = pd.DataFrame(rows)
-    frame = pd.concat([old[~old.posterior.isin(new.posterior)], new], ignore_index=True)
+    frame = new
+    if os.path.exists(path):   # (concatenating onto an empty frame would turn the int columns into floats)
+        old = pd.read_csv(path)
+        frame = pd.concat([old[~old.posterior.isin(new.posterior)], new], ignore_index=True)
     frame.sort_values("posterior").to_csv(path, index=False)
 
 

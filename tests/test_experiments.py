@@ -139,3 +139,5 @@ def test_verify_posteriordb_reads_references_picks_the_metric_and_keeps_its_reco
     v.record_rows([{"posterior": "a", "passed": True}], path)
     frame = pd.read_csv(path)
     assert list(frame.posterior) == ["a", "b"] and frame.passed.all()
+    v.record_rows([{"posterior": "c", "passed": True, "evals": 3}], str(tmp_path / "new.csv"))
+    assert pd.read_csv(tmp_path / "new.csv").evals.dtype.kind == "i"      # ints stay ints
