@@ -2,7 +2,7 @@
 Models*, 2006) as torch log-joints: the earnings, kidiq, kidiq_with_mom_work, mesquite and nes regressions and
 the dogs logistic models.
 
-Twenty-one of them are one Stan program shape, `y ~ normal(X beta, sigma)`, with the design matrix X built from
+Twenty-four of them are one Stan program shape, `y ~ normal(X beta, sigma)`, with the design matrix X built from
 the data in Stan's `transformed data` block, improper flat priors on `beta` (and on `sigma > 0`) where the program
 states none, and `sigma ~ cauchy(0, 2.5)` on `sigma > 0` in the three kidiq models: `regression(name)` builds any
 of them from the table DESIGNS. Stan's `sd` is the sample sd (n - 1); it is used as Stan uses it.
