@@ -6,25 +6,13 @@ import shutil
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Normal
 
 import bbvi
 from fitcheck import assert_same_fit
+from test_subsample import _data
+from test_subsample import _log_joint as _factors   # factor terms, one per row of the plate 'obs'
 
 F64 = torch.float64
-
-
-def _data(n=300, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 3, generator=g, dtype=F64)
-    y = torch.bernoulli(torch.sigmoid(X @ torch.tensor([1.0, -0.5, 0.25], dtype=F64)), generator=g)
-    return {"X": X, "y": y}
-
-
-def _factors(z, d):
-    w = z["w"]
-    return {"prior": Normal(0.0, 1.0).log_prob(w).sum(-1),
-            "obs": Bernoulli(logits=w @ d["X"].T).log_prob(d["y"])}      # (S, N): one term per row
 
 
 def _total(z, d):
@@ -32,7 +20,7 @@ def _total(z, d):
 
 
 def _model(log_joint, plates=False):
-    return bbvi.Model(log_joint, {"w": bbvi.Latent(shape=(3,))}, data=_data(),
+    return bbvi.Model(log_joint, {"w": bbvi.Latent(shape=(3,))}, data=_data(300),
                       plates={"obs": ("X", "y")} if plates else None, name="logreg")
 
 
