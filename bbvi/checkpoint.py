@@ -15,49 +15,21 @@ import torch
 from .errors import ConfigError
 from .saving import FORMAT, describe, atomic_save, check_signature, config_of, model_signature, plan_config, read
 
-__all__ = ["save_checkpoint", "restore_checkpoint", "read_checkpoint", "load_checkpoint", "rank_state", "load_rank",
-           "setting", "Keeper"]
+__all__ = ["save_checkpoint", "restore_checkpoint", "read_checkpoint", "load_checkpoint", "setting", "Keeper"]
 
 LENGTH = ("steps", "max_steps")   # the settings a resume may change: how long the fit runs
 
 
 def save_checkpoint(state, path, settings, ranks=None):
-    """Write the fit's state to `path`; `ranks`: every rank's `rank_state` on a data-parallel fit."""
+    """Write the fit's state to `path`; `ranks`: every rank's `FitState.rank_state_dict()` on a data-parallel
+    fit."""
     atomic_save({
         "bbvi_format": FORMAT, "kind": "checkpoint", "model": model_signature(state.model),
         "family": config_of(state.family), "plan": plan_config(state.plan),
         "settings": {k: str(v) for k, v in settings.items()},
-        "params": {g: {k: t.detach().cpu() for k, t in grp.items()} for g, grp in state.params.items()},
-        "optimizer": state.optimizer.state_dict(), "generator": state.generator.get_state().cpu(),
-        "baseline_state": {k: v.detach().cpu() for k, v in state.baseline_state.items()},
-        "elbo": torch.stack(state.elbo).cpu() if state.elbo else torch.zeros(0),
-        "step": state.step, "num_failed_steps": state.num_failed_steps,
-        "num_rescaled_steps": state.num_rescaled_steps,
-        "consecutive_failures": state.consecutive_failures,
-        "num_bad_particles": int(state.num_bad_particles),
-        "num_raised_steps": state.num_raised_steps, "last_exception": state.last_exception,
-        "tracker": state.tracker.state_dict() if state.tracker is not None else {},
-        "order": {k: v.detach().cpu() for k, v in state.order.items()},
+        **state.state_dict(),
         **({"ranks": ranks} if ranks is not None else {}),
     }, path)
-
-
-def rank_state(state):
-    """What each rank of a data-parallel fit holds of its own: its generator, baseline state and data order."""
-    return {"generator": state.generator.get_state().cpu(),
-            "baseline_state": {k: v.detach().cpu() for k, v in state.baseline_state.items()},
-            "order": {k: v.detach().cpu() for k, v in state.order.items()}}
-
-
-def load_rank(state, own):
-    """Put a rank's own state (`rank_state`: from a checkpoint's "ranks", or the checkpoint itself, which holds
-    rank 0's) into its FitState."""
-    ref = next(iter(state.leaves()))
-    state.generator.set_state(own["generator"].to(state.generator.get_state().device))
-    state.baseline_state = {k: v.to(ref.device) for k, v in own["baseline_state"].items()}
-    state.order = {k: v if k.startswith("pos/") else v.to(ref.device) for k, v in own.get("order", {}).items()}
-    if state.anchor is not False:   # the control variates' sums at the saved anchor point: computed again
-        state.anchor = None
 
 
 def read_checkpoint(state, path, settings, *, length_may_differ=False):
@@ -81,22 +53,7 @@ def read_checkpoint(state, path, settings, *, length_may_differ=False):
 
 def load_checkpoint(state, ck):
     """Put a checkpoint read by `read_checkpoint` into the FitState."""
-    with torch.no_grad():
-        for g, grp in state.params.items():
-            for k, t in grp.items():
-                t.copy_(ck["params"][g][k])
-    state.optimizer.load_state_dict(ck["optimizer"])
-    load_rank(state, ck)
-    ref = next(iter(state.leaves()))
-    state.elbo = [e.to(ref.device) for e in ck["elbo"]]
-    state.step = ck["step"]
-    state.num_failed_steps = ck["num_failed_steps"]
-    state.num_rescaled_steps = ck["num_rescaled_steps"]
-    state.consecutive_failures = ck["consecutive_failures"]
-    state.num_bad_particles = torch.tensor(ck["num_bad_particles"], dtype=torch.int64, device=ref.device)
-    state.num_raised_steps, state.last_exception = ck["num_raised_steps"], ck["last_exception"]
-    if state.tracker is not None:
-        state.tracker.load_state_dict(ck["tracker"], ref.device)
+    state.load_state_dict(ck)
     return state
 
 
@@ -128,17 +85,12 @@ def setting(value):
     return describe(value)
 
 
-# What a step (and the adaptive rule's look at it) changes, besides the tensors and the rule's state.
-_STEP_FIELDS = ("step", "num_failed_steps", "num_rescaled_steps", "consecutive_failures", "last_failure",
-                "num_bad_particles", "num_raised_steps", "last_exception", "baseline_state", "order", "anchor", "stop")
-
-
 class Keeper:
     """Keeps, before each step, what the step and the adaptive rule's look at it change, so that a step a
     KeyboardInterrupt cuts short can be undone: the values of the parameters and of the optimizer's
     per-parameter state tensors (one foreach copy into buffers reused from step to step), which state tensors
-    the optimizer holds, its groups' settings, the generator state, the counters, the ELBO trace's length and
-    the adaptive rule's state (bbvi.convergence)."""
+    the optimizer holds, its groups' settings, and the rest a step changes (FitState.snapshot: the generator
+    state, the step, the record's counters and trace length, the data's and the adaptive rule's state)."""
 
     def __init__(self):
         self.sources, self.targets, self.buffers = [], [], []
@@ -153,12 +105,11 @@ class Keeper:
             self.sources, self.targets = live, [t.detach() for t in live]
             self.buffers = [t.clone() for t in self.targets]
         return (held, [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
-                state.generator.get_state(), {f: getattr(state, f) for f in _STEP_FIELDS}, len(state.elbo),
-                state.tracker.snapshot() if state.tracker is not None else None)
+                state.snapshot())
 
     def undo(self, state, kept):
         """Put back what `keep` kept (again if a second Ctrl-C lands while doing it)."""
-        held, groups, generator, fields, num_elbo, tracker = kept
+        held, groups, snap = kept
         while True:
             try:
                 opt = state.optimizer
@@ -170,12 +121,7 @@ class Keeper:
                     p.grad = None
                 for g, saved in zip(opt.param_groups, groups):
                     g.update(saved)
-                state.generator.set_state(generator)
-                for f, v in fields.items():
-                    setattr(state, f, v)
-                del state.elbo[num_elbo:]
-                if tracker is not None:
-                    state.tracker.restore(tracker)
+                state.restore(snap)
                 return
             except KeyboardInterrupt:
                 continue

@@ -43,6 +43,7 @@ from .errors import ConfigError
 from .estimators.baselines import LOO
 from .families import FullRank, MeanField
 from .update import overflow_limit
+from .record import Info
 
 __all__ = ["CompiledStep", "check"]
 
@@ -234,17 +235,9 @@ class CompiledStep:
             state.generator.set_state(before)
             return eager_step(state)
         torch._foreach_copy_(self.targets, out[:4 * k])   # detached views and Adam's state: no autograd to record
-        if num_bad:
-            state.num_bad_particles = state.num_bad_particles + int(num_bad)
-        if ok:
-            state.consecutive_failures = 0
-            if huge:
-                state.num_rescaled_steps += 1
-        else:
-            state.num_failed_steps += 1
-            state.consecutive_failures += 1
-            state.last_failure = (f"the ELBO estimate or its gradient is NaN/inf ({int(num_bad)} of "
-                                  f"{state.num_particles} particles had a NaN/inf log-joint or gradient)")
-        state.elbo.append(elbo)
+        failure = "" if ok else (f"the ELBO estimate or its gradient is NaN/inf ({int(num_bad)} of "
+                                 f"{state.num_particles} particles had a NaN/inf log-joint or gradient)")
+        state.record.add(Info(elbo=elbo, ok=bool(ok), rescaled=bool(ok and huge), num_bad=int(num_bad) or None,
+                              failure=failure))
         state.step += 1
         return elbo

@@ -11,7 +11,6 @@ plus the convergence test, callbacks, a progress bar and fault handling:
 - `tol_rel_obj`: Stan ADVI's convergence test on the ELBO, on running means of the per-step estimates over
   windows of `check_every` steps: stop when the mean or the median of recent relative changes falls below it.
 """
-import dataclasses
 import functools
 import operator
 import os
@@ -22,7 +21,7 @@ import warnings
 
 import torch
 
-from .checkpoint import Keeper, load_checkpoint, load_rank, rank_state, read_checkpoint, save_checkpoint, setting
+from .checkpoint import Keeper, load_checkpoint, read_checkpoint, save_checkpoint, setting
 from .errors import ConfigError, FitError, ReliabilityWarning
 from .convergence import Adaptive, RelativeTolerance, q_settled
 from .estimators import DEFAULT, draw, init_baseline_state, plan_for, resolve_estimator
@@ -34,6 +33,8 @@ from .data_forms import precision_notes
 from .distributed import shard
 from .subsample import check_subsample, minibatch, structure_rows, uses_cv
 from .result import Result
+from .record import Info, Record
+from .state import FitState
 from .saving import check_writable, describe
 from .options import (_check_device, _check_particle_memory, _check_positive_int, _length_change, _positive_number,
                       _probe_count, _refuse_unknown, _rule, _schedule, default_particles)
@@ -48,49 +49,6 @@ __all__ = ["init", "step", "fit", "FitState"]
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD,
                "rmsprop": torch.optim.RMSprop}
-
-
-@dataclasses.dataclass
-class FitState:
-    """Everything that carries from one step to the next."""
-
-    model: object
-    family: object
-    discrete: object
-    plan: object
-    report: object
-    params: dict
-    optimizer: torch.optim.Optimizer
-    lr: float
-    schedule: object
-    generator: torch.Generator
-    baseline_state: dict
-    num_particles: int
-    clip_grad: object
-    step: int = 0
-    elbo: list = dataclasses.field(default_factory=list)
-    num_failed_steps: int = 0
-    num_rescaled_steps: int = 0
-    consecutive_failures: int = 0
-    last_failure: str = ""
-    num_bad_particles: object = 0
-    start: object = None
-    tracker: object = None
-    num_raised_steps: int = 0
-    last_exception: str = ""
-    structure: object = None
-    batch: object = None                 # {plate: B} on minibatch fits (bbvi.subsample), else None
-    order: dict = dataclasses.field(default_factory=dict)   # the minibatches' permutations and positions
-    comm: object = None                  # the ranks of a data-parallel fit (bbvi.distributed), else None
-    shard: object = None                 # this rank's model, structure and factor sizes on its rows of the plates
-    guard_until: int = 0                 # steps before this one run with the pathwise guard on (`step`): speed only
-    check_until: int = 0                 # steps before this one check the particles first (`step`): speed only
-    anchor: object = False               # minibatch control variates: False (off), None (to compute) or an Anchor
-    compiled: object = None              # compile=True: the CompiledStep that runs in place of `step`'s update
-    stop: bool = False                   # the adaptive rule says the fit is done (set by `step`)
-
-    def leaves(self):
-        return list(self.params["continuous"].values()) + list(self.params["discrete"].values())
 
 
 def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_particles=None, lr=None,
@@ -212,7 +170,7 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
     state = FitState(model=model, family=family, discrete=discrete, plan=plan, report=report, params=params,
                      optimizer=opt, lr=float(base_lr), schedule=factor, generator=generator,
                      baseline_state=init_baseline_state(plan, device, dtype), num_particles=num_particles,
-                     clip_grad=clip_grad, num_bad_particles=torch.zeros((), dtype=torch.int64, device=device),
+                     clip_grad=clip_grad, record=Record(torch.zeros((), dtype=torch.int64, device=device)),
                      start=start_info, structure=structure, batch=batch, comm=comm, shard=shard_of)
     if uses_cv(subsample_cv, batch, shard_of.model if shard_of else model, discrete, report, plan):
         state.anchor = None
@@ -263,73 +221,63 @@ def _update(state):
     defer = state.step >= state.check_until and defers_check(state.plan, structure)
     retry = state.plan.continuous is not None and state.plan.continuous.pathwise and state.step >= state.guard_until
     before = state.generator.get_state() if defer or retry else None
-    exception = state.last_exception
-    value, baseline_state, num_bad, error, raised, norm = _gradient(state, model, structure, guard=not retry,
-                                                                    checked=not defer)
+    value, baseline_state, num_bad, error, exception, norm = _gradient(state, model, structure, guard=not retry,
+                                                                       checked=not defer)
     ok, huge, finite = verdict(value, norm)
 
     def again(guard):   # the step redone from the same generator state, with the particles' check
         state.generator.set_state(before)
-        state.last_exception = exception
         return _gradient(state, model, structure, guard=guard, checked=True)
     if defer and not ok:   # the step as it is with the particles' check
         state.check_until = state.step + GUARD_STEPS
-        value, baseline_state, num_bad, error, raised, norm = again(guard=not retry)
+        value, baseline_state, num_bad, error, exception, norm = again(guard=not retry)
         ok, huge, finite = verdict(value, norm)
     if retry and not ok and finite:   # a finite estimate, a gradient that is not: with the pathwise guard
         state.guard_until = state.step + GUARD_STEPS
-        value, baseline_state, num_bad, error, raised, norm = again(guard=True)
+        value, baseline_state, num_bad, error, exception, norm = again(guard=True)
         ok, huge, _ = verdict(value, norm)
-    if error is not None:
-        state.num_raised_steps += 1
-    if ok and huge:
+    rescaled = ok and huge
+    if rescaled:
         limit = overflow_limit(norm)
         torch._foreach_mul_([p.grad for p in state.leaves() if p.grad is not None], (limit / norm).item())
-        state.num_rescaled_steps += 1
-    if num_bad is not None:
-        state.num_bad_particles = state.num_bad_particles + num_bad
+    failure = ""
     if ok:
         opt.step()
         state.baseline_state = baseline_state
-        state.consecutive_failures = 0
+    elif not torch.isfinite(value):
+        failure = (f"the ELBO estimate is {value.item()} ({int(num_bad or 0)} of {state.num_particles} particles "
+                   f"had a NaN/inf log-joint" + (f"; the log-joint raised {exception}" if exception else "") + ")")
     else:
-        state.num_failed_steps += 1
-        state.consecutive_failures += 1
-        state.last_failure = ("the ELBO estimate is " + str(value.item()) +
-                              f" ({int(num_bad or 0)} of {state.num_particles} particles had a NaN/inf log-joint"
-                              + (f"; the log-joint raised {state.last_exception}" if raised else "")
-                              + ")"
-                              if not torch.isfinite(value) else
-                              "the ELBO gradient is NaN/inf (the log-joint's gradient overflows "
-                              "or is undefined at the drawn particles; torch.where over NaN data, e.g. a masked missing "
-                              "value, has a NaN gradient: replace the NaN before the where, torch.nan_to_num)")
-    state.elbo.append(value)
+        failure = ("the ELBO gradient is NaN/inf (the log-joint's gradient overflows or is undefined at the drawn "
+                   "particles; torch.where over NaN data, e.g. a masked missing value, has a NaN gradient: replace "
+                   "the NaN before the where, torch.nan_to_num)")
+    state.record.add(Info(elbo=value, ok=ok, rescaled=rescaled, num_bad=num_bad, raised=error is not None,
+                          exception=exception, failure=failure))
     state.step += 1
     return value
 
 
 def _gradient(state, model, structure, guard, checked=True):
     """Estimate at this step's particles, backward, and (data-parallel) average over the ranks: (the ELBO
-    estimate (detached), baseline state, bad particles, the log-joint's exception or None, whether the log-joint
-    or its gradient raised, the gradient's norm, clipped with clip_grad)."""
+    estimate (detached), baseline state, bad particles, the log-joint's exception or None, the text of what raised
+    in the log-joint or its gradient ('' when nothing did), the gradient's norm, clipped with clip_grad)."""
     opt = state.optimizer
     clear_grads(opt)
     value, carrier, baseline_state, num_bad, error = estimate_parts(
         state.plan, model, state.family, state.discrete, state.params, state.num_particles, state.generator,
         state.baseline_state, structure, step=state.step, guard=guard, checked=checked, first_order=True)
     value = carrier.detach() if value is None else value
-    raised = error is not None
-    if raised:
-        state.last_exception = (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                                + (f" (at {error.bbvi_latents})" if getattr(error, "bbvi_latents", None) else ""))
+    exception = ""
+    if error is not None:
+        exception = (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                     + (f" (at {error.bbvi_latents})" if getattr(error, "bbvi_latents", None) else ""))
     leaves = state.leaves()
     try:
         (-carrier).backward()
     except Exception as e:  # noqa: BLE001 - e.g. the backward of a Cholesky at an ill-conditioned particle
         clear_grads(opt)
         value = value * float("nan")
-        raised = True
-        state.last_exception = f"{type(e).__name__} in the gradient: {str(e).splitlines()[0] if str(e) else ''}"
+        exception = f"{type(e).__name__} in the gradient: {str(e).splitlines()[0] if str(e) else ''}"
     if state.comm is not None:  # the ranks' mean gradient and ELBO estimate: the same update on every rank
         local = [p.grad is None for p in leaves]
         for p in leaves:
@@ -344,7 +292,7 @@ def _gradient(state, model, structure, guard, checked=True):
         norm = torch.nn.utils.clip_grad_norm_(leaves, state.clip_grad)
     else:  # a sum of norms is finite exactly when every gradient entry is
         norm = functools.reduce(operator.add, torch._foreach_norm(grads))
-    return value, baseline_state, num_bad, error, raised, norm
+    return value, baseline_state, num_bad, error, exception, norm
 
 
 def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_particles=None, steps=None, lr=None,
@@ -471,7 +419,7 @@ def fit(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_pa
         change = _length_change(ck, resume, state, schedule=schedule, lr=lr, steps=steps, max_steps=max_steps)
         load_checkpoint(state, ck)
         if comm is not None:  # this rank's own generator, baseline and data order
-            load_rank(state, ck["ranks"][comm.rank])
+            state.load_rank_state_dict(ck["ranks"][comm.rank])
         stops = [t for t in range(check_every, state.step + 1, check_every)  # replay the convergence test
                  if converged(state.elbo[:t])]
         notes = [ck["settings"]["extended"]] if "extended" in ck["settings"] else []
@@ -599,7 +547,7 @@ def _write_checkpoint(state, path, settings):
     """Write a checkpoint; the exception when that fails (the fit goes on to be returned in a FitError). On a
     data-parallel fit every rank calls it: rank 0 writes every rank's own state, and a failure fails every rank."""
     comm, error = state.comm, None
-    ranks = comm.gather(rank_state(state)) if comm is not None else None
+    ranks = comm.gather(state.rank_state_dict()) if comm is not None else None
     if comm is None or comm.rank == 0:
         try:
             save_checkpoint(state, path, settings, ranks=ranks)

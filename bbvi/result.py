@@ -56,17 +56,12 @@ class Result:
 
     @classmethod
     def from_state(cls, state, *, settings, status, wall_time, start_time=0.0):
-        elbo = torch.stack(state.elbo).cpu() if state.elbo else torch.zeros(0)
         return cls(model=state.model, family=state.family, discrete=state.discrete, plan=state.plan,
-                   report=state.report,
-                   params=_detached(state.params), elbo=elbo, settings=dict(settings), status=status,
-                   num_steps=state.step, num_failed_steps=state.num_failed_steps,
-                   num_bad_particles=int(state.num_bad_particles), wall_time=wall_time,
-                   num_rescaled_steps=state.num_rescaled_steps,
+                   report=state.report, params=_detached(state.params), settings=dict(settings), status=status,
+                   num_steps=state.step, wall_time=wall_time, **state.record.result_fields(),
                    baseline_state={k: v.detach().clone() for k, v in state.baseline_state.items()},
                    start=state.start, levels=state.tracker.report() if state.tracker is not None else [],
-                   start_time=start_time, num_raised_steps=state.num_raised_steps,
-                   last_exception=state.last_exception, structure=state.structure, batch=state.batch)
+                   start_time=start_time, structure=state.structure, batch=state.batch)
 
     @property
     def num_gradient_evals(self):
