@@ -295,7 +295,7 @@ class RelativeTolerance:
 
     def __init__(self, tol, every, steps):
         self.tol, self.every = tol, every
-        self.buffer_size = max(int(0.1 * steps / every), 2)
+        self.buffer_size = max(int(0.1 * steps / every), 2) if steps else 2
         self.previous, self.rel = None, []
 
     def __call__(self, elbo):

@@ -203,3 +203,11 @@ def _length_change(ck, path, state, *, schedule, lr, steps, max_steps):
                        f"the last iterate); it goes on with a new level at the same learning rate from that "
                        f"average")
     return done, name, old_cap, new_cap, reasons, reopen
+
+
+def refuse_unused(method, options, defaults, why):
+    """ConfigError naming the options in `options` (name -> value) that differ from `defaults` (name -> fit's
+    default) and that `method` has no use for: `why` says what it does instead."""
+    used = [f"{k}={v!r}" for k, v in options.items() if k in defaults and v is not defaults[k] and v != defaults[k]]
+    if used:
+        raise ConfigError(f"method={method!r} takes no {', '.join(used)}: {why}")

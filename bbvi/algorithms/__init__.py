@@ -1,0 +1,33 @@
+"""Fitting algorithms, one a module, behind the one seam that bbvi.fit drives (`fit(model, method=name)`).
+
+An algorithm is a module (or any object) with
+- `init(model, family, estimator, baseline, **options) -> FitState`: q's start and all a step needs, from bbvi.fit's
+  own options (an option the algorithm has no use for, set to anything but fit's default, is a ConfigError that
+  says so: `bbvi.options.refuse_unused`);
+- `step(state) -> Tensor`: one step; it adds the step's `Info` to `state.record` (bbvi.record), advances
+  `state.step` and sets `state.stop` when the algorithm is done, so that `while not state.stop: step(state)` runs
+  it (bbvi.fit adds callbacks, checkpoints, Ctrl-C undo, the progress bar and the end-of-fit check);
+- optionally `settings(state) -> dict`: what `fit.settings` records of it beyond fit's options.
+
+Built in: 'sgd' (stochastic-gradient ascent on the ELBO, the default: `sgd.py`), 'laplace' (q = N(MAP, H^-1) on the
+unconstrained scale, in no step: `laplace.py`).
+"""
+from ..errors import ConfigError
+from . import laplace, sgd
+
+__all__ = ["ALGORITHMS", "resolve_method"]
+
+ALGORITHMS = {"sgd": sgd, "laplace": laplace}
+
+
+def resolve_method(method):
+    """The algorithm for fit(method=...): a built-in name or an object with init and step."""
+    if isinstance(method, str):
+        if method not in ALGORITHMS:
+            raise ConfigError(f"method must be one of {sorted(ALGORITHMS)} or an object with init(model, ...) and "
+                              f"step(state), got {method!r}")
+        return ALGORITHMS[method]
+    if not (callable(getattr(method, "init", None)) and callable(getattr(method, "step", None))):
+        raise ConfigError(f"method must be one of {sorted(ALGORITHMS)} or an object with init(model, ...) and "
+                          f"step(state), got {method!r}")
+    return method

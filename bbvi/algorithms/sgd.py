@@ -1,0 +1,286 @@
+"""The stochastic-gradient algorithm (bbvi's default): `init` builds a FitState (family parameters, optimizer,
+generator, baseline state) and checks the model once; `step` runs one stochastic-gradient step on the ELBO, the
+guarded update and the adaptive rule's look at it. bbvi.fit drives it (bbvi/fit.py); a user may drive it too:
+`state = bbvi.init(model); while not state.stop: bbvi.step(state)`.
+
+A step whose ELBO estimate or gradient is NaN/inf is skipped (parameters untouched) and counted in the record
+(bbvi.record); one whose gradient would overflow the optimizer's statistics is scaled down (bbvi.update).
+"""
+import functools
+import operator
+import types
+import warnings
+
+import torch
+
+from ..errors import ConfigError, ReliabilityWarning
+from ..convergence import Adaptive
+from ..estimators import DEFAULT, draw, init_baseline_state, plan_for, resolve_estimator
+from ..estimators.plan import defers_check, estimate_parts
+from ..estimators.rao_blackwell import check_baseline, discover, rao_blackwellized
+from ..families import Discrete
+from ..family_names import resolve_family
+from ..data_forms import precision_notes
+from ..distributed import shard
+from ..subsample import check_subsample, minibatch, structure_rows, uses_cv
+from ..record import Info, Record
+from ..state import FitState
+from ..options import (_check_device, _check_particle_memory, _check_positive_int, _positive_number,
+                      _probe_count, _refuse_unknown, _rule, _schedule, default_particles)
+from ..update import clear_grads, overflow_limit, verdict
+from ..start import choose as choose_start
+from ..start import initial_loc
+
+DEFAULT_DTYPE = torch.float64
+START_DRAWS = 32   # discrete draws the MAP start averages the log density over (models with discrete latents)
+
+__all__ = ["init", "step"]
+
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD,
+               "rmsprop": torch.optim.RMSprop}
+
+
+def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_particles=None, lr=None,
+         optimizer="adam", schedule="auto", steps=None, clip_grad=None, seed=0, device="cpu", dtype=None,
+         init_values=None, init_strategy="auto", max_steps=None, subsample_size=None, subsample_cv=True, comm=None,
+         **unknown):
+    """Build the FitState: move the model's data to device/dtype (float64 by default), start q (bbvi.start:
+    'auto' is the MAP/Laplace start where torch can differentiate the log-joint and the density has a mode, the
+    zero start otherwise; `init_values` sets some continuous latents' starting values), check the log-joint once,
+    choose the estimator's plan and the step-size rule (steps=None: bbvi.Adaptive; steps=N: `schedule`, cosine by
+    default), build the optimizer. With `comm` (a data-parallel fit, bbvi.distributed): rank 0's start on every
+    rank, this rank's shard of the plates, and its own generator (seeded seed + rank on ranks above 0)."""
+    from ..model import Model
+    if unknown:
+        _refuse_unknown("init", unknown, init)
+    if not isinstance(model, Model):
+        hint = (" (it looks like the log-joint itself: wrap it as bbvi.Model(log_joint, latents={...}))"
+                if callable(model) else "")
+        raise ConfigError(f"bbvi.fit needs a bbvi.Model, got {type(model).__name__}{hint}")
+    num_particles = default_particles(family, num_particles)
+    _check_positive_int("num_particles", num_particles)
+    if steps is not None:
+        _check_positive_int("steps", steps, minimum=0)
+    if max_steps is not None:
+        _check_positive_int("max_steps", max_steps)
+    if lr is not None and not _positive_number(lr):
+        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
+    if clip_grad is not None and not _positive_number(clip_grad):
+        raise ConfigError(f"clip_grad must be None or a positive number (max gradient norm), got {clip_grad!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
+    dtype = dtype or DEFAULT_DTYPE
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if torch.finfo(dtype).bits < 32:
+        fi = torch.finfo(dtype)
+        raise ConfigError(f"dtype={dtype} is too coarse for a fit: {fi.bits}-bit floats carry about "
+                          f"{fi.resolution:g} relative precision, so ELBO differences and the transforms to "
+                          f"constrained supports round away (in float16 a unit_interval latent could not leave "
+                          f"[0.25, 0.75]). Use torch.float32 or torch.float64")
+    if isinstance(seed, int) and not 0 <= seed < 2 ** 63:
+        raise ConfigError(f"seed must be in [0, 2**63), got {seed}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a torch device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={str(device)!r}, but torch has no CUDA device here "
+                          f"(torch {torch.__version__}); use device='cpu'")
+    _check_device(device)
+    _check_particle_memory(model, num_particles, device, dtype)
+    family = resolve_family(family)
+    estimator = resolve_estimator(estimator, baseline)
+    natural = isinstance(optimizer, str) and optimizer == "natural"
+    if natural:  # natural-gradient steps need the family and the parameter dict, not just the leaves
+        from ..natural import DEFAULT_LR, NaturalGradient, check_family
+        check_family(family)
+        make_opt = None
+        if lr is None and not isinstance(schedule, Adaptive):
+            lr = DEFAULT_LR  # rho, not Adam's 0.05 (measured in experiments/natural.py)
+    else:
+        make_opt = _OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else optimizer
+        if make_opt is None or not callable(make_opt):
+            raise ConfigError(f"optimizer must be one of {sorted(_OPTIMIZERS) + ['natural']} or a callable "
+                              f"(params, lr) -> torch.optim.Optimizer, got {optimizer!r}")
+    if lr is None and not natural and not isinstance(schedule, Adaptive):
+        lr = getattr(family, "default_lr", None)  # a flow's conditioners want smaller steps than a Gaussian's 0.05
+    rule = _rule(schedule, steps, lr, max_steps)
+    factor = None if rule is not None else _schedule("cosine" if schedule == "auto" else schedule, max(steps, 1))
+
+    for note in precision_notes(model.data, dtype):
+        warnings.warn(f"{note}: pass dtype=torch.float64 to fit in double precision", UserWarning, stacklevel=3)
+    model = model.to(device, dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    loc = torch.zeros(model.dim, device=device, dtype=dtype)
+    if init_values:
+        loc = initial_loc(model, init_values, loc)
+    discrete = Discrete.for_model(model)
+    params = {"continuous": family.init(model.dim, loc, generator) if model.dim else {},
+              "discrete": discrete.init(device, dtype)}
+    for group in params.values():
+        for t in group.values():
+            t.requires_grad_(True)
+
+    with torch.no_grad():
+        probe = _probe_count(model)
+        u, k = draw(model, family, discrete, params, probe, generator)
+        u[0] = loc
+    report = model.check(u, k, particles=False)  # the particle check comes after the start (check_particles)
+    plan = plan_for(estimator, model, report, num_particles)
+    batch = check_subsample(subsample_size, model, report)
+    structure = None
+    if rao_blackwellized(report, plan):
+        check_baseline(plan.baseline)
+        structure = discover(model, discrete, report, u.detach()[:2], {n: v[:2] for n, v in k.items()},
+                             report.differentiable)
+    if plan.path == "score" and getattr(family, "score_path_warning", None):
+        warnings.warn(family.score_path_warning, ReliabilityWarning, stacklevel=3)
+    if discrete.spec:  # the MAP start averages over q_d's starting (uniform) factors: a generator of its own
+        with torch.no_grad():
+            k = discrete.sample(params["discrete"], START_DRAWS, torch.Generator(device=device).manual_seed(seed))
+    model, start_info = choose_start(init_strategy, model, family, params, report, k)
+    report = model.check_particles(report)
+    shard_of = None
+    if comm is not None:
+        comm.broadcast([t.detach() for g in params.values() for t in g.values()] + list(model.preconditioner or ()))
+        part, rows, batch = shard(model, batch, comm)
+        factors = report.factors and tuple((name, rows[name][1] if name in rows else n) for name, n in report.factors)
+        part_structure = structure
+        if structure is not None:
+            idx = {p: torch.arange(first, first + n) for p, (first, n) in rows.items()}
+            part_structure = structure.select(structure_rows(report.factors, idx, structure.continuous.shape[0]))
+        shard_of = types.SimpleNamespace(model=part, structure=part_structure, factors=factors)
+        if comm.rank:
+            generator.manual_seed(seed + comm.rank)
+    leaves = [t for g in params.values() for t in g.values()]
+    base_lr = rule.lr if rule is not None else (0.05 if lr is None else lr)
+    opt = NaturalGradient(params, family, lr=base_lr) if natural else make_opt(leaves, lr=base_lr)
+    state = FitState(model=model, family=family, discrete=discrete, plan=plan, report=report, params=params,
+                     optimizer=opt, lr=float(base_lr), schedule=factor, generator=generator,
+                     baseline_state=init_baseline_state(plan, device, dtype), num_particles=num_particles,
+                     clip_grad=clip_grad, record=Record(torch.zeros((), dtype=torch.int64, device=device)),
+                     start=start_info, structure=structure, batch=batch, comm=comm, shard=shard_of)
+    if uses_cv(subsample_cv, batch, shard_of.model if shard_of else model, discrete, report, plan):
+        state.anchor = None
+    if rule is not None:
+        state.tracker = rule.tracker(state)
+        state.schedule = state.tracker.factor
+    return state
+
+
+GUARD_STEPS = 100
+
+
+def step(state):
+    """One step: estimate, check, update, then the adaptive rule's look at it (steps=None: its levels, averaging
+    and stop). Returns the ELBO estimate (0-dim tensor, possibly NaN if skipped). `state.stop` turns True when the
+    rule says the fit is done (converged, or max_steps), so a loop of one's own is
+    `while not state.stop: bbvi.step(state)`; with a fixed step count (steps=N) the loop counts its own steps."""
+    value = state.compiled(state, _update) if state.compiled is not None else _update(state)
+    if state.tracker is not None:
+        state.stop = state.tracker.observe(state)
+    return value
+
+
+def _update(state):
+    """The step without the rule's look: estimate, check, update (the compiled step's eager fallback)."""
+    opt = state.optimizer
+    for group in opt.param_groups:
+        group["lr"] = state.lr * state.schedule(state.step)
+    model, structure, factors = state.model, state.structure, state.report.factors
+    if state.shard is not None:  # a data-parallel rank: its rows of every plate, their factors scaled by K
+        model, structure, factors = state.shard.model, state.shard.structure, state.shard.factors
+    if state.batch is not None:  # this step's rows of every plate, their factors scaled by N / B
+        model, idx, state.order, state.anchor = minibatch(model, state.batch, state.order, state.generator,
+                                                          state.anchor,
+                                                          lambda: state.family.mean(state.params["continuous"]))
+        if structure is not None:
+            rows = structure_rows(factors, idx, structure.continuous.shape[0])
+            structure = structure.select(rows)
+    # Two checks of the estimate change nothing where every particle and gradient is finite, at a host read or a
+    # few ops per step, so the step first goes without them and, only when its estimate or gradient comes out
+    # non-finite, is done again from the same generator state (the same particles) as it would have been with
+    # them; each then stays on for GUARD_STEPS steps (a log-joint that is often NaN would otherwise pay every step
+    # twice). The particles' check (`estimate`, checked=True) leaves out those whose log-joint is not finite; it
+    # waits only for bbvi's own paths and baselines (`defers_check`), whose ELBO value averages every particle, so
+    # that a non-finite one shows in it. The pathwise guard (guard=True) drops particles whose log-joint is finite
+    # but whose gradient is not (one would make the whole gradient NaN). The result is the same bit for bit, for a
+    # log-joint without side effects (a redone step calls it again: the global RNG, a call counter see it).
+    defer = state.step >= state.check_until and defers_check(state.plan, structure)
+    retry = state.plan.continuous is not None and state.plan.continuous.pathwise and state.step >= state.guard_until
+    before = state.generator.get_state() if defer or retry else None
+    value, baseline_state, num_bad, error, exception, norm = _gradient(state, model, structure, guard=not retry,
+                                                                       checked=not defer)
+    ok, huge, finite = verdict(value, norm)
+
+    def again(guard):   # the step redone from the same generator state, with the particles' check
+        state.generator.set_state(before)
+        return _gradient(state, model, structure, guard=guard, checked=True)
+    if defer and not ok:   # the step as it is with the particles' check
+        state.check_until = state.step + GUARD_STEPS
+        value, baseline_state, num_bad, error, exception, norm = again(guard=not retry)
+        ok, huge, finite = verdict(value, norm)
+    if retry and not ok and finite:   # a finite estimate, a gradient that is not: with the pathwise guard
+        state.guard_until = state.step + GUARD_STEPS
+        value, baseline_state, num_bad, error, exception, norm = again(guard=True)
+        ok, huge, _ = verdict(value, norm)
+    rescaled = ok and huge
+    if rescaled:
+        limit = overflow_limit(norm)
+        torch._foreach_mul_([p.grad for p in state.leaves() if p.grad is not None], (limit / norm).item())
+    failure = ""
+    if ok:
+        opt.step()
+        state.baseline_state = baseline_state
+    elif not torch.isfinite(value):
+        failure = (f"the ELBO estimate is {value.item()} ({int(num_bad or 0)} of {state.num_particles} particles "
+                   f"had a NaN/inf log-joint" + (f"; the log-joint raised {exception}" if exception else "") + ")")
+    else:
+        failure = ("the ELBO gradient is NaN/inf (the log-joint's gradient overflows or is undefined at the drawn "
+                   "particles; torch.where over NaN data, e.g. a masked missing value, has a NaN gradient: replace "
+                   "the NaN before the where, torch.nan_to_num)")
+    state.record.add(Info(elbo=value, ok=ok, rescaled=rescaled, num_bad=num_bad, raised=error is not None,
+                          exception=exception, failure=failure))
+    state.step += 1
+    return value
+
+
+def _gradient(state, model, structure, guard, checked=True):
+    """Estimate at this step's particles, backward, and (data-parallel) average over the ranks: (the ELBO
+    estimate (detached), baseline state, bad particles, the log-joint's exception or None, the text of what raised
+    in the log-joint or its gradient ('' when nothing did), the gradient's norm, clipped with clip_grad)."""
+    opt = state.optimizer
+    clear_grads(opt)
+    value, carrier, baseline_state, num_bad, error = estimate_parts(
+        state.plan, model, state.family, state.discrete, state.params, state.num_particles, state.generator,
+        state.baseline_state, structure, step=state.step, guard=guard, checked=checked, first_order=True)
+    value = carrier.detach() if value is None else value
+    exception = ""
+    if error is not None:
+        exception = (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                     + (f" (at {error.bbvi_latents})" if getattr(error, "bbvi_latents", None) else ""))
+    leaves = state.leaves()
+    try:
+        (-carrier).backward()
+    except Exception as e:  # noqa: BLE001 - e.g. the backward of a Cholesky at an ill-conditioned particle
+        clear_grads(opt)
+        value = value * float("nan")
+        exception = f"{type(e).__name__} in the gradient: {str(e).splitlines()[0] if str(e) else ''}"
+    if state.comm is not None:  # the ranks' mean gradient and ELBO estimate: the same update on every rank
+        local = [p.grad is None for p in leaves]
+        for p in leaves:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        value, num_bad = state.comm.average(value, [p.grad for p in leaves], num_bad)
+        for p, none in zip(leaves, local):
+            if none:
+                p.grad = None
+    grads = [p.grad for p in leaves if p.grad is not None] or [value.reshape(1) * 0]
+    if state.clip_grad is not None:
+        norm = torch.nn.utils.clip_grad_norm_(leaves, state.clip_grad)
+    else:  # a sum of norms is finite exactly when every gradient entry is
+        norm = functools.reduce(operator.add, torch._foreach_norm(grads))
+    return value, baseline_state, num_bad, error, exception, norm
+
+

@@ -1,0 +1,99 @@
+"""The algorithm seam (bbvi.algorithms): fit(method=...) drives any object with init and step; 'laplace' is the
+MAP/Laplace start as an algorithm of no steps; the default 'sgd' is bbvi.init / bbvi.step."""
+import pytest
+import torch
+from torch.distributions import MultivariateNormal, Normal
+
+import bbvi
+from bbvi.algorithms import sgd
+from bbvi.record import Info
+
+F64 = torch.float64
+MEAN = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+COV = torch.tensor([[1.0, 0.8, 0.1], [0.8, 2.0, -0.3], [0.1, -0.3, 0.5]], dtype=F64)
+
+
+def _gaussian():
+    def log_joint(z, data):
+        return MultivariateNormal(MEAN, COV).log_prob(z["x"])
+    return bbvi.Model(log_joint, {"x": bbvi.Latent(shape=(3,))}, name="mvn")
+
+
+def test_laplace_of_a_gaussian_is_the_gaussian_in_no_step():
+    """The MAP of N(m, C) is m and the inverse Hessian there is C: q equals the posterior to the L-BFGS tolerance,
+    with no step, at the start's cost only, and the end-of-fit check finds nothing to warn about."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bbvi.ReliabilityWarning)
+        fit = bbvi.fit(_gaussian(), method="laplace", seed=0)
+    assert fit.status == "completed" and fit.num_steps == 0 and len(fit.elbo) == 0
+    assert fit.settings["method"] == "laplace" and fit.settings["family"].startswith("FullRank")
+    assert fit.num_gradient_evals == fit.start.num_evals > 0
+    assert torch.allclose(fit.unconstrained_mean(), MEAN, atol=1e-5)
+    assert torch.allclose(fit.unconstrained_covariance(), COV, atol=1e-6)
+    assert fit.reliability["khat"] < 0.5
+
+
+def test_laplace_refuses_what_it_has_no_use_for():
+    for kw, said in [(dict(lr=0.1), "takes no lr=0.1"), (dict(estimator="score"), "takes no estimator='score'"),
+                     (dict(steps=100), "takes no steps=100"), (dict(family="meanfield"), "family='fullrank'"),
+                     (dict(compile=True), "compile=True compiles the stochastic-gradient step")]:
+        with pytest.raises(bbvi.ConfigError, match=said):
+            bbvi.fit(_gaussian(), method="laplace", **kw)
+    with pytest.raises(bbvi.ConfigError, match="method must be one of"):
+        bbvi.fit(_gaussian(), method="newton")
+
+
+def test_laplace_needs_a_mode_and_says_why():
+    """A model with a discrete latent is refused, saying why; on a funnel the Laplace approximation sits at the mode
+    (v = -22.5, where the density's width has collapsed) and the end-of-fit check warns: never a silent answer."""
+    from torch.distributions import Bernoulli, constraints
+
+    def log_joint(z, data):
+        return Normal(0.0, 1.0).log_prob(z["m"]) + Bernoulli(0.3).log_prob(z["k"])
+    model = bbvi.Model(log_joint, {"m": bbvi.Latent(), "k": bbvi.Latent(support=constraints.boolean)}, name="mixed")
+    with pytest.raises(bbvi.ConfigError, match=r"\['k'\] of model 'mixed' are discrete"):
+        bbvi.fit(model, method="laplace")
+
+    def funnel(z, data):
+        return Normal(0.0, 3.0).log_prob(z["v"]) + Normal(0.0, (z["v"] / 2).exp()[:, None]).log_prob(z["x"]).sum(-1)
+    model = bbvi.Model(funnel, {"v": bbvi.Latent(), "x": bbvi.Latent(shape=(5,))}, name="funnel")
+    with pytest.warns(bbvi.ReliabilityWarning, match="k-hat"):
+        fit = bbvi.fit(model, method="laplace")
+    assert fit.unconstrained_mean()[0].item() == pytest.approx(-22.5, abs=1e-3)
+
+
+class _HalfwayToTheMean:
+    """A toy algorithm of its own (not built in): q's location moves halfway to MEAN each step, for 3 steps."""
+
+    name = "halfway"
+
+    def init(self, model, family, estimator, baseline, **options):
+        state = sgd.init(model, "fullrank", steps=0, init_strategy="zero", seed=options["seed"])
+        return state
+
+    def step(self, state):
+        loc = state.params["continuous"]["loc"]
+        with torch.no_grad():
+            loc.add_(0.5 * (MEAN - loc))
+        value = -(loc - MEAN).square().sum()
+        state.record.add(Info(elbo=value, ok=True))
+        state.step += 1
+        state.stop = state.step == 3
+        return value
+
+
+def test_fit_drives_an_algorithm_of_ones_own_with_callbacks_and_the_record():
+    seen = []
+    fit = bbvi.fit(_gaussian(), method=_HalfwayToTheMean(), callbacks=[lambda s: seen.append(s.step) or False],
+                   diagnose=False)
+    assert fit.num_steps == 3 and seen == [1, 2, 3] and fit.settings["method"] == "halfway"
+    assert torch.allclose(fit.unconstrained_mean(), MEAN * (1 - 0.5 ** 3))
+    assert fit.elbo.shape == (3,) and fit.num_failed_steps == 0
+
+
+def test_the_default_method_is_bbvi_init_and_step():
+    assert bbvi.init is sgd.init and bbvi.step is sgd.step
+    a = bbvi.fit(_gaussian(), steps=50, seed=3, diagnose=False)
+    b = bbvi.fit(_gaussian(), steps=50, seed=3, diagnose=False, method="sgd")
+    assert torch.equal(a.elbo, b.elbo) and "method" not in a.settings
