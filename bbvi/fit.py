@@ -47,8 +47,9 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
 
     method: 'sgd' (the default: stochastic-gradient ascent on the ELBO, all that follows) | 'laplace' (q = N(MAP,
     H^-1) on the unconstrained scale in no step, the end-of-fit check saying whether to trust it; family 'fullrank';
-    the options below that belong to the stochastic-gradient steps are refused) | an object with init and step
-    (bbvi.algorithms). family: None (the method's default: 'meanfield' for 'sgd') | 'meanfield' | 'fullrank' |
+    the options below that belong to the stochastic-gradient steps are refused) | 'bam' (batch and match: a
+    full-rank Gaussian from closed-form updates on the scores grad log p at 32 particles a step, no learning rate;
+    steps=None runs 50 steps; bbvi.algorithms.bam) | an object with init and step (bbvi.algorithms). family: None (the method's default: 'meanfield' for 'sgd') | 'meanfield' | 'fullrank' |
     'lowrank' | 'flow' (or bbvi.MeanField/FullRank/LowRank/Flow(...); a flow
     bends a full-rank Gaussian with coupling layers, lr 0.01 and 64 particles by default, bbvi.flows); discrete
     latents get mean-field Categorical factors. num_particles: draws per step, 16 by default (a flow: 64). estimator: 'auto' | 'score' | 'reparam' | 'stl' (or bbvi.Score(...)
@@ -116,7 +117,8 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     algorithm = resolve_method(method)
     if family is None:
         family = getattr(algorithm, "default_family", "meanfield")
-    num_particles = default_particles(family, num_particles)
+    if num_particles is None:
+        num_particles = getattr(algorithm, "default_num_particles", None) or default_particles(family, None)
     settings = dict(model=model.name, family=describe(resolve_family(family)), num_particles=num_particles,
                     steps=steps, lr=lr, optimizer=setting(optimizer), schedule=setting(schedule),
                     clip_grad=clip_grad, tol_rel_obj=tol_rel_obj, seed=seed, device=str(device),
