@@ -32,6 +32,14 @@ call); calling Inductor's compiled graph directly, with the C++ wrapper, halves 
 parameters, Adam's state, its step counts, lr) are the fit's own tensors, kept in a list that is rebuilt only when
 one of them is replaced (a restart of the optimizer, a checkpoint loaded); the outputs are copied into them in one
 call, so a step that raises changes nothing.
+
+Why a second copy of the step rather than a trace of the eager one (algorithms/sgd.py): the eager step reads the
+host in the middle (the verdict's one sync decides whether to redo the step with the particles' check, to rescale,
+to skip), calls the estimator through Python objects that branch on the plan, and steps a torch.optim optimizer
+whose Python loop make_fx would unroll into the graph; none of that traces into one branch-free graph. `pure`,
+inside `CompiledStep.__init__` (88 lines, the longest function here), is that graph's one function: make_fx traces
+a single closure, so it stays whole. It covers reparam, STL and score with LOO on the Gaussian families with Adam
+(`check`); compiling the eager path itself is not done (not measured).
 """
 import math
 

@@ -182,18 +182,8 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
     elif not khat_hi <= KHAT_MAX:
         reasons.append(f"PSIS k-hat is {khat:.2f}, borderline: {khat_lo:.2f}-{khat_hi:.2f} with its Monte Carlo "
                        f"error, so it may be above {KHAT_MAX}: q's tails and sds are unverified")
-    worst_shift, worst_ratio = (None, 0.0), (None, 1.0)
-    if w is not None:
-        for label, m, sd, mw, sdw in _psis_moments(result, u, k, smoothed):
-            if sd <= 0:
-                continue
-            shift, ratio = (mw - m) / sd, sdw / sd
-            noise = 3.0 / math.sqrt(max(ess, 1.0))  # ~3 Monte Carlo sds of either in q-sd units
-            if abs(shift) > max(SHIFT_MAX, noise) and abs(shift) > abs(worst_shift[1]):
-                worst_shift = (label, shift)
-            if abs(math.log(max(ratio, 1e-300))) > math.log(SD_RATIO_MAX) + noise and \
-                    abs(math.log(max(ratio, 1e-300))) > abs(math.log(max(worst_ratio[1], 1e-300))):
-                worst_ratio = (label, ratio)
+    worst_shift, worst_ratio = _psis_extremes(result, u, k, smoothed, ess) if w is not None else ((None, 0.0),
+                                                                                                 (None, 1.0))
     if worst_shift[0] is not None:
         reasons.append(f"importance sampling moves the mean of {worst_shift[0]} by {worst_shift[1]:+.2f} of q's sd "
                        f"(more than {SHIFT_MAX})")
@@ -221,17 +211,7 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
                        f"had a NaN/inf log-joint or gradient, or raised ({result.last_exception or 'no exception'})"
                        + ("; the fit ran in float32: try dtype=torch.float64" if "float32" in
                           result.settings.get("dtype", "") else ""))
-    family = type(result.family).__name__
-    richer = {"MeanField": ["family='fullrank'", "family='flow'"], "LowRank": ["family='fullrank'", "family='flow'"],
-              "FullRank": ["family='flow'"]}.get(family, [])
-    check = ("checking against bbvi.nuts(model)" if not result.model.discrete else
-             "fits from other seeds (a local optimum, such as a mixture's label-switched mode) and, where the "
-             "discrete latents are few, an exact sum over them (q's discrete factors are mean-field: bbvi.nuts "
-             "cannot sample discrete latents)")
-    tries = richer + ["more particles (num_particles=64)", "a larger max_steps" if result.status == "max_steps" else
-                      check]
-    if len(search["modes"]) > 1:  # no Gaussian family covers two modes
-        tries = ["bbvi.nuts(model) to see every mode, or fits started at each mode (init_values=...)"]
+    tries = _tries(result, search)
     info = {"khat": khat, "khat_se": est["khat_se"], "khat_interval": est["khat_interval"],
             "khat_reading": ("not computable: q has collapsed to a point" if point else
                              khat_reading(khat, est["khat_interval"])), "is_ess": ess, "num_draws": num_draws,
@@ -244,6 +224,41 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
         warnings.warn(f"bbvi fit of {result.model.name!r} may be unreliable: " + "; ".join(reasons) +
                       ". Try: " + ", ".join(tries) + ".", ReliabilityWarning, stacklevel=3)
     return info
+
+
+def _psis_extremes(result, u, k, smoothed, ess):
+    """((latent, shift), (latent, ratio)): the scalar latent whose mean importance sampling moves furthest (in q's
+    sds) and the one whose sd it rescales most, each only beyond its threshold and 3 Monte Carlo sds ((None, 0.0)
+    and (None, 1.0) where none is)."""
+    worst_shift, worst_ratio = (None, 0.0), (None, 1.0)
+    for label, m, sd, mw, sdw in _psis_moments(result, u, k, smoothed):
+        if sd <= 0:
+            continue
+        shift, ratio = (mw - m) / sd, sdw / sd
+        noise = 3.0 / math.sqrt(max(ess, 1.0))  # ~3 Monte Carlo sds of either in q-sd units
+        if abs(shift) > max(SHIFT_MAX, noise) and abs(shift) > abs(worst_shift[1]):
+            worst_shift = (label, shift)
+        if abs(math.log(max(ratio, 1e-300))) > math.log(SD_RATIO_MAX) + noise and \
+                abs(math.log(max(ratio, 1e-300))) > abs(math.log(max(worst_ratio[1], 1e-300))):
+            worst_ratio = (label, ratio)
+    return worst_shift, worst_ratio
+
+
+def _tries(result, search):
+    """What the warning suggests: a richer family, more particles, a longer fit or a check against NUTS; every
+    mode's own fit where the mode search found several."""
+    family = type(result.family).__name__
+    richer = {"MeanField": ["family='fullrank'", "family='flow'"], "LowRank": ["family='fullrank'", "family='flow'"],
+              "FullRank": ["family='flow'"]}.get(family, [])
+    check = ("checking against bbvi.nuts(model)" if not result.model.discrete else
+             "fits from other seeds (a local optimum, such as a mixture's label-switched mode) and, where the "
+             "discrete latents are few, an exact sum over them (q's discrete factors are mean-field: bbvi.nuts "
+             "cannot sample discrete latents)")
+    tries = richer + ["more particles (num_particles=64)", "a larger max_steps" if result.status == "max_steps" else
+                      check]
+    if len(search["modes"]) > 1:  # no Gaussian family covers two modes
+        tries = ["bbvi.nuts(model) to see every mode, or fits started at each mode (init_values=...)"]
+    return tries
 
 
 def resample(result, num_draws, seed, num_proposals=None):

@@ -98,6 +98,67 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
         _refuse_unknown("fit", unknown, fit)
     if not isinstance(model, Model):
         init(model)  # raises the ConfigError that says what a model is
+    callbacks = _check_loop_options(tol_rel_obj, steps, check_every, max_consecutive_failures, checkpoint_every,
+                                    checkpoint, resume, callbacks, subsample_cv, distributed, compile)
+    algorithm = resolve_method(method)
+    if family is None:
+        family = getattr(algorithm, "default_family", "meanfield")
+    if num_particles is None:
+        num_particles = getattr(algorithm, "default_num_particles", None) or default_particles(family, None)
+    settings = dict(model=model.name, family=describe(resolve_family(family)), num_particles=num_particles,
+                    steps=steps, lr=lr, optimizer=setting(optimizer), schedule=setting(schedule),
+                    clip_grad=clip_grad, tol_rel_obj=tol_rel_obj, seed=seed, device=str(device),
+                    init_strategy=init_strategy, max_steps=max_steps)
+    if subsample_size is not None:  # written only when set: checkpoints of full-data fits compare as before
+        settings["subsample_size"] = subsample_size
+        if subsample_cv:   # written only when on: checkpoints of plain minibatch fits compare as before
+            settings["subsample_cv"] = True
+    comm = None
+    if distributed:
+        from .distributed import connect
+        comm, device = connect(device)
+        settings["distributed"] = comm.world_size   # a checkpoint resumes on as many ranks
+    grad_mode = torch.is_grad_enabled()
+    began = time.perf_counter()
+    if method != "sgd":  # written only when set: checkpoints of the default method's fits compare as before
+        settings["method"] = getattr(algorithm, "name", None) or setting(algorithm)
+        if compile:
+            raise ConfigError(f"compile=True compiles the stochastic-gradient step (method='sgd'), not "
+                              f"method={method!r}")
+    state = algorithm.init(model, family, estimator, baseline, num_particles=num_particles, lr=lr,
+                           optimizer=optimizer, schedule=schedule, steps=steps, clip_grad=clip_grad, seed=seed,
+                           device=device, dtype=dtype, init_values=init_values, init_strategy=init_strategy,
+                           max_steps=max_steps, subsample_size=subsample_size, subsample_cv=subsample_cv, comm=comm)
+    if compile:
+        from .compiled import CompiledStep
+        state.compiled = CompiledStep(state)   # a ConfigError for what it does not cover
+        settings["compile"] = True            # written only when set: checkpoints of eager fits compare as before
+    start_s = time.perf_counter() - began
+    _describe_plan(settings, state, algorithm, estimator, baseline)
+    tracker = state.tracker
+    cap = tracker.rule.max_steps if tracker is not None else steps
+    converged = RelativeTolerance(tol_rel_obj, check_every, cap)
+    if resume is not None:
+        _resume(state, resume, settings, converged, check_every=check_every, schedule=schedule, lr=lr, steps=steps,
+                max_steps=max_steps)
+    status, callback_error, save_error, wall = _run(
+        state, algorithm, cap, converged, settings, seed=seed, callbacks=callbacks, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, max_consecutive_failures=max_consecutive_failures, progress=progress,
+        grad_mode=grad_mode)
+    result = Result.from_state(state, settings=settings, status=status, wall_time=wall, start_time=start_s)
+    _raise_if_failed(result, state, status, callback_error, save_error, checkpoint)
+    if diagnose and status != "interrupted":
+        from .diagnostics import check_reliability
+        if comm is None or comm.rank == 0:
+            check_reliability(result)
+        if comm is not None:  # rank 0's check (and warning) on the full data; its findings on every rank
+            result.reliability = comm.share(result.reliability)
+    return result
+
+
+def _check_loop_options(tol_rel_obj, steps, check_every, max_consecutive_failures, checkpoint_every, checkpoint,
+                        resume, callbacks, subsample_cv, distributed, compile):
+    """ConfigError for a loop option of the wrong kind; the callbacks as a tuple."""
     if tol_rel_obj is not None and not _positive_number(tol_rel_obj):
         raise ConfigError(f"tol_rel_obj must be None or a positive number, got {tol_rel_obj!r}")
     if tol_rel_obj is not None and steps is None:
@@ -114,46 +175,14 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     callbacks = tuple(callbacks)
     if not all(callable(c) for c in callbacks):
         raise ConfigError("callbacks must be callables (state) -> bool")
-    algorithm = resolve_method(method)
-    if family is None:
-        family = getattr(algorithm, "default_family", "meanfield")
-    if num_particles is None:
-        num_particles = getattr(algorithm, "default_num_particles", None) or default_particles(family, None)
-    settings = dict(model=model.name, family=describe(resolve_family(family)), num_particles=num_particles,
-                    steps=steps, lr=lr, optimizer=setting(optimizer), schedule=setting(schedule),
-                    clip_grad=clip_grad, tol_rel_obj=tol_rel_obj, seed=seed, device=str(device),
-                    init_strategy=init_strategy, max_steps=max_steps)
-    if not isinstance(subsample_cv, bool):
-        raise ConfigError(f"subsample_cv must be True or False, got {subsample_cv!r}")
-    if subsample_size is not None:  # written only when set: checkpoints of full-data fits compare as before
-        settings["subsample_size"] = subsample_size
-        if subsample_cv:   # written only when on: checkpoints of plain minibatch fits compare as before
-            settings["subsample_cv"] = True
-    if not isinstance(distributed, bool):
-        raise ConfigError(f"distributed must be True or False, got {distributed!r}")
-    comm = None
-    if distributed:
-        from .distributed import connect
-        comm, device = connect(device)
-        settings["distributed"] = comm.world_size   # a checkpoint resumes on as many ranks
-    grad_mode = torch.is_grad_enabled()
-    began = time.perf_counter()
-    if method != "sgd":  # written only when set: checkpoints of the default method's fits compare as before
-        settings["method"] = getattr(algorithm, "name", None) or setting(algorithm)
-        if compile:
-            raise ConfigError(f"compile=True compiles the stochastic-gradient step (method='sgd'), not "
-                              f"method={method!r}")
-    state = algorithm.init(model, family, estimator, baseline, num_particles=num_particles, lr=lr, optimizer=optimizer,
-                 schedule=schedule, steps=steps, clip_grad=clip_grad, seed=seed, device=device, dtype=dtype,
-                 init_values=init_values, init_strategy=init_strategy, max_steps=max_steps,
-                 subsample_size=subsample_size, subsample_cv=subsample_cv, comm=comm)
-    if not isinstance(compile, bool):
-        raise ConfigError(f"compile must be True or False, got {compile!r}")
-    if compile:
-        from .compiled import CompiledStep
-        state.compiled = CompiledStep(state)   # a ConfigError for what it does not cover
-        settings["compile"] = True            # written only when set: checkpoints of eager fits compare as before
-    start_s = time.perf_counter() - began
+    for name, value in (("subsample_cv", subsample_cv), ("distributed", distributed), ("compile", compile)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
+    return callbacks
+
+
+def _describe_plan(settings, state, algorithm, estimator, baseline):
+    """What the fit records of its estimator, its plan, dtype and start (and what the algorithm adds)."""
     objective = getattr(state.plan.whole, "objective", None)  # a step whose value is not the ELBO (VIMCO)
     if objective is not None:
         settings["objective"] = objective
@@ -164,33 +193,42 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
                     dtype=str(next(iter(state.leaves())).dtype), start=state.start.strategy)
     if callable(getattr(algorithm, "settings", None)):
         settings.update(algorithm.settings(state))
-    tracker = state.tracker
-    cap = tracker.rule.max_steps if tracker is not None else steps
-    converged = RelativeTolerance(tol_rel_obj, check_every, cap)
-    if resume is not None:
-        ck = read_checkpoint(state, resume, settings, length_may_differ=True)
-        change = _length_change(ck, resume, state, schedule=schedule, lr=lr, steps=steps, max_steps=max_steps)
-        load_checkpoint(state, ck)
-        if comm is not None:  # this rank's own generator, baseline and data order
-            state.load_rank_state_dict(ck["ranks"][comm.rank])
-        stops = [t for t in range(check_every, state.step + 1, check_every)  # replay the convergence test
-                 if converged(state.elbo[:t])]
-        notes = [ck["settings"]["extended"]] if "extended" in ck["settings"] else []
-        if change is not None:
-            done, name, old_cap, new_cap, reasons, reopen = change
-            if stops and stops[0] <= done:
-                reasons.append(f"tol_rel_obj's test (whose window depends on the length) passes at step {stops[0]} "
-                               f"of a fit with {name}={new_cap}: a single fit would have stopped there")
-            note = (f"resumed at step {done} with {name}={new_cap} (saved with {name}={old_cap}): "
-                    + ("the same as a single fit with " + f"{name}={new_cap}" if not reasons else
-                       f"not the same as a single fit with {name}={new_cap}: " + "; ".join(reasons)))
-            if reasons:
-                warnings.warn(f"bbvi.fit: resume={str(resume)!r} {note}", UserWarning, stacklevel=2)
-            if reopen is not None:
-                tracker.reopen(state, next_rate=reopen == "next")
-            notes.append(note)
-        if notes:
-            settings["extended"] = " | then ".join(notes)
+
+
+def _resume(state, resume, settings, converged, *, check_every, schedule, lr, steps, max_steps):
+    """Load the checkpoint `resume` into the state; a new length is an extension, noted in settings['extended'] (and
+    warned about where it differs from a single fit of that length)."""
+    comm, tracker = state.comm, state.tracker
+    ck = read_checkpoint(state, resume, settings, length_may_differ=True)
+    change = _length_change(ck, resume, state, schedule=schedule, lr=lr, steps=steps, max_steps=max_steps)
+    load_checkpoint(state, ck)
+    if comm is not None:  # this rank's own generator, baseline and data order
+        state.load_rank_state_dict(ck["ranks"][comm.rank])
+    stops = [t for t in range(check_every, state.step + 1, check_every)  # replay the convergence test
+             if converged(state.elbo[:t])]
+    notes = [ck["settings"]["extended"]] if "extended" in ck["settings"] else []
+    if change is not None:
+        done, name, old_cap, new_cap, reasons, reopen = change
+        if stops and stops[0] <= done:
+            reasons.append(f"tol_rel_obj's test (whose window depends on the length) passes at step {stops[0]} "
+                           f"of a fit with {name}={new_cap}: a single fit would have stopped there")
+        note = (f"resumed at step {done} with {name}={new_cap} (saved with {name}={old_cap}): "
+                + ("the same as a single fit with " + f"{name}={new_cap}" if not reasons else
+                   f"not the same as a single fit with {name}={new_cap}: " + "; ".join(reasons)))
+        if reasons:
+            warnings.warn(f"bbvi.fit: resume={str(resume)!r} {note}", UserWarning, stacklevel=3)
+        if reopen is not None:
+            tracker.reopen(state, next_rate=reopen == "next")
+        notes.append(note)
+    if notes:
+        settings["extended"] = " | then ".join(notes)
+
+
+def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpoint, checkpoint_every,
+         max_consecutive_failures, progress, grad_mode):
+    """The loop: steps until the algorithm, the rule, a callback, the convergence test or Ctrl-C stops it, with
+    checkpoints and a progress bar: (status, the callback's exception, the checkpoint's write error, seconds)."""
+    comm, tracker, model = state.comm, state.tracker, state.model
     show = (sys.stderr.isatty() if progress is None else bool(progress)) and (comm is None or comm.rank == 0)
     bar = None
     if show:
@@ -248,8 +286,13 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
         status = "converged"
     if checkpoint is not None and save_error is None:
         save_error = _write_checkpoint(state, checkpoint, settings)
-    result = Result.from_state(state, settings=settings, status=status, wall_time=time.perf_counter() - began,
-                               start_time=start_s)
+    return status, callback_error, save_error, time.perf_counter() - began
+
+
+def _raise_if_failed(result, state, status, callback_error, save_error, checkpoint):
+    """FitError, holding the result, for a callback that raised, a checkpoint that could not be written, too many
+    failed steps in a row, or a q that cannot be used."""
+    model = state.model
     if callback_error is not None:
         raise FitError(f"fit of model {model.name!r}: a callback raised {type(callback_error).__name__}: "
                        f"{callback_error} (after step {state.step}). The fit so far is in this error's .result"
@@ -271,13 +314,6 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
                        f"{unusable} ({state.num_failed_steps} steps failed; last cause: {state.last_failure or 'none'}). "
                        f"A step size too large blows q up: try a smaller lr, or steps=None (the adaptive rule). The "
                        f"fit is in this error's .result.", result=result)
-    if diagnose and status != "interrupted":
-        from .diagnostics import check_reliability
-        if comm is None or comm.rank == 0:
-            check_reliability(result)
-        if comm is not None:  # rank 0's check (and warning) on the full data; its findings on every rank
-            result.reliability = comm.share(result.reliability)
-    return result
 
 
 def _unusable_q(result):

@@ -10,6 +10,8 @@ from .convergence import Adaptive
 from .errors import ConfigError
 from .family_names import resolve_family
 
+DEFAULT_DTYPE = torch.float64
+
 
 def _schedule(schedule, steps):
     """-> factor(t) multiplying the base learning rate at step t (0-based)."""
@@ -211,3 +213,40 @@ def refuse_unused(method, options, defaults, why):
     used = [f"{k}={v!r}" for k, v in options.items() if k in defaults and v is not defaults[k] and v != defaults[k]]
     if used:
         raise ConfigError(f"method={method!r} takes no {', '.join(used)}: {why}")
+
+
+def check_init_options(model, num_particles, steps, max_steps, lr, clip_grad, seed, dtype, device):
+    """ConfigError for a step option of the wrong kind or a fit that cannot fit in memory; (dtype, device), the
+    dtype float64 where None and the device a torch.device."""
+    _check_positive_int("num_particles", num_particles)
+    if steps is not None:
+        _check_positive_int("steps", steps, minimum=0)
+    if max_steps is not None:
+        _check_positive_int("max_steps", max_steps)
+    if lr is not None and not _positive_number(lr):
+        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
+    if clip_grad is not None and not _positive_number(clip_grad):
+        raise ConfigError(f"clip_grad must be None or a positive number (max gradient norm), got {clip_grad!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
+    dtype = dtype or DEFAULT_DTYPE
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if torch.finfo(dtype).bits < 32:
+        fi = torch.finfo(dtype)
+        raise ConfigError(f"dtype={dtype} is too coarse for a fit: {fi.bits}-bit floats carry about "
+                          f"{fi.resolution:g} relative precision, so ELBO differences and the transforms to "
+                          f"constrained supports round away (in float16 a unit_interval latent could not leave "
+                          f"[0.25, 0.75]). Use torch.float32 or torch.float64")
+    if isinstance(seed, int) and not 0 <= seed < 2 ** 63:
+        raise ConfigError(f"seed must be in [0, 2**63), got {seed}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a torch device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={str(device)!r}, but torch has no CUDA device here "
+                          f"(torch {torch.__version__}); use device='cpu'")
+    _check_device(device)
+    _check_particle_memory(model, num_particles, device, dtype)
+    return dtype, device

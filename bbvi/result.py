@@ -262,17 +262,14 @@ class Result:
         bstate = (self.baseline_state if plan.baseline == self.plan.baseline and self.baseline_state
                   else init_baseline_state(plan, ref.device, ref.dtype))
         out, order = [], {}
-        from .subsample import minibatch, structure_rows, uses_cv
+        from .data_view import DataView
+        from .subsample import uses_cv
         anchor = None if uses_cv(str(self.settings.get("subsample_cv")) == "True", self.batch, self.model,
                                  self.discrete, self.report, self.plan) else False   # as the fit did
-        for _ in range(num_samples):
-            model, structure = self.model, self.structure
-            if self.batch is not None:  # a minibatch fit's gradients: each estimate on its own minibatch
-                model, idx, order, anchor = minibatch(model, self.batch, order, g, anchor,
-                                                      lambda: self.family.mean(params["continuous"]))
-                if structure is not None:
-                    structure = structure.select(structure_rows(self.report.factors, idx,
-                                                                structure.continuous.shape[0]))
+        data = DataView(self.model, self.structure, self.report.factors, self.batch)
+        for _ in range(num_samples):   # on a minibatch fit each estimate on its own minibatch, as the fit's steps
+            model, structure, order, anchor = data.for_step(order, anchor, g,
+                                                            lambda: self.family.mean(params["continuous"]))
             surrogate, bstate, _, _ = estimate(plan, model, self.family, self.discrete, params, num_particles,
                                                g, bstate, structure, step=step)
             grads = torch.autograd.grad(surrogate, leaves, allow_unused=True)

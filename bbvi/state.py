@@ -42,15 +42,20 @@ class FitState:
     start: object = None
     tracker: object = None
     structure: object = None
-    batch: object = None                 # {plate: B} on minibatch fits (bbvi.subsample), else None
+    data: object = None                  # the data a step sees (bbvi.data_view.DataView: full, a shard, minibatches)
     order: dict = dataclasses.field(default_factory=dict)   # the minibatches' permutations and positions
     comm: object = None                  # the ranks of a data-parallel fit (bbvi.distributed), else None
-    shard: object = None                 # this rank's model, structure and factor sizes on its rows of the plates
+    guards: tuple = ()                   # what the gradient passes through after the backward (bbvi.update)
     guard_until: int = 0                 # steps before this one run with the pathwise guard on (`step`): speed only
     check_until: int = 0                 # steps before this one check the particles first (`step`): speed only
     anchor: object = False               # minibatch control variates: False (off), None (to compute) or an Anchor
     compiled: object = None              # compile=True: the CompiledStep that runs in place of `step`'s update
     stop: bool = False                   # the adaptive rule says the fit is done (set by `step`)
+
+    @property
+    def batch(self):
+        """{plate: B} on minibatch fits (bbvi.subsample), else None."""
+        return self.data.batch
 
     def leaves(self):
         return list(self.params["continuous"].values()) + list(self.params["discrete"].values())

@@ -1,8 +1,14 @@
-"""The guarded update's checks, shared by the eager step (fit.py) and the compiled one (compiled.py): clearing the
-gradients, the one host read that says whether a step is finite and whether its gradient would overflow the
-optimizer's statistics, and that overflow limit."""
+"""The guarded update, in small pieces that the stochastic-gradient step (algorithms/sgd.py) runs in order:
+
+    clear_grads -> (the estimate's backward) -> every guard of `guards_for` (RankMean on a data-parallel fit)
+    -> gradient_norm (clip_grad) -> verdict (one host read: finite? would it overflow?) -> rescale if it would
+    -> the optimizer's step if finite, else the step is skipped and counted
+
+The compiled step (compiled.py) shares the overflow limit and the verdict. A new guard on the gradient is a class
+here with `__call__(leaves, value, num_bad) -> (value, num_bad)`, added to `guards_for`."""
 import functools
 import math
+import operator
 
 import torch
 
@@ -36,3 +42,41 @@ def verdict(value, norm):
 def limit_in(dtype):
     """overflow_limit rounded to dtype, as a tensor comparison with it rounds it."""
     return torch.tensor(math.sqrt(torch.finfo(dtype).max) * 1e-3, dtype=dtype).item()
+
+
+class RankMean:
+    """A data-parallel fit (bbvi.distributed): the ranks' mean gradient, ELBO estimate and bad-particle count, so
+    that every rank makes the same update. A parameter with no gradient on this rank counts as a zero one."""
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def __call__(self, leaves, value, num_bad):
+        local = [p.grad is None for p in leaves]
+        for p in leaves:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        value, num_bad = self.comm.average(value, [p.grad for p in leaves], num_bad)
+        for p, none in zip(leaves, local):
+            if none:
+                p.grad = None
+        return value, num_bad
+
+
+def guards_for(comm):
+    """The guards a step's gradient passes through after the backward, in order."""
+    return (RankMean(comm),) if comm is not None else ()
+
+
+def gradient_norm(leaves, value, clip_grad):
+    """The gradient's global norm, after clipping it to clip_grad (None: no clipping). Without clipping, a sum of
+    the per-tensor norms: finite exactly when every gradient entry is, without a square root of a sum of squares."""
+    if clip_grad is not None:
+        return torch.nn.utils.clip_grad_norm_(leaves, clip_grad)
+    grads = [p.grad for p in leaves if p.grad is not None] or [value.reshape(1) * 0]
+    return functools.reduce(operator.add, torch._foreach_norm(grads))
+
+
+def rescale(leaves, norm):
+    """Scale a gradient whose norm would overflow the optimizer's squared-gradient statistics down to the limit."""
+    torch._foreach_mul_([p.grad for p in leaves if p.grad is not None], (overflow_limit(norm) / norm).item())

@@ -6,9 +6,6 @@ guarded update and the adaptive rule's look at it. bbvi.fit drives it (bbvi/fit.
 A step whose ELBO estimate or gradient is NaN/inf is skipped (parameters untouched) and counted in the record
 (bbvi.record); one whose gradient would overflow the optimizer's statistics is scaled down (bbvi.update).
 """
-import functools
-import operator
-import types
 import warnings
 
 import torch
@@ -21,17 +18,17 @@ from ..estimators.rao_blackwell import check_baseline, discover, rao_blackwelliz
 from ..families import Discrete
 from ..family_names import resolve_family
 from ..data_forms import precision_notes
-from ..distributed import shard
-from ..subsample import check_subsample, minibatch, structure_rows, uses_cv
+from ..subsample import check_subsample, uses_cv
+from ..data_view import DataView
 from ..record import Info, Record
 from ..state import FitState
-from ..options import (_check_device, _check_particle_memory, _check_positive_int, _positive_number,
+from ..options import (check_init_options,
                       _probe_count, _refuse_unknown, _rule, _schedule, default_particles)
-from ..update import clear_grads, overflow_limit, verdict
+from ..natural import DEFAULT_LR, NaturalGradient, check_family
+from ..update import clear_grads, gradient_norm, guards_for, rescale, verdict
 from ..start import choose as choose_start
 from ..start import initial_loc
 
-DEFAULT_DTYPE = torch.float64
 START_DRAWS = 32   # discrete draws the MAP start averages the log density over (models with discrete latents)
 
 __all__ = ["init", "step"]
@@ -58,53 +55,10 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
                 if callable(model) else "")
         raise ConfigError(f"bbvi.fit needs a bbvi.Model, got {type(model).__name__}{hint}")
     num_particles = default_particles(family, num_particles)
-    _check_positive_int("num_particles", num_particles)
-    if steps is not None:
-        _check_positive_int("steps", steps, minimum=0)
-    if max_steps is not None:
-        _check_positive_int("max_steps", max_steps)
-    if lr is not None and not _positive_number(lr):
-        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
-    if clip_grad is not None and not _positive_number(clip_grad):
-        raise ConfigError(f"clip_grad must be None or a positive number (max gradient norm), got {clip_grad!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed must be an int, got {seed!r}")
-    dtype = dtype or DEFAULT_DTYPE
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if torch.finfo(dtype).bits < 32:
-        fi = torch.finfo(dtype)
-        raise ConfigError(f"dtype={dtype} is too coarse for a fit: {fi.bits}-bit floats carry about "
-                          f"{fi.resolution:g} relative precision, so ELBO differences and the transforms to "
-                          f"constrained supports round away (in float16 a unit_interval latent could not leave "
-                          f"[0.25, 0.75]). Use torch.float32 or torch.float64")
-    if isinstance(seed, int) and not 0 <= seed < 2 ** 63:
-        raise ConfigError(f"seed must be in [0, 2**63), got {seed}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device {device!r} is not a torch device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={str(device)!r}, but torch has no CUDA device here "
-                          f"(torch {torch.__version__}); use device='cpu'")
-    _check_device(device)
-    _check_particle_memory(model, num_particles, device, dtype)
+    dtype, device = check_init_options(model, num_particles, steps, max_steps, lr, clip_grad, seed, dtype, device)
     family = resolve_family(family)
     estimator = resolve_estimator(estimator, baseline)
-    natural = isinstance(optimizer, str) and optimizer == "natural"
-    if natural:  # natural-gradient steps need the family and the parameter dict, not just the leaves
-        from ..natural import DEFAULT_LR, NaturalGradient, check_family
-        check_family(family)
-        make_opt = None
-        if lr is None and not isinstance(schedule, Adaptive):
-            lr = DEFAULT_LR  # rho, not Adam's 0.05 (measured in experiments/natural.py)
-    else:
-        make_opt = _OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else optimizer
-        if make_opt is None or not callable(make_opt):
-            raise ConfigError(f"optimizer must be one of {sorted(_OPTIMIZERS) + ['natural']} or a callable "
-                              f"(params, lr) -> torch.optim.Optimizer, got {optimizer!r}")
-    if lr is None and not natural and not isinstance(schedule, Adaptive):
-        lr = getattr(family, "default_lr", None)  # a flow's conditioners want smaller steps than a Gaussian's 0.05
+    make_opt, natural, lr = _optimizer(optimizer, family, lr, schedule)
     rule = _rule(schedule, steps, lr, max_steps)
     factor = None if rule is not None else _schedule("cosine" if schedule == "auto" else schedule, max(steps, 1))
 
@@ -141,16 +95,10 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
             k = discrete.sample(params["discrete"], START_DRAWS, torch.Generator(device=device).manual_seed(seed))
     model, start_info = choose_start(init_strategy, model, family, params, report, k)
     report = model.check_particles(report)
-    shard_of = None
+    data = DataView(model, structure, report.factors, batch)
     if comm is not None:
         comm.broadcast([t.detach() for g in params.values() for t in g.values()] + list(model.preconditioner or ()))
-        part, rows, batch = shard(model, batch, comm)
-        factors = report.factors and tuple((name, rows[name][1] if name in rows else n) for name, n in report.factors)
-        part_structure = structure
-        if structure is not None:
-            idx = {p: torch.arange(first, first + n) for p, (first, n) in rows.items()}
-            part_structure = structure.select(structure_rows(report.factors, idx, structure.continuous.shape[0]))
-        shard_of = types.SimpleNamespace(model=part, structure=part_structure, factors=factors)
+        data = data.sharded(comm)
         if comm.rank:
             generator.manual_seed(seed + comm.rank)
     leaves = [t for g in params.values() for t in g.values()]
@@ -160,13 +108,32 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
                      optimizer=opt, lr=float(base_lr), schedule=factor, generator=generator,
                      baseline_state=init_baseline_state(plan, device, dtype), num_particles=num_particles,
                      clip_grad=clip_grad, record=Record(torch.zeros((), dtype=torch.int64, device=device)),
-                     start=start_info, structure=structure, batch=batch, comm=comm, shard=shard_of)
-    if uses_cv(subsample_cv, batch, shard_of.model if shard_of else model, discrete, report, plan):
+                     start=start_info, structure=structure, data=data, comm=comm, guards=guards_for(comm))
+    if uses_cv(subsample_cv, data.batch, data.model, discrete, report, plan):
         state.anchor = None
     if rule is not None:
         state.tracker = rule.tracker(state)
         state.schedule = state.tracker.factor
     return state
+
+
+def _optimizer(optimizer, family, lr, schedule):
+    """(a callable (leaves, lr) -> torch optimizer, or None for natural-gradient steps; whether they are natural;
+    lr, with the method's or the family's default where None and no adaptive rule sets it)."""
+    natural = isinstance(optimizer, str) and optimizer == "natural"
+    if natural:  # natural-gradient steps need the family and the parameter dict, not just the leaves
+        check_family(family)
+        make_opt = None
+        if lr is None and not isinstance(schedule, Adaptive):
+            lr = DEFAULT_LR  # rho, not Adam's 0.05 (measured in experiments/natural.py)
+    else:
+        make_opt = _OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else optimizer
+        if make_opt is None or not callable(make_opt):
+            raise ConfigError(f"optimizer must be one of {sorted(_OPTIMIZERS) + ['natural']} or a callable "
+                              f"(params, lr) -> torch.optim.Optimizer, got {optimizer!r}")
+    if lr is None and not natural and not isinstance(schedule, Adaptive):
+        lr = getattr(family, "default_lr", None)  # a flow's conditioners want smaller steps than a Gaussian's 0.05
+    return make_opt, natural, lr
 
 
 GUARD_STEPS = 100
@@ -188,16 +155,8 @@ def _update(state):
     opt = state.optimizer
     for group in opt.param_groups:
         group["lr"] = state.lr * state.schedule(state.step)
-    model, structure, factors = state.model, state.structure, state.report.factors
-    if state.shard is not None:  # a data-parallel rank: its rows of every plate, their factors scaled by K
-        model, structure, factors = state.shard.model, state.shard.structure, state.shard.factors
-    if state.batch is not None:  # this step's rows of every plate, their factors scaled by N / B
-        model, idx, state.order, state.anchor = minibatch(model, state.batch, state.order, state.generator,
-                                                          state.anchor,
-                                                          lambda: state.family.mean(state.params["continuous"]))
-        if structure is not None:
-            rows = structure_rows(factors, idx, structure.continuous.shape[0])
-            structure = structure.select(rows)
+    model, structure, state.order, state.anchor = state.data.for_step(   # this step's rows (bbvi.data_view)
+        state.order, state.anchor, state.generator, lambda: state.family.mean(state.params["continuous"]))
     # Two checks of the estimate change nothing where every particle and gradient is finite, at a host read or a
     # few ops per step, so the step first goes without them and, only when its estimate or gradient comes out
     # non-finite, is done again from the same generator state (the same particles) as it would have been with
@@ -227,8 +186,7 @@ def _update(state):
         ok, huge, _ = verdict(value, norm)
     rescaled = ok and huge
     if rescaled:
-        limit = overflow_limit(norm)
-        torch._foreach_mul_([p.grad for p in state.leaves() if p.grad is not None], (limit / norm).item())
+        rescale(state.leaves(), norm)
     failure = ""
     if ok:
         opt.step()
@@ -267,20 +225,9 @@ def _gradient(state, model, structure, guard, checked=True):
         clear_grads(opt)
         value = value * float("nan")
         exception = f"{type(e).__name__} in the gradient: {str(e).splitlines()[0] if str(e) else ''}"
-    if state.comm is not None:  # the ranks' mean gradient and ELBO estimate: the same update on every rank
-        local = [p.grad is None for p in leaves]
-        for p in leaves:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        value, num_bad = state.comm.average(value, [p.grad for p in leaves], num_bad)
-        for p, none in zip(leaves, local):
-            if none:
-                p.grad = None
-    grads = [p.grad for p in leaves if p.grad is not None] or [value.reshape(1) * 0]
-    if state.clip_grad is not None:
-        norm = torch.nn.utils.clip_grad_norm_(leaves, state.clip_grad)
-    else:  # a sum of norms is finite exactly when every gradient entry is
-        norm = functools.reduce(operator.add, torch._foreach_norm(grads))
+    for guard in state.guards:   # bbvi.update: the ranks' mean on a data-parallel fit
+        value, num_bad = guard(leaves, value, num_bad)
+    norm = gradient_norm(leaves, value, state.clip_grad)
     return value, baseline_state, num_bad, error, exception, norm
 
 
