@@ -20,12 +20,11 @@ from .checkpoint import Keeper, load_checkpoint, read_checkpoint, save_checkpoin
 from .errors import ConfigError, FitError
 from .convergence import RelativeTolerance, q_settled
 from .estimators import DEFAULT, resolve_estimator
-from .family_names import resolve_family
 from .result import Result
 from .state import FitState
-from .saving import check_writable, describe
+from .saving import check_writable, describe, read
 from .options import (_check_positive_int, _length_change, _positive_number,
-                      _refuse_unknown, default_particles)
+                      _refuse_unknown)
 from .algorithms import resolve_method
 from .algorithms.sgd import init, step
 
@@ -36,16 +35,19 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
         optimizer="adam", schedule="auto", clip_grad=None, tol_rel_obj=None, check_every=100, callbacks=(),
         progress=None, seed=0, device="cpu", dtype=None, init_values=None, max_consecutive_failures=100,
         checkpoint=None, checkpoint_every=500, resume=None, init_strategy="auto", max_steps=None, diagnose=True,
-        subsample_size=None, subsample_cv=True, distributed=False, compile=False, method="sgd", **unknown):
-    """Fit q to the posterior of `model` by stochastic gradient ascent on the ELBO.
+        subsample_size=None, subsample_cv=True, distributed=False, compile=False, method="auto", **unknown):
+    """Fit q to the posterior of `model`: by batch and match (a full-rank Gaussian from the scores, no learning rate)
+    where every latent is continuous, torch can differentiate the log-joint, there are at most 200 continuous
+    coordinates and no option of the stochastic-gradient fit is given (method='auto', bbvi.algorithms.auto;
+    `fit.settings['method']` says which ran and why), else by stochastic gradient ascent on the ELBO.
 
-    With no options it needs no tuning: the MAP/Laplace start where it exists (init_strategy='auto'), float64,
-    the adaptive step-size rule with iterate averaging and a statistical stopping rule (steps=None, see
+    The stochastic-gradient fit needs no tuning either: the MAP/Laplace start where it exists (init_strategy='auto'),
+    float64, the adaptive step-size rule with iterate averaging and a statistical stopping rule (steps=None, see
     bbvi.Adaptive; `max_steps` caps it, 20000 by default; status 'converged' or 'max_steps'), and at the end
     PSIS k-hat and a PSIS check of q's means and sds, with a bbvi.ReliabilityWarning when the fit cannot be
     trusted (`fit.reliability` holds what was checked; diagnose=False skips it).
 
-    method: 'sgd' (the default: stochastic-gradient ascent on the ELBO, all that follows) | 'laplace' (q = N(MAP,
+    method: 'auto' (the default, above) | 'sgd' (stochastic-gradient ascent on the ELBO, all that follows) | 'laplace' (q = N(MAP,
     H^-1) on the unconstrained scale in no step, the end-of-fit check saying whether to trust it; family 'fullrank';
     the options below that belong to the stochastic-gradient steps are refused) | 'bam' (batch and match: a
     full-rank Gaussian from closed-form updates on the scores grad log p at 32 particles a step, no learning rate;
@@ -100,12 +102,12 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
         init(model)  # raises the ConfigError that says what a model is
     callbacks = _check_loop_options(tol_rel_obj, steps, check_every, max_consecutive_failures, checkpoint_every,
                                     checkpoint, resume, callbacks, subsample_cv, distributed, compile)
+    if method == "auto" and (tol_rel_obj is not None or distributed or compile or _saved_by_sgd(resume)):
+        method = "sgd"   # options, or a checkpoint, of the stochastic-gradient fit (bbvi.algorithms.auto)
     algorithm = resolve_method(method)
     if family is None:
         family = getattr(algorithm, "default_family", "meanfield")
-    if num_particles is None:
-        num_particles = getattr(algorithm, "default_num_particles", None) or default_particles(family, None)
-    settings = dict(model=model.name, family=describe(resolve_family(family)), num_particles=num_particles,
+    settings = dict(model=model.name, family=None, num_particles=num_particles,
                     steps=steps, lr=lr, optimizer=setting(optimizer), schedule=setting(schedule),
                     clip_grad=clip_grad, tol_rel_obj=tol_rel_obj, seed=seed, device=str(device),
                     init_strategy=init_strategy, max_steps=max_steps)
@@ -120,7 +122,7 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
         settings["distributed"] = comm.world_size   # a checkpoint resumes on as many ranks
     grad_mode = torch.is_grad_enabled()
     began = time.perf_counter()
-    if method != "sgd":  # written only when set: checkpoints of the default method's fits compare as before
+    if method not in ("sgd", "auto"):  # written only when set: checkpoints of 'sgd' fits compare as before
         settings["method"] = getattr(algorithm, "name", None) or setting(algorithm)
         if compile:
             raise ConfigError(f"compile=True compiles the stochastic-gradient step (method='sgd'), not "
@@ -134,6 +136,8 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
         state.compiled = CompiledStep(state)   # a ConfigError for what it does not cover
         settings["compile"] = True            # written only when set: checkpoints of eager fits compare as before
     start_s = time.perf_counter() - began
+    settings["num_particles"] = state.num_particles   # None above: the algorithm's default (sgd: the family's)
+    settings["family"] = describe(state.family)
     _describe_plan(settings, state, algorithm, estimator, baseline)
     tracker = state.tracker
     cap = tracker.rule.max_steps if tracker is not None else steps
@@ -154,6 +158,17 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
         if comm is not None:  # rank 0's check (and warning) on the full data; its findings on every rank
             result.reliability = comm.share(result.reliability)
     return result
+
+
+def _saved_by_sgd(resume):
+    """Whether the checkpoint `resume` was written by the stochastic-gradient fit (its settings name no other method:
+    every checkpoint written before method='auto' became the default)."""
+    if resume is None:
+        return False
+    try:
+        return "method" not in read(resume, "checkpoint")["settings"]
+    except ConfigError:
+        return False   # read again, and refused with its reason, where the fit loads it
 
 
 def _check_loop_options(tol_rel_obj, steps, check_every, max_consecutive_failures, checkpoint_every, checkpoint,

@@ -32,6 +32,8 @@ class Start:
     note: str = ""
     no_mode: bool = False
     num_evals: int = 0
+    mean_field_sd: tuple = None   # MAP start: (coordinate, ratio): the smallest ratio of a mean-field q's sd to the
+                                  # Laplace sd, 1 / sqrt(H_ii (H^-1)_ii) (the correlations at the mode; 1 when none)
 
 
 class _NoMode(ConfigError):
@@ -74,12 +76,12 @@ def choose(strategy, model, family, params, report, discrete_draw):
                     f"so no MAP/Laplace start")
         return model, Start("zero", note)
     try:
-        model, evals = laplace_start(model, family, params, report, discrete_draw)
+        model, evals, mean_field_sd = laplace_start(model, family, params, report, discrete_draw)
     except ConfigError as e:
         if strategy == "map":
             raise
         return model, Start("zero", f"zero start: the MAP start failed ({e})", no_mode=isinstance(e, _NoMode))
-    return model, Start("map", num_evals=evals)
+    return model, Start("map", num_evals=evals, mean_field_sd=mean_field_sd)
 
 
 def laplace_start(model, family, params, report, discrete_draw, max_iter=500):
@@ -152,4 +154,8 @@ def laplace_start(model, family, params, report, discrete_draw, max_iter=500):
         for name, t in new.items():
             if name != "loc":
                 pc[name].copy_(t)
-    return model.preconditioned(u, scale), calls[0] + model.dim
+    ratio = torch.linalg.inv(whitened).diagonal().rsqrt()   # whitened: unit diagonal, so H_ii = 1
+    i = int(ratio.argmin())
+    block = next(b for b in model.blocks if b.start <= i < b.stop)
+    label = block.name + (f"[{i - block.start}]" if block.stop - block.start > 1 else "")
+    return model.preconditioned(u, scale), calls[0] + model.dim, (label, float(ratio[i]))

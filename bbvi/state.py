@@ -51,6 +51,9 @@ class FitState:
     anchor: object = False               # minibatch control variates: False (off), None (to compute) or an Anchor
     compiled: object = None              # compile=True: the CompiledStep that runs in place of `step`'s update
     stop: bool = False                   # the adaptive rule says the fit is done (set by `step`)
+    algorithm: object = None             # method='auto': the algorithm it chose (bbvi.algorithms.auto), and why
+    why: str = ""
+    cap: object = None                   # the steps an algorithm of a fixed length runs (bbvi.algorithms.bam)
 
     @property
     def batch(self):

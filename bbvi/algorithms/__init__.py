@@ -8,18 +8,19 @@ An algorithm is a module (or any object) with
   `state.step` and sets `state.stop` when the algorithm is done, so that `while not state.stop: step(state)` runs
   it (bbvi.fit adds callbacks, checkpoints, Ctrl-C undo, the progress bar and the end-of-fit check);
 - optionally `settings(state) -> dict`: what `fit.settings` records of it beyond fit's options, and
-  `default_family` / `default_num_particles`: what fit uses when family / num_particles are None.
+  `default_family`: the family fit passes when family is None (num_particles=None is passed on as it is).
 
-Built in: 'sgd' (stochastic-gradient ascent on the ELBO, the default: `sgd.py`), 'laplace' (q = N(MAP, H^-1) on the
+Built in: 'auto' (bbvi.fit's default: 'bam' where it applies, 'sgd' elsewhere: `auto.py`), 'sgd'
+(stochastic-gradient ascent on the ELBO: `sgd.py`), 'laplace' (q = N(MAP, H^-1) on the
 unconstrained scale, in no step: `laplace.py`), 'bam' (batch and match: a full-rank Gaussian from closed-form
 updates on the scores at each step's particles, no learning rate: `bam.py`).
 """
 from ..errors import ConfigError
-from . import bam, laplace, sgd
+from . import auto, bam, laplace, sgd
 
 __all__ = ["ALGORITHMS", "resolve_method"]
 
-ALGORITHMS = {"sgd": sgd, "laplace": laplace, "bam": bam}
+ALGORITHMS = {"auto": auto, "sgd": sgd, "laplace": laplace, "bam": bam}
 
 
 def resolve_method(method):

@@ -1,0 +1,82 @@
+"""method='auto' (bbvi.fit's default): batch and match where it applies, the stochastic-gradient fit elsewhere.
+
+Batch and match (bam.py) fits a full-rank Gaussian from the scores in a few dozen steps of 32 particles or more, with
+no learning rate: on the 36 yardstick posteriors it is as right as the stochastic-gradient fit at about a twentieth
+of its gradient evaluations (README, "The field's yardstick"). It applies when
+- no family is given (family=None) and no option of the stochastic-gradient fit is (estimator, baseline, lr,
+  optimizer, schedule, steps, max_steps, clip_grad, tol_rel_obj, subsample_size, distributed, compile): those ask
+  for that fit, and get it as before;
+- the latents are all continuous and torch can differentiate the log-joint (the scores);
+- there are at most MAX_DIM continuous coordinates (a full-rank Gaussian's D x D covariance and D particles a
+  step: measured exact on Gaussian targets up to D = 200 in about a second).
+Otherwise the stochastic-gradient fit runs as before (mean-field, the adaptive rule), bit for bit. `fit.settings`
+says which ran and why ('method' is written only when batch and match ran, so that checkpoints of the
+stochastic-gradient default compare as before)."""
+import warnings
+
+from ..estimators import DEFAULT
+from . import bam, sgd
+
+__all__ = ["init", "step", "settings", "MAX_DIM"]
+
+name = "auto"
+default_family = None
+MAX_DIM = 200
+
+# The options that ask for the stochastic-gradient fit, with bbvi.fit's defaults (bbvi.fit itself turns 'auto'
+# into 'sgd' for tol_rel_obj, distributed and compile, and for resuming a checkpoint written by the
+# stochastic-gradient default).
+SGD_OPTIONS = {"estimator": "auto", "baseline": DEFAULT, "lr": None, "optimizer": "adam", "schedule": "auto",
+               "steps": None, "max_steps": None, "clip_grad": None, "subsample_size": None}
+
+
+def sgd_options_given(options):
+    """The stochastic-gradient options set to anything but fit's default (name=value texts)."""
+    return [f"{k}={v!r}" for k, v in options.items()
+            if k in SGD_OPTIONS and v is not SGD_OPTIONS[k] and v != SGD_OPTIONS[k]]
+
+
+def choose(model, family, options):
+    """(bam or sgd, why): what method='auto' runs before looking at the log-joint's gradient."""
+    given = sgd_options_given(options)
+    if family is not None:
+        return sgd, f"family={family!r} given"
+    if given:
+        return sgd, f"{', '.join(given)} given"
+    if model.discrete:
+        return sgd, f"discrete latents {sorted(model.discrete)}"
+    if model.dim > MAX_DIM:
+        return sgd, f"{model.dim} continuous coordinates, more than {MAX_DIM} for a full-rank Gaussian"
+    if model.dim == 0:
+        return sgd, "no continuous latents"
+    return bam, f"continuous latents ({model.dim} coordinates), a differentiable log-joint"
+
+
+def init(model, family=None, estimator="auto", baseline=DEFAULT, **options):
+    chosen, why = choose(model, family, dict(options, estimator=estimator, baseline=baseline))
+    if chosen is bam:
+        with warnings.catch_warnings(record=True) as caught:   # said again below, or by the fallback's own init
+            warnings.simplefilter("always")
+            try:
+                state = bam.init(model, "fullrank", estimator, baseline, **options)
+            except bam.NotApplicable as e:
+                state, why = None, f"the log-joint is not differentiable in torch ({e.reason})"
+        if state is not None:
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            state.algorithm, state.why = bam, why
+            return state
+    state = sgd.init(model, family or "meanfield", estimator, baseline, **options)
+    state.algorithm, state.why = sgd, why
+    return state
+
+
+def step(state):
+    return state.algorithm.step(state)
+
+
+def settings(state):
+    if state.algorithm is sgd:
+        return {}
+    return {"method": f"bam (method='auto': {state.why})", **bam.settings(state)}
+
