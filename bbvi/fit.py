@@ -144,7 +144,7 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     converged = RelativeTolerance(tol_rel_obj, check_every, cap)
     if resume is not None:
         _resume(state, resume, settings, converged, check_every=check_every, schedule=schedule, lr=lr, steps=steps,
-                max_steps=max_steps)
+                max_steps=max_steps, extendable=getattr(state.algorithm or algorithm, "extendable", False))
     status, callback_error, save_error, wall = _run(
         state, algorithm, cap, converged, settings, seed=seed, callbacks=callbacks, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, max_consecutive_failures=max_consecutive_failures, progress=progress,
@@ -210,12 +210,14 @@ def _describe_plan(settings, state, algorithm, estimator, baseline):
         settings.update(algorithm.settings(state))
 
 
-def _resume(state, resume, settings, converged, *, check_every, schedule, lr, steps, max_steps):
-    """Load the checkpoint `resume` into the state; a new length is an extension, noted in settings['extended'] (and
+def _resume(state, resume, settings, converged, *, check_every, schedule, lr, steps, max_steps, extendable):
+    """Load the checkpoint `resume` into the state; for an algorithm whose length a resume may change
+    (`extendable`: the stochastic-gradient fit), a new length is an extension, noted in settings['extended'] (and
     warned about where it differs from a single fit of that length)."""
     comm, tracker = state.comm, state.tracker
-    ck = read_checkpoint(state, resume, settings, length_may_differ=True)
-    change = _length_change(ck, resume, state, schedule=schedule, lr=lr, steps=steps, max_steps=max_steps)
+    ck = read_checkpoint(state, resume, settings, length_may_differ=extendable)
+    change = (_length_change(ck, resume, state, schedule=schedule, lr=lr, steps=steps, max_steps=max_steps)
+              if extendable else None)
     load_checkpoint(state, ck)
     if comm is not None:  # this rank's own generator, baseline and data order
         state.load_rank_state_dict(ck["ranks"][comm.rank])

@@ -158,3 +158,28 @@ def test_batch_and_match_skips_a_batch_it_cannot_use_and_counts_it():
                    init_values={"x": torch.tensor([3.0, 0.0])})
     assert fit.num_bad_particles > 0 and fit.num_steps == 20
     assert fit.unconstrained_mean().abs().max() < 0.2
+
+
+def test_a_checkpoint_of_the_stochastic_gradient_default_resumes_under_method_auto(tmp_path):
+    """Checkpoints written before method='auto' became the default hold no 'method' setting: resuming one with the
+    same call (no method=) runs the stochastic-gradient fit it was, bit for bit, not batch and match."""
+    from fitcheck import assert_same_fit
+    model, path = _gaussian(), tmp_path / "ck.pt"
+    want = bbvi.fit(model, method="sgd", seed=0, diagnose=False)
+    bbvi.fit(model, method="sgd", seed=0, diagnose=False, checkpoint=path, callbacks=[lambda s: s.step == 120])
+    resumed = bbvi.fit(model, seed=0, diagnose=False, resume=path)
+    assert "method" not in resumed.settings and resumed.levels == want.levels
+    assert_same_fit(want, resumed)
+
+
+def test_a_batch_and_match_fit_checkpoints_and_resumes_bit_for_bit(tmp_path):
+    """The default (batch and match here) through the loop's checkpoint: stopped at step 20 of 50 and resumed, the
+    same q as the uninterrupted fit (its generator, step and the averaging sums are in the checkpoint)."""
+    model, path = _gaussian(), tmp_path / "bam.pt"
+    want = bbvi.fit(model, seed=0, diagnose=False)
+    bbvi.fit(model, seed=0, diagnose=False, checkpoint=path, callbacks=[lambda s: s.step == 20])
+    resumed = bbvi.fit(model, seed=0, diagnose=False, resume=path)
+    assert resumed.settings["method"].startswith("bam") and resumed.num_steps == 50
+    assert torch.equal(resumed.elbo, want.elbo)
+    for name, value in want.params["continuous"].items():
+        assert torch.equal(resumed.params["continuous"][name], value)

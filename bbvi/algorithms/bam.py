@@ -126,16 +126,15 @@ def step(state):
 
 
 def _accumulate(state):
+    """Add this iterate to the second half's sums (a new dict: Ctrl-C's undo keeps the old one)."""
     pc, sums = state.params["continuous"], state.baseline_state
     with torch.no_grad():
         L = state.family.scale_tril(pc)
         mu, cov = pc["loc"].detach(), L @ L.T
         if "count" not in sums:
-            sums.update(count=torch.zeros((), dtype=mu.dtype, device=mu.device), loc=torch.zeros_like(mu),
-                        cov=torch.zeros_like(cov))
-        sums["count"] = sums["count"] + 1
-        sums["loc"] = sums["loc"] + mu
-        sums["cov"] = sums["cov"] + cov
+            sums = {"count": torch.zeros((), dtype=mu.dtype, device=mu.device), "loc": torch.zeros_like(mu),
+                    "cov": torch.zeros_like(cov)}
+        state.baseline_state = {"count": sums["count"] + 1, "loc": sums["loc"] + mu, "cov": sums["cov"] + cov}
 
 
 def _average(state):

@@ -33,6 +33,8 @@ START_DRAWS = 32   # discrete draws the MAP start averages the log density over 
 
 __all__ = ["init", "step"]
 
+extendable = True   # a resume may change its length (steps, max_steps): bbvi.fit's resume=
+
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD,
                "rmsprop": torch.optim.RMSprop}
 
