@@ -195,19 +195,7 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
     if worst_ratio[0] is not None:
         moments.append(f"importance sampling puts the sd of {worst_ratio[0]} at {worst_ratio[1]:.2f} x q's")
     threshold = khat_threshold(num_draws)
-    notes = []
-    if point:
-        pass  # k-hat of a point mass means nothing; said above
-    elif not khat <= KHAT_UNUSABLE:
-        reasons.append(f"PSIS k-hat is {khat:.2f} (> {KHAT_UNUSABLE}): q misses posterior mass badly, and "
-                       f"importance sampling cannot check its means and sds")
-    elif not khat_lo <= threshold:
-        (reasons if moments else notes).append(
-            f"PSIS k-hat is {khat:.2f} ({khat_lo:.2f}-{khat_hi:.2f} with its Monte Carlo error; > {threshold:.2f} "
-            f"at {num_draws} draws): q's tails are lighter than the posterior's")
-    elif not khat_hi <= threshold:
-        notes.append(f"PSIS k-hat is {khat:.2f}, borderline: {khat_lo:.2f}-{khat_hi:.2f} with its Monte Carlo error "
-                     f"(the threshold at {num_draws} draws is {threshold:.2f})")
+    notes = _khat_verdict(reasons, khat, khat_lo, khat_hi, threshold, num_draws, moments, point)
     reasons += moments
     limit = _mean_field_limit(result)
     if limit and not worst_ratio[0]:
@@ -231,7 +219,7 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
     if start is not None and start.no_mode:
         reasons.append(f"the log density has no proper mode ({start.note}): a funnel or an improper posterior, "
                        f"which Gaussian families fit badly; reparameterize (e.g. non-centered)")
-    seen = result.num_steps * int(result.settings["num_particles"])
+    seen = result.num_steps * result.num_particles
     if seen and result.num_bad_particles > BAD_PARTICLES_MAX * seen:
         reasons.append(f"{result.num_bad_particles} of {seen} particles ({result.num_bad_particles / seen:.0%}) "
                        f"had a NaN/inf log-joint or gradient, or raised ({result.last_exception or 'no exception'})"
@@ -250,6 +238,26 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
         warnings.warn(f"bbvi fit of {result.model.name!r} may be unreliable: " + "; ".join(reasons) +
                       ". Try: " + ", ".join(tries) + ".", ReliabilityWarning, stacklevel=3)
     return info
+
+
+def _khat_verdict(reasons, khat, lo, hi, threshold, num_draws, moments, point):
+    """k-hat's part of the check: a reason (added to `reasons`) above KHAT_UNUSABLE, or above the threshold together
+    with a mean or sd that importance sampling moves (`moments`); otherwise above the threshold, or borderline (its
+    interval straddles it), the returned notes."""
+    notes = []
+    if point:
+        pass  # k-hat of a point mass means nothing; said above
+    elif not khat <= KHAT_UNUSABLE:
+        reasons.append(f"PSIS k-hat is {khat:.2f} (> {KHAT_UNUSABLE}): q misses posterior mass badly, and "
+                       f"importance sampling cannot check its means and sds")
+    elif not lo <= threshold:
+        (reasons if moments else notes).append(
+            f"PSIS k-hat is {khat:.2f} ({lo:.2f}-{hi:.2f} with its Monte Carlo error; > {threshold:.2f} "
+            f"at {num_draws} draws): q's tails are lighter than the posterior's")
+    elif not hi <= threshold:
+        notes.append(f"PSIS k-hat is {khat:.2f}, borderline: {lo:.2f}-{hi:.2f} with its Monte Carlo error "
+                     f"(the threshold at {num_draws} draws is {threshold:.2f})")
+    return notes
 
 
 def _psis_extremes(result, u, k, smoothed, ess):

@@ -6,6 +6,10 @@ constrained values plus the log-det-Jacobian (S,); inputs of non-identity transf
 |u| <= log(dtype max) - 10 so that no transform overflows. Discrete latents (support `boolean` or `integer_interval`)
 are kept apart as a dict name -> (S, *shape): booleans as floats 0./1. (as torch's Bernoulli gives them),
 integers as int64. The user's log-joint sees one dict holding both and returns (S,).
+
+(440 lines, over the ~400 the layout aims at: `Model` is one class, the target density with its bijections and its
+argument checks; the first-call check, data conversion and minibatch scaling already live in model_check.py,
+data_forms.py and subsample.py.)
 """
 import dataclasses
 import math

@@ -53,6 +53,8 @@ class Result:
     structure: object = None
     resample_info: dict = dataclasses.field(default_factory=dict)  # the last importance-resampled sample's k-hat
     batch: object = None     # {plate: B} of a minibatch fit (bbvi.subsample): gradient_samples draw minibatches
+    num_particles: int = 0   # particles a step drew (typed: `settings` is the fit's record as text)
+    subsample_cv: bool = False   # a minibatch fit with control variates
 
     @classmethod
     def from_state(cls, state, *, settings, status, wall_time, start_time=0.0):
@@ -61,14 +63,15 @@ class Result:
                    num_steps=state.step, wall_time=wall_time, **state.record.result_fields(),
                    baseline_state={k: v.detach().clone() for k, v in state.baseline_state.items()},
                    start=state.start, levels=state.tracker.report() if state.tracker is not None else [],
-                   start_time=start_time, structure=state.structure, batch=state.batch)
+                   start_time=start_time, structure=state.structure, batch=state.batch,
+                   num_particles=state.num_particles, subsample_cv=state.anchor is not False)
 
     @property
     def num_gradient_evals(self):
         """Log-joint (and gradient) evaluations the fit spent: its start's (L-BFGS, Hessian) and S per step (more
         with exact sums over a latent's support: Plan.evaluations)."""
         return (self.start.num_evals if self.start is not None else 0) + self.num_steps * self.plan.evaluations(
-            self.model, int(self.settings["num_particles"]))
+            self.model, self.num_particles)
 
     @property
     def interrupted(self):
@@ -238,10 +241,10 @@ class Result:
         where = "fit.gradient_samples"
         num_samples = check_count("num_samples", num_samples, where)
         if num_particles is None:
-            num_particles = int(self.settings["num_particles"])
+            num_particles = self.num_particles
         elif isinstance(num_particles, bool) or not isinstance(num_particles, numbers.Integral) or num_particles < 1:
             raise ConfigError(f"{where}: num_particles must be None (the fit's own, "
-                              f"{self.settings['num_particles']}) or a positive int, got {num_particles!r}")
+                              f"{self.num_particles}) or a positive int, got {num_particles!r}")
         num_particles = int(num_particles)
         seed = check_seed(seed, where)
         self._check_memory("num_particles", num_particles, where, factor=8)  # particles, their graph, gradients
@@ -263,9 +266,7 @@ class Result:
                   else init_baseline_state(plan, ref.device, ref.dtype))
         out, order = [], {}
         from .data_view import DataView
-        from .subsample import uses_cv
-        anchor = None if uses_cv(str(self.settings.get("subsample_cv")) == "True", self.batch, self.model,
-                                 self.discrete, self.report, self.plan) else False   # as the fit did
+        anchor = None if self.subsample_cv else False   # as the fit did
         data = DataView(self.model, self.structure, self.report.factors, self.batch)
         for _ in range(num_samples):   # on a minibatch fit each estimate on its own minibatch, as the fit's steps
             model, structure, order, anchor = data.for_step(order, anchor, g,
@@ -334,7 +335,8 @@ class Result:
             "elbo": self.elbo.cpu(), "settings": {k: str(v) for k, v in self.settings.items()},
             "status": self.status, "num_steps": self.num_steps, "num_failed_steps": self.num_failed_steps,
             "num_bad_particles": self.num_bad_particles, "wall_time": self.wall_time,
-            "num_rescaled_steps": self.num_rescaled_steps,
+            "num_rescaled_steps": self.num_rescaled_steps, "num_particles": self.num_particles,
+            "subsample_cv": self.subsample_cv, "batch": self.batch,
             "baseline_state": {k: v.detach().cpu() for k, v in self.baseline_state.items()},
             "preconditioner": [t.cpu() for t in self.model.preconditioner] if self.model.preconditioner else [],
         }, path)

@@ -64,7 +64,11 @@ def load_result(path, model, device="cpu", family=None):
                   num_bad_particles=saved["num_bad_particles"], wall_time=saved["wall_time"],
                   num_rescaled_steps=saved["num_rescaled_steps"],
                   baseline_state={k: v.to(device) for k, v in saved["baseline_state"].items()},
-                  batch=_saved_batch(saved["settings"].get("subsample_size"), model))
+                  batch=saved["batch"] if "batch" in saved else _saved_batch(saved["settings"].get("subsample_size"),
+                                                                             model),
+                  # typed since 2026-12-07; a file from before holds them only as the settings' text
+                  num_particles=saved.get("num_particles", None) or int(saved["settings"]["num_particles"]),
+                  subsample_cv=saved.get("subsample_cv", saved["settings"].get("subsample_cv") == "True"))
 
 
 def _saved_batch(text, model):

@@ -82,8 +82,8 @@ def test_control_variates_cut_the_minibatch_noise_of_the_gradient():
     start = bbvi.fit(model, steps=0, diagnose=False)
     samples = {}
     for cv in (True, False):
-        res = dataclasses.replace(start, batch={"obs": 100},
-                                  settings=dict(start.settings, subsample_size=100, subsample_cv=cv))
+        res = dataclasses.replace(start, batch={"obs": 100}, subsample_cv=cv,
+                                  settings=dict(start.settings, subsample_size=100))
         samples[cv] = res.gradient_samples(300, seed=1)
     full = start.gradient_samples(300, seed=2)
     se = (samples[True].var(0) / 300 + full.var(0) / 300).sqrt()
