@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -n $(JOBS) tests
+	$(PY) -m pytest -n $(JOBS) --durations=15 tests
 
 demo: install
 	$(PY) -m bbvi demo --out results
