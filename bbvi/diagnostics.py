@@ -158,7 +158,7 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
     if num_draws is None:
         rows = sum(sizes(result.model).values())
         num_draws = max(2000, min(16000, int(2e9 // rows))) if rows else 16000
-        num_draws = min(num_draws, max(CHECK_DRAWS_MIN, 2 * result.num_gradient_evals))   # a cost like the fit's
+        num_draws = min(num_draws, max(CHECK_DRAWS_MIN, 2 * result.num_fit_evals))   # a cost like the fit's
     u, k, log_w = result.weighted_draws(num_draws, seed)
     est = khat_estimate(log_w.double().cpu().numpy())
     smoothed, khat, (khat_lo, khat_hi) = est["smoothed"], est["khat"], est["khat_interval"]

@@ -68,10 +68,23 @@ class Result:
 
     @property
     def num_gradient_evals(self):
-        """Log-joint (and gradient) evaluations the fit spent: its start's (L-BFGS, Hessian) and S per step (more
-        with exact sums over a latent's support: Plan.evaluations)."""
+        """Log-joint evaluations the whole call spent, with their gradients where it took them: the fit's
+        (`num_fit_evals`) and the end-of-fit check's (`num_check_evals`)."""
+        return self.num_fit_evals + self.num_check_evals
+
+    @property
+    def num_fit_evals(self):
+        """Log-joint and gradient evaluations of the start (L-BFGS, Hessian) and the steps: S per step (more with
+        exact sums over a latent's support: Plan.evaluations)."""
         return (self.start.num_evals if self.start is not None else 0) + self.num_steps * self.plan.evaluations(
             self.model, self.num_particles)
+
+    @property
+    def num_check_evals(self):
+        """Log-joint evaluations of the end-of-fit check: its importance-sampling draws (values only) and its mode
+        search (with gradients); 0 when it did not run."""
+        r = self.reliability or {}
+        return int(r.get("num_draws", 0)) + int(r.get("mode_search_evals", 0))
 
     @property
     def interrupted(self):
@@ -319,7 +332,8 @@ class Result:
         lo, hi = r.get("khat_interval", (r["khat"], r["khat"]))
         lines = [f"PSIS k-hat {r['khat']:.2f} ({lo:.2f}-{hi:.2f}; {khat_reading(r['khat'], (lo, hi))}); "
                  f"start: {r['start']}; "
-                 f"{self.num_gradient_evals} log-joint gradient evaluations"]
+                 f"{self.num_gradient_evals} log-joint evaluations ({self.num_fit_evals} by the fit, "
+                 f"{self.num_check_evals} by its check)"]
         lines += [f"WARNING: {w}" for w in r["warnings"]] or ["no reliability warnings"]
         return lines
 

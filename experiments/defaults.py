@@ -48,7 +48,7 @@ def run_one(job):
         row["raised"] = row["raised"] or f"compare: {type(e).__name__}: {str(e)[:100]}"
         return row
     err = table["mean_err_sd"].abs()
-    row.update(status=fit.status, steps=fit.num_steps, grad_evals=fit.num_gradient_evals, max_mean_err_sd=err.max(),
+    row.update(status=fit.status, steps=fit.num_steps, grad_evals=fit.num_fit_evals, max_mean_err_sd=err.max(),
                min_sd_ratio=table["sd_ratio"].min(), max_sd_ratio=table["sd_ratio"].max(),
                khat=fit.reliability.get("khat", table.attrs.get("khat", float("nan"))),
                means_ok=bool((err < 0.1).all()),

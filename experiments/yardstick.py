@@ -113,7 +113,7 @@ def run_one(job):
         err, ratio, field, ours = errors(draws, ref)
         rel = getattr(fit, "reliability", None) or {}
         row.update(status=fit.status, steps=fit.num_steps, family=type(fit.family).__name__,
-                   fit_gradient_evals=int(fit.num_gradient_evals),
+                   fit_gradient_evals=int(fit.num_fit_evals),
                    check_evals=int(rel.get("num_draws", 0)) + int(rel.get("mode_search_evals", 0)),
                    max_mean_err_sd=err, worst_sd_ratio=ratio, field_pass=field, our_pass=ours,
                    khat=float(rel.get("khat", float("nan"))))
