@@ -71,6 +71,13 @@ def _discrete_range(name, latent):
     if s is constraints.boolean:
         return 0, 2
     if isinstance(s, constraints._IntegerInterval):
+        bounds = (s.lower_bound, s.upper_bound)
+        if not all(isinstance(b, numbers.Integral) or (isinstance(b, float) and b.is_integer()) or
+                   (torch.is_tensor(b) and b.numel() == 1 and float(b).is_integer()) for b in bounds):
+            raise ModelError(f"latent {name!r}: support integer_interval({bounds[0]!r}, {bounds[1]!r}) needs whole-"
+                             f"number bounds (int() would cut them to integer_interval({int(bounds[0])}, "
+                             f"{int(bounds[1])}), and draw values outside the support you wrote): use "
+                             f"integer_interval({math.ceil(float(bounds[0]))}, {math.floor(float(bounds[1]))})")
         lo, hi = int(s.lower_bound), int(s.upper_bound)
         if hi < lo:
             raise ModelError(f"latent {name!r}: empty support integer_interval({lo}, {hi})")

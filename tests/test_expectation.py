@@ -210,3 +210,20 @@ def test_bad_input_is_refused():
         bbvi.expectation(lambda x: x, Normal(mu, 1.0), num_samples=1, estimator="score", baseline="loo")
     with pytest.raises(bbvi.ConfigError, match="baseline must be"):
         bbvi.expectation(lambda x: x, Normal(mu, 1.0), num_samples=8, estimator="score", baseline="mean")
+
+
+def test_a_gradient_at_a_degenerate_bernoulli_is_warned():
+    """Reliability III, 6: d/dp E[3b] at Bernoulli(probs=1.0) came out 0 (exactly 3) with no warning: every draw is
+    1, so no sampled gradient can see b = 0. Now a ReliabilityWarning says so (score and DisARM alike); off the
+    boundary nothing is said."""
+    import warnings
+    for estimator in ("score", "disarm"):
+        p = torch.tensor(1.0, requires_grad=True)
+        with pytest.warns(bbvi.ReliabilityWarning, match="probs are exactly 1.*cannot see f there"):
+            bbvi.expectation(lambda b: 3 * b, Bernoulli(probs=p), num_samples=16, estimator=estimator)
+    p = torch.tensor(0.3, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = bbvi.expectation(lambda b: 3 * b, Bernoulli(probs=p), num_samples=16)
+    value.backward()
+    assert torch.isfinite(p.grad)

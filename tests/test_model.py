@@ -75,6 +75,12 @@ def test_unsupported_and_ill_shaped_supports():
         bbvi.Model(ok_log_joint, {"x": bbvi.Latent(support=constraints.simplex)})
     with pytest.raises(bbvi.ModelError, match="'k'.*unbounded"):
         bbvi.Model(ok_log_joint, {"k": bbvi.Latent(support=constraints.nonnegative_integer)})
+    # reliability III, 7: integer_interval(0.5, 2.5) was cut to (0, 2) and drew 0, outside the support written
+    with pytest.raises(bbvi.ModelError, match=r"'k'.*whole-number bounds.*integer_interval\(1, 2\)"):
+        bbvi.Model(ok_log_joint, {"k": bbvi.Latent(support=constraints.integer_interval(0.5, 2.5))})
+    model = bbvi.Model(ok_log_joint, {"mu": bbvi.Latent(),
+                                      "k": bbvi.Latent(support=constraints.integer_interval(1.0, 3.0))})
+    assert set(model.discrete) == {"k"}   # whole floats are whole numbers
     with pytest.raises(bbvi.ModelError, match="'L'.*does not fit"):
         bbvi.Model(ok_log_joint, {"L": bbvi.Latent(shape=(2, 3), support=constraints.lower_cholesky)})
     with pytest.raises(bbvi.ModelError, match="bbvi.Latent"):

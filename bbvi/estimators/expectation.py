@@ -229,6 +229,8 @@ def expectation(f, dist, *, num_samples, estimator="auto", baseline="loo", propo
         raise ConfigError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None "
                           f"(a fresh one seeded 0), got {type(generator).__name__} {generator!r:.60}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    if proposal is None:   # draws from dist itself
+        _warn_if_degenerate(dist)
     if estimator in ("arm", "disarm"):
         value = _antithetic(estimator, f, dist, num_samples, generator, proposal)
         info = {"estimator": estimator, "baseline_state": baseline_state}
@@ -282,6 +284,31 @@ def expectation(f, dist, *, num_samples, estimator="auto", baseline="loo", propo
     if estimator == "auto" and getattr(dist, "has_rsample", False) and note is not None:
         info["note"] = note
     return (value, info) if return_info else value
+
+
+def _warn_if_degenerate(dist):
+    """A ReliabilityWarning where a discrete distribution whose probabilities carry a gradient puts probability
+    exactly 0 or 1 on a value: its draws never show the other values, so no sampling estimator of the gradient
+    (score, with or without a baseline) can see f there (d/dp E_Bernoulli(p)[f] = f(1) - f(0) at p = 1 needs f(0)):
+    seen, d/dp E[3b] at p = 1 came out 0, exactly 3."""
+    base = dist.base_dist if isinstance(dist, D.Independent) else dist
+    if not isinstance(base, (D.Bernoulli, D.Categorical, D.OneHotCategorical)):
+        return
+    probs = base.probs
+    if not probs.requires_grad:
+        return
+    with torch.no_grad():
+        edge = (probs == 0) | (probs == 1)
+    if bool(edge.any()):
+        import warnings
+
+        from ..errors import ReliabilityWarning
+        where = tuple(int(i) for i in edge.nonzero()[0])
+        at = f" at index {where}" if where else ""
+        warnings.warn(f"bbvi.expectation: {type(base).__name__} probs are exactly {float(probs.detach()[where]):g}"
+                      f"{at}: draws never show the other values, so the sampled gradient cannot see f there and "
+                      f"is biased (at p = 1, d/dp E[f] = f(1) - f(0) needs f(0)); keep the probabilities off 0 and 1 "
+                      f"(finite logits) or sum over the values exactly", ReliabilityWarning, stacklevel=3)
 
 
 def _antithetic(kind, f, dist, num_samples, generator, proposal):
