@@ -26,6 +26,7 @@ def as_tensors(obj, where="data"):
                                                                          if arr.dtype.kind == "c" else ""))
         return torch.as_tensor(arr.astype(np.int64) if arr.dtype.kind in "iu" else arr.copy())
     if isinstance(obj, dict):
+        _check_pandas_aligned(obj, where)
         return type(obj)((k, as_tensors(v, f"{where}[{k!r}]")) for k, v in obj.items())
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         if obj and _all_numbers(obj):
@@ -36,6 +37,23 @@ def as_tensors(obj, where="data"):
                                  f"tensor or an array") from None
         return type(obj)(as_tensors(v, f"{where}[{i}]") for i, v in enumerate(obj))
     return obj
+
+
+def _check_pandas_aligned(obj, where):
+    """ModelError where two pandas Series/DataFrames of the same length in one dict have different indexes: bbvi
+    takes their rows by position, so rows of different labels would be paired (seen: two Series in different orders
+    gave a slope of 1.03 where the aligned data say 2)."""
+    frames = [(k, v) for k, v in obj.items()
+              if type(v).__module__.split(".")[0] == "pandas" and hasattr(v, "index") and hasattr(v, "to_numpy")]
+    for i, (k1, a) in enumerate(frames):
+        for k2, b in frames[i + 1:]:
+            if len(a) == len(b) and not a.index.equals(b.index):
+                same = set(a.index) == set(b.index)
+                raise ModelError(
+                    f"{where}[{k1!r}] and {where}[{k2!r}] are pandas objects of {len(a)} rows with different indexes"
+                    + (" (the same labels in another order)" if same else "") + ": bbvi pairs rows by position, "
+                    f"not by label. Align them first ({where}[{k2!r}].reindex({where}[{k1!r}].index)) or, where "
+                    f"positions are meant, drop the indexes (.reset_index(drop=True) on both)")
 
 
 def _all_numbers(obj):
