@@ -114,6 +114,7 @@ def fit_diagnostics(result, num_draws=16000, seed=0):
 
 
 KHAT_MAX, SHIFT_MAX, SD_RATIO_MAX, BAD_PARTICLES_MAX = 0.7, 0.1, 1.2, 0.05
+MIN_IS_ESS = 20          # below it the importance-weighted means and sds are not reported (they rest on a few draws)
 CHECK_DRAWS_MIN = 4000   # the check's draws at least (a fit of few evaluations: batch and match, Laplace)
 KHAT_UNUSABLE = 1.0   # above it importance sampling's estimates have no mean: the moment checks mean nothing
 
@@ -186,9 +187,14 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
     if outside > 0:
         reasons.append(f"{outside:.2%} of q's draws fall where the log-joint is -inf (outside the posterior's "
                        f"support), where the posterior has no mass")
-    worst_shift, worst_ratio = _psis_extremes(result, u, k, smoothed, ess) if w is not None else ((None, 0.0),
-                                                                                                 (None, 1.0))
+    few = w is not None and ess < MIN_IS_ESS   # the weights rest on a few draws: their moments say nothing
+    worst_shift, worst_ratio = (_psis_extremes(result, u, k, smoothed, ess) if w is not None and not few
+                                else ((None, 0.0), (None, 1.0)))
     moments = []
+    if few:
+        moments.append(f"importance sampling's effective sample size is {ess:.1f} of {num_draws} draws: the "
+                       f"weights rest on a few draws, so q misses much of the posterior's mass (its means and sds "
+                       f"cannot be checked)")
     if worst_shift[0] is not None:
         moments.append(f"importance sampling moves the mean of {worst_shift[0]} by {worst_shift[1]:+.2f} of q's sd "
                        f"(more than {SHIFT_MAX})")
@@ -217,8 +223,8 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
                        f"averaged levels {last.get('change', float('nan')):.3g} of q's sd)")
     start = result.start
     if start is not None and start.no_mode:
-        reasons.append(f"the log density has no proper mode ({start.note}): a funnel or an improper posterior, "
-                       f"which Gaussian families fit badly; reparameterize (e.g. non-centered)")
+        reasons.append(f"the MAP start found no proper mode ({start.note}): the density may be a funnel, a ring or "
+                       f"a spike, or improper, and a Gaussian q fits such a shape badly")
     seen = result.num_steps * result.num_particles
     if seen and result.num_bad_particles > BAD_PARTICLES_MAX * seen:
         reasons.append(f"{result.num_bad_particles} of {seen} particles ({result.num_bad_particles / seen:.0%}) "
