@@ -240,6 +240,8 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
             "max_psis_shift": worst_shift, "extreme_psis_sd_ratio": worst_ratio,
             "start": (start.strategy + (f" ({start.note})" if start.note else "")) if start is not None else "?"}
     result.reliability = info
+    if reasons and not search.get("ran", True):   # a check that could not run says so where it matters
+        reasons.append(f"other modes were not looked for ({search['note']})")
     if reasons and warn:
         warnings.warn(f"bbvi fit of {result.model.name!r} may be unreliable: " + "; ".join(reasons) +
                       ". Try: " + ", ".join(tries) + ".", ReliabilityWarning, stacklevel=3)

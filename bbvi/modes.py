@@ -19,7 +19,7 @@ import torch
 
 __all__ = ["other_modes", "MAX_DIM", "MIN_MASS"]
 
-MAX_DIM, MIN_MASS = 50, 0.01
+MAX_DIM, MIN_MASS = 200, 0.01   # 200: method='auto''s full-rank limit (Hessians of 200 x 200: 200 gradient evaluations each)
 MAX_POLISH = 6   # far end points polished at most (each up to 200 L-BFGS iterations)
 SEARCH_ROWS = 2 ** 16   # rows of a big plate the climb evaluates
 

@@ -335,6 +335,9 @@ class Result:
                  f"{self.num_gradient_evals} log-joint evaluations ({self.num_fit_evals} by the fit, "
                  f"{self.num_check_evals} by its check)"]
         lines += [f"WARNING: {w}" for w in r["warnings"]] or ["no reliability warnings"]
+        lines += [f"note: {n}" for n in r.get("notes", [])]
+        if r.get("mode_search"):
+            lines.append(r["mode_search"])
         return lines
 
     def save(self, path):
