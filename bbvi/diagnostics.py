@@ -209,9 +209,13 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
     if notes and not reasons:   # k-hat alone: a known false alarm for Gaussian q (ANCHORS: pymc-extras, Stan)
         notes[-1] += ("; importance sampling moves no mean by more than 0.1 of q's sd and no sd by more than 20%, "
                       "so the means and sds stand: not a warning")
-    from .modes import MIN_MASS, other_modes
+    from .modes import FAR_MASS, MIN_MASS, WIDEN, other_modes
     search = other_modes(result, u, seed=seed) if not point else {"modes": [], "note": "no mode search: q is a "
                                                                      "point", "num_evals": 0}
+    if search.get("far_mass", 0.0) > FAR_MASS or search.get("far_mass", 0.0) != search.get("far_mass", 0.0):
+        reasons.append(f"importance sampling from q widened {WIDEN:g}x puts {search['far_mass']:.0%} of the "
+                       f"posterior's mass outside q's 99.9% region (torch cannot differentiate the log-joint, so no "
+                       f"mode search ran): another mode, or tails far heavier than q's, that q does not cover")
     if search["modes"] and search["modes"][0]["mass"] < 1 - MIN_MASS:
         away = max(search["modes"][1:], key=lambda m: m["mass"])
         reasons.append(f"the log density has {len(search['modes'])} modes: besides q's, one {away['distance']:.1f} "
@@ -236,7 +240,7 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
             "khat_reading": ("not computable: q has collapsed to a point" if point else
                              khat_reading(khat, est["khat_interval"])), "is_ess": ess, "num_draws": num_draws,
             "warnings": reasons, "notes": notes, "khat_threshold": threshold,
-            "modes": search["modes"], "mode_search": search["note"], "mode_search_evals": search["num_evals"],
+            "modes": search["modes"], "far_mass": search.get("far_mass"), "mode_search": search["note"], "mode_search_evals": search["num_evals"],
             "max_psis_shift": worst_shift, "extreme_psis_sd_ratio": worst_ratio,
             "start": (start.strategy + (f" ({start.note})" if start.note else "")) if start is not None else "?"}
     result.reliability = info
