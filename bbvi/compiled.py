@@ -96,6 +96,7 @@ class CompiledStep:
         self.kind = check(state)
         self.names = list(state.params["continuous"])
         self.calls = 0
+        self.steps_run = 0   # compiled steps run: the eager comparison at 1, 2, 4, 8, ... (`_agrees`)
         group = state.optimizer.param_groups[0]
         (beta1, beta2), adam_eps = group["betas"], group["eps"]
         model, family, kind, S = state.model, state.family, self.kind, state.num_particles
@@ -218,6 +219,34 @@ class CompiledStep:
         self.lr = None
         return self.inputs
 
+    def _agrees(self, state, noise, elbo):
+        """Whether the graph's ELBO estimate equals the eager log-joint's at the same particles (checked at steps
+        1, 2, 4, 8, ...): a log-joint that reads Python state a callback changes (an annealed temperature in a
+        closure, a global) is frozen at its traced value inside the graph. Seen: the compiled fit returned the prior
+        while the eager one fitted. Where they differ a ReliabilityWarning says so and the fit goes on eagerly."""
+        family, model = state.family, state.model
+        with torch.no_grad():
+            frozen = {name: t.detach() for name, t in state.params["continuous"].items()}
+            u = family.transform(frozen, noise)
+            lp = model.log_density(u).to(u.dtype)
+            value = lp if self.kind == "reparam" else lp - family.log_prob(frozen, u)
+            valid = torch.isfinite(lp)
+            eager = value[valid].mean() + (family.entropy(frozen) if self.kind == "reparam" else 0.0)
+        a, b = float(eager), float(elbo)
+        tol = 1e-6 if u.dtype == torch.float64 else 1e-3
+        if not (math.isfinite(a) and math.isfinite(b)) or abs(a - b) <= tol * (1 + abs(a)):
+            return True
+        import warnings
+
+        from .errors import ReliabilityWarning
+        warnings.warn(f"compile=True: at step {state.step} the compiled step's ELBO estimate ({b:.6g}) differs from "
+                      f"the eager log-joint's at the same particles ({a:.6g}): the log-joint reads Python state that "
+                      f"changed after it was traced (a value in a closure or a global, an attribute a callback sets), "
+                      f"which the graph holds at its traced value. The fit goes on eagerly from this step; the steps "
+                      f"before it used the frozen value. Pass such values as data, or fit with compile=False",
+                      ReliabilityWarning, stacklevel=4)
+        return False
+
     def __call__(self, state, eager_step):
         inputs = self._inputs(state)
         lr = state.lr * state.schedule(state.step)
@@ -240,6 +269,11 @@ class CompiledStep:
         elbo, flags = out[4 * k], out[4 * k + 1]
         ok, huge, num_bad, infeasible = flags.tolist()
         if infeasible:   # the eager score path floors -inf particles (with_floor): redo the step eagerly
+            state.generator.set_state(before)
+            return eager_step(state)
+        self.steps_run += 1
+        if self.steps_run & (self.steps_run - 1) == 0 and not self._agrees(state, inputs[k], elbo):
+            state.compiled = None   # this step and the rest eagerly, from the same generator state
             state.generator.set_state(before)
             return eager_step(state)
         torch._foreach_copy_(self.targets, out[:4 * k])   # detached views and Adam's state: no autograd to record
