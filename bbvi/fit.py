@@ -280,8 +280,11 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
                 stopped = any(bool(c(state)) for c in callbacks)
             except Exception as e:  # noqa: BLE001 - a user's callback must not lose the fit
                 stopped, callback_error = True, e
-            if comm is not None and callbacks:  # one rank's stop stops every rank
+            if comm is not None and callbacks:  # one rank's stop stops every rank, and its error fails every rank
                 stopped = comm.any(stopped)
+                if comm.any(callback_error is not None) and callback_error is None:
+                    callback_error = RuntimeError(f"a callback raised on another rank of this data-parallel fit "
+                                                  f"(this is rank {comm.rank}); that rank's FitError says what")
             if callback_error is not None:
                 status = "failed"
                 break

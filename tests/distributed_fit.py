@@ -6,7 +6,8 @@ Every rank fits the same logistic regression (N = 2000, D = 3, plates {"obs": ("
 distributed=True and writes its fitted parameters, ELBO trace and status to OUT.full.<rank>.pt (checkpoints in
 OUT.full.ck, every 100 steps). --then-kill-at STEP: then the same fit again, checkpointed to OUT.kill.ck, whose
 rank 1 kills itself (SIGKILL) after STEP steps. --resume: resume that fit from OUT.kill.ck, writing
-OUT.kill.<rank>.pt.
+OUT.kill.<rank>.pt. --raise-at STEP: a fit whose rank 1's callback raises at STEP, each rank's FitError written to
+OUT.raise.<rank>.pt.
 """
 import argparse
 import os
@@ -41,6 +42,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--then-kill-at", type=int)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--raise-at", type=int)
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -58,6 +60,17 @@ def main():
                    f"{args.out}.{name}.{dist.get_rank()}.pt")
     if args.resume:
         run("kill", resume=f"{args.out}.kill.ck")
+        return
+    if args.raise_at:   # rank 1's callback raises: every rank must end with a FitError holding its fit
+        def fail(state):
+            if dist.get_rank() == 1 and state.step == args.raise_at:
+                raise ValueError("a callback's own bug")
+            return False
+        try:
+            bbvi.fit(model(), distributed=True, callbacks=[fail], **dict(SETTINGS, diagnose=True))
+        except bbvi.FitError as e:
+            torch.save({"error": str(e), "num_steps": e.result.num_steps, "params": e.result.params},
+                       f"{args.out}.raise.{dist.get_rank()}.pt")
         return
     run("full")
     if args.then_kill_at:

@@ -66,6 +66,18 @@ def test_two_processes_identical_resumable_and_equal_to_one_process(tmp_path):
     assert ((ratio - 1).abs() < 0.1).all(), ratio
 
 
+def test_a_callback_that_raises_on_one_rank_fails_every_rank_with_its_fit(tmp_path):
+    """Reliability III, 9: when rank 1's callback raised, rank 0 finished its end-of-fit check and died with a raw
+    gloo "Connection closed by peer", losing its fit. Now every rank ends with a FitError holding its fit at the
+    same step (rank 0's says the error was on another rank)."""
+    run = _torchrun(tmp_path / "fit", "--raise-at", "40")
+    assert "Connection closed" not in run.stderr, run.stderr[-2000:]
+    e0, e1 = _load(tmp_path / "fit.raise.0.pt"), _load(tmp_path / "fit.raise.1.pt")
+    assert "ValueError: a callback's own bug" in e1["error"] and "another rank" in e0["error"]
+    assert e0["num_steps"] == e1["num_steps"] == 40
+    assert all(torch.equal(e0["params"][g][k], e1["params"][g][k]) for g in e0["params"] for k in e0["params"][g])
+
+
 @pytest.fixture
 def one_rank(monkeypatch):
     """torchrun's environment for a world of one process (this one); the process group is left afterwards."""
