@@ -114,3 +114,15 @@ def test_summary_takes_var_names(fit):
     assert "beta[0]" in text and "beta[1]" in text
     with pytest.raises(bbvi.ConfigError, match="has \\['beta'\\]"):
         fit.summary(num_draws=200, var_names=["tau"])
+
+
+def test_pointwise_log_likelihoods_too_big_for_memory_are_refused_up_front(fit, monkeypatch):
+    """Reliability III, 10: to_arviz on a 300,000-row plate ran 146 s and then failed with a raw allocation error
+    (4000 draws x N pointwise terms in float64, 9.6 GB). The size is now checked before any is computed; here the
+    machine is made to look small (1 MiB): 4000 x 30 terms x 8 bytes x 3 copies = 2.7 MiB."""
+    import bbvi.families
+    monkeypatch.setattr(bbvi.families, "_memory_bytes", lambda device: 2 ** 20)
+    with pytest.raises(bbvi.ConfigError, match=r"4000 draws x 30 terms.*log_likelihood=False, or num_draws of at "
+                                               r"most 1456"):
+        fit.to_arviz()
+    assert "log_likelihood" not in fit.to_arviz(log_likelihood=False).groups()
