@@ -138,7 +138,8 @@ def _fit_kwargs(args):
     from bbvi import ConfigError
     kwargs = {}
     for opt, key in (("family", "family"), ("estimator", "estimator"), ("steps", "steps"),
-                     ("num_particles", "num_particles"), ("lr", "lr"), ("seed", "seed")):
+                     ("num_particles", "num_particles"), ("lr", "lr"), ("seed", "seed"), ("method", "method"),
+                     ("max_steps", "max_steps"), ("checkpoint", "checkpoint"), ("resume", "resume")):
         value = getattr(args, opt)
         if value is not None:
             kwargs[key] = value
@@ -267,6 +268,12 @@ def _add_fit_options(p):
     g.add_argument("--dtype", metavar="|".join(_DTYPES), help="floating-point type of the fit (default: float64)")
     g.add_argument("--num-draws", type=int, metavar="N",
                    help="draws of q in posterior.nc, the summary and the comparison (default: 4000)")
+    g.add_argument("--method", metavar="auto|sgd|bam|laplace",
+                   help="fitting algorithm (default: auto: batch and match where it applies, else sgd)")
+    g.add_argument("--max-steps", type=int, metavar="N", help="cap of the adaptive rule's steps (default: 20000)")
+    g.add_argument("--checkpoint", metavar="FILE",
+                   help="write the fit's state there every 500 steps and at the end, also on Ctrl-C or SIGTERM")
+    g.add_argument("--resume", metavar="FILE", help="go on from a checkpoint written with the same options")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
 
 

@@ -10,7 +10,9 @@ convergence test, callbacks, checkpoints, a progress bar, fault handling and the
   windows of `check_every` steps: stop when the mean or the median of recent relative changes falls below it.
 """
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -83,7 +85,7 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     `checkpoint_every` steps and when the fit ends (also on Ctrl-C); a path that cannot be written (a folder, a
     folder that is not writable) is a ConfigError before the first step, and a write that fails later is a
     FitError holding the fit so far. Ctrl-C (a KeyboardInterrupt anywhere in a step, also from the log-joint or a
-    signal) returns, and checkpoints, the fit at the last completed step: a step it cuts short is undone.
+    signal; SIGTERM is handled the same way while the fit runs) returns, and checkpoints, the fit at the last completed step: a step it cuts short is undone.
     resume: a checkpoint path to continue from, with the same model and settings, reaching bit for bit the
     result of an uninterrupted fit; a corrupted file is a ConfigError. resume may also change how long the fit
     runs: a larger `steps` (or, with steps=None, a larger `max_steps`) extends it, also a finished one, to the
@@ -255,6 +257,7 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
     callback_error = save_error = None
     keeper = Keeper()
     began = time.perf_counter()
+    previous = _sigterm_as_interrupt()
     try:
         while not state.stop and (cap is None or state.step < cap) and not (tracker is not None and tracker.converged):
             kept = keeper.keep(state)
@@ -299,6 +302,8 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
     except KeyboardInterrupt:
         status = "interrupted"
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         torch.set_grad_enabled(grad_mode)   # as it was, whatever a cut-short step left behind
         if bar is not None:
             bar.close()
@@ -307,6 +312,22 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
     if checkpoint is not None and save_error is None:
         save_error = _write_checkpoint(state, checkpoint, settings)
     return status, callback_error, save_error, time.perf_counter() - began
+
+
+def _sigterm_as_interrupt():
+    """While the loop runs, SIGTERM (what batch schedulers and `timeout` send) is handled as Ctrl-C: the step it cuts
+    short is undone, the checkpoint written, the fit returned 'interrupted'. Returns the handler to put back, or None
+    where none was installed (not the main thread, or a handler of the user's own is set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+    signal.signal(signal.SIGTERM, interrupt)
+    return previous
 
 
 def _raise_if_failed(result, state, status, callback_error, save_error, checkpoint):

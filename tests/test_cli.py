@@ -133,3 +133,40 @@ def test_nuts_writes_the_reference(toy, tmp_path, capsys, monkeypatch):
     assert status == 0, err
     assert az.from_netcdf(out / "reference.nc").posterior["x"].shape == (1, 50, 2)
     assert "r_hat" in stdout
+
+
+SLOW = '''import time, bbvi, torch
+def log_joint(z, d):
+    time.sleep(0.001)   # a step of about a millisecond: SIGTERM lands mid-fit
+    return torch.distributions.Normal(0., 1.).log_prob(z["x"]).sum(-1)
+model = bbvi.Model(log_joint, {"x": bbvi.Latent(shape=(2,))}, name="slow")
+'''
+
+
+def test_sigterm_checkpoints_and_the_fit_resumes_from_the_command_line(tmp_path):
+    """Reliability III, 11: the command line had no --checkpoint, --resume or --max-steps, and SIGTERM (what batch
+    schedulers and `timeout` send) lost the whole fit. Now SIGTERM is handled like Ctrl-C: the fit so far is
+    checkpointed and written ('interrupted'), and --resume finishes it."""
+    import signal
+    import time
+    path = tmp_path / "slow.py"
+    path.write_text(SLOW)
+    ck, out = tmp_path / "ck.pt", tmp_path / "out"
+    args = [sys.executable, "-m", "bbvi", "fit", f"{path}:model", "--method", "sgd", "--steps", "3000",
+            "--checkpoint", ck, "--num-draws", 200, "--out", out]
+    proc = subprocess.Popen(list(map(str, args)), cwd=ROOT, env=dict(os.environ, MPLBACKEND="Agg"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waited = 0.0
+    while not ck.exists() and waited < 120:   # the first checkpoint, at step 500
+        time.sleep(0.1)
+        waited += 0.1
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    saved = bbvi.load(str(out / "fit.pt"), _load(path))
+    assert saved.status == "interrupted" and 500 <= saved.num_steps < 3000
+    assert bbvi.saving.read(str(ck), "checkpoint")["step"] == saved.num_steps
+    done = _run("fit", f"{path}:model", "--method", "sgd", "--steps", 3000, "--checkpoint", ck, "--resume", ck,
+                "--num-draws", 200, "--out", tmp_path / "out2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert bbvi.load(str(tmp_path / "out2" / "fit.pt"), _load(path)).num_steps == 3000
