@@ -282,7 +282,7 @@ def readme_block(out):
     if nuts.notna().any():
         lines += ["", f"NUTS (bbvi.nuts, 4 chains x (1000 warm-up + 1000 draws)) spent a median "
                       f"{nuts.median():,.0f} gradient evaluations on the {int(nuts.notna().sum())} of these posteriors "
-                      f"verified so far (models/posteriordb/VERIFIED.csv; a dense mass matrix where two parameters "
+                      f"verified by NUTS so far (models/posteriordb/VERIFIED.csv; a dense mass matrix where two parameters "
                       f"correlate above 0.9)."]
     lines += ["", f"Published columns: {SOURCE}. Their errors are over 10,000 draws of each guide; ours over 4000. "
                   f"Gradient evaluations: the fit's (start and steps) + the end-of-fit check's log-joint evaluations "
