@@ -9,6 +9,7 @@ convergence test, callbacks, checkpoints, a progress bar, fault handling and the
 - `tol_rel_obj`: Stan ADVI's convergence test on the ELBO, on running means of the per-step estimates over
   windows of `check_every` steps: stop when the mean or the median of recent relative changes falls below it.
 """
+import logging
 import os
 import signal
 import sys
@@ -31,6 +32,9 @@ from .algorithms import resolve_method
 from .algorithms.sgd import init, step
 
 __all__ = ["init", "step", "fit", "FitState"]
+
+_LOG = logging.getLogger("bbvi")   # progress where no bar shows (a log file): INFO lines every LOG_EVERY_S seconds
+LOG_EVERY_S = 10.0
 
 
 def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles=None, steps=None, lr=None,
@@ -250,9 +254,12 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
     comm, tracker, model = state.comm, state.tracker, state.model
     show = (sys.stderr.isatty() if progress is None else bool(progress)) and (comm is None or comm.rank == 0)
     bar = None
+    total = cap if cap is not None else state.cap   # an algorithm of a fixed length (bam) knows its own
     if show:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cap, initial=state.step, desc=f"bbvi {model.name}", leave=False)
+        bar = tqdm(total=total, initial=state.step, desc=f"bbvi {model.name}", leave=False)
+    logged = time.perf_counter()
+    _LOG.info("bbvi fit of %r: started (%s)", model.name, settings.get("method", "sgd"))
     status = "completed" if tracker is None else "max_steps"
     callback_error = save_error = None
     keeper = Keeper()
@@ -271,6 +278,11 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
                 if save_error is not None:
                     status = "failed"
                     break
+            if bar is None and time.perf_counter() - logged > LOG_EVERY_S:   # not on a terminal: the log says
+                logged = time.perf_counter()
+                _LOG.info("bbvi fit of %r: step %d%s, ELBO %.6g (mean of the last 50), %.0f s", model.name,
+                          state.step, f" of {total}" if total else "",
+                          torch.stack(state.elbo[-50:]).nanmean().item(), logged - began)
             if bar is not None:
                 bar.update(1)
                 if state.step % 50 == 0:
@@ -309,6 +321,8 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
             bar.close()
     if tracker is not None and tracker.converged:
         status = "converged"
+    _LOG.info("bbvi fit of %r: %s after %d steps, %.1f s%s", model.name, status, state.step,
+              time.perf_counter() - began, "; the end-of-fit check follows" if status != "interrupted" else "")
     if checkpoint is not None and save_error is None:
         save_error = _write_checkpoint(state, checkpoint, settings)
     return status, callback_error, save_error, time.perf_counter() - began

@@ -172,3 +172,20 @@ def test_nuts_shows_progress_over_parallel_chains(capsys, tmp_path):
     bbvi.nuts(model, num_draws=30, num_warmup=20, num_chains=2, parallel=True, progress=True, use_cache=False)
     err = capsys.readouterr().err
     assert "NUTS, 2 chains" in err and "100/100" in err, err[-300:]
+
+
+def test_progress_shows_up_in_a_log_file_when_no_bar_shows(caplog, monkeypatch):
+    """A Pyro user's daily work, 4: with progress=None off a terminal (a log file) a fit printed nothing for
+    minutes. Now the 'bbvi' logger says when a fit starts, every LOG_EVERY_S seconds where it is (step, of how
+    many where that is known, the ELBO's recent mean, seconds), and how it ended."""
+    import logging
+    import sys
+    monkeypatch.setattr(sys.modules["bbvi.fit"], "LOG_EVERY_S", 0.0)   # the module (bbvi.fit is the function)
+    model = bbvi.Model(lambda z, d: Normal(0.0, 1.0).log_prob(z["x"]).sum(-1), {"x": bbvi.Latent(shape=(2,))},
+                       name="logged")
+    with caplog.at_level(logging.INFO, logger="bbvi"):
+        bbvi.fit(model, seed=0, progress=False, diagnose=False)
+    text = [r.getMessage() for r in caplog.records if r.name == "bbvi"]
+    assert text[0].startswith("bbvi fit of 'logged': started (bam")
+    assert any("step 10 of 50, ELBO" in t for t in text)
+    assert text[-1].startswith("bbvi fit of 'logged': completed after 50 steps")
