@@ -13,7 +13,7 @@ from .arguments import pick as _pick
 
 
 def to_arviz(result, num_draws=4000, seed=0, *, num_chains=None, log_likelihood=None, predict=None,
-             observed_data=None, dims=None, coords=None):
+             observed_data=None, dims=None, coords=None, importance_resample=False):
     """Result.to_arviz (see its docstring)."""
     import arviz as az
     where = f"to_arviz (model {result.model.name!r})"
@@ -25,7 +25,13 @@ def to_arviz(result, num_draws=4000, seed=0, *, num_chains=None, log_likelihood=
     if num_draws % num_chains:
         raise ConfigError(f"fit.to_arviz: num_chains={num_chains} must divide num_draws={num_draws} (the "
                           f"independent draws are split into that many equal groups)")
-    u, k, log_w = result.weighted_draws(num_draws, seed)
+    if not isinstance(importance_resample, bool):
+        raise ConfigError(f"fit.to_arviz: importance_resample must be True or False, got {importance_resample!r}")
+    if importance_resample:   # PSIS-resampled draws (fit.sample(importance_resample=True)'s), their weights
+        u, k = result._resampled(num_draws, seed)
+        log_w = result.log_weights_at(u, k)
+    else:
+        u, k, log_w = result.weighted_draws(num_draws, seed)
     draws = result.model.named_draws(u, k, seed=seed)
     check_arviz_names(draws, where, "derived quantity")
 
@@ -53,7 +59,11 @@ def to_arviz(result, num_draws=4000, seed=0, *, num_chains=None, log_likelihood=
     attrs = {k_: str(v) for k_, v in result.settings.items()}
     attrs.update(inference_library="bbvi", status=result.status, num_steps=result.num_steps,
                  num_failed_steps=result.num_failed_steps, final_elbo=float(result.final_elbo()),
-                 draws="independent draws from q, split into chains for ArviZ: R-hat is not a check of the fit")
+                 draws=("draws of q importance-resampled toward the posterior (PSIS, k-hat "
+                        f"{result.resample_info['khat']:.2f}, importance-sampling ESS "
+                        f"{result.resample_info['is_ess']:.0f}), split into chains for ArviZ; repeats are kept"
+                        if importance_resample else
+                        "independent draws from q, split into chains for ArviZ: R-hat is not a check of the fit"))
     try:
         idata = az.from_dict(**groups, observed_data=observed or None, dims=dims, coords=coords)
     except (ValueError, KeyError) as e:
