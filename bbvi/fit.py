@@ -9,7 +9,6 @@ convergence test, callbacks, checkpoints, a progress bar, fault handling and the
 - `tol_rel_obj`: Stan ADVI's convergence test on the ELBO, on running means of the per-step estimates over
   windows of `check_every` steps: stop when the mean or the median of recent relative changes falls below it.
 """
-import logging
 import os
 import signal
 import sys
@@ -33,7 +32,8 @@ from .algorithms.sgd import init, step
 
 __all__ = ["init", "step", "fit", "FitState"]
 
-_LOG = logging.getLogger("bbvi")   # progress where no bar shows (a log file): INFO lines every LOG_EVERY_S seconds
+# Where no bar shows because stderr is not a terminal (a log file, a pipe, a batch job) and progress=None, a line on
+# stderr every LOG_EVERY_S seconds of a fit (none for a fit shorter than that); $BBVI_PROGRESS_EVERY overrides it.
 LOG_EVERY_S = 10.0
 
 
@@ -258,8 +258,9 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
     if show:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=state.step, desc=f"bbvi {model.name}", leave=False)
-    logged = time.perf_counter()
-    _LOG.info("bbvi fit of %r: started (%s)", model.name, settings.get("method", "sgd"))
+    lines = progress is None and not show and not sys.stderr.isatty() and (comm is None or comm.rank == 0)
+    every = float(os.environ.get("BBVI_PROGRESS_EVERY", LOG_EVERY_S))
+    logged, said = time.perf_counter(), False
     status = "completed" if tracker is None else "max_steps"
     callback_error = save_error = None
     keeper = Keeper()
@@ -278,11 +279,12 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
                 if save_error is not None:
                     status = "failed"
                     break
-            if bar is None and time.perf_counter() - logged > LOG_EVERY_S:   # not on a terminal: the log says
-                logged = time.perf_counter()
-                _LOG.info("bbvi fit of %r: step %d%s, ELBO %.6g (mean of the last 50), %.0f s", model.name,
-                          state.step, f" of {total}" if total else "",
-                          torch.stack(state.elbo[-50:]).nanmean().item(), logged - began)
+            if lines and time.perf_counter() - logged >= every:   # not on a terminal: a line now and then
+                logged, said = time.perf_counter(), True
+                print(f"bbvi fit of {model.name!r} ({settings.get('method', 'sgd').split(' ')[0]}): step "
+                      f"{state.step}{f' of at most {total}' if total else ''}, ELBO "
+                      f"{torch.stack(state.elbo[-50:]).nanmean().item():.6g} (mean of the last 50), "
+                      f"{logged - began:.0f} s", file=sys.stderr, flush=True)
             if bar is not None:
                 bar.update(1)
                 if state.step % 50 == 0:
@@ -321,8 +323,9 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
             bar.close()
     if tracker is not None and tracker.converged:
         status = "converged"
-    _LOG.info("bbvi fit of %r: %s after %d steps, %.1f s%s", model.name, status, state.step,
-              time.perf_counter() - began, "; the end-of-fit check follows" if status != "interrupted" else "")
+    if said:
+        print(f"bbvi fit of {model.name!r}: {status} after {state.step} steps, {time.perf_counter() - began:.1f} s"
+              + ("; the end-of-fit check follows" if status != "interrupted" else ""), file=sys.stderr, flush=True)
     if checkpoint is not None and save_error is None:
         save_error = _write_checkpoint(state, checkpoint, settings)
     return status, callback_error, save_error, time.perf_counter() - began

@@ -174,18 +174,21 @@ def test_nuts_shows_progress_over_parallel_chains(capsys, tmp_path):
     assert "NUTS, 2 chains" in err and "100/100" in err, err[-300:]
 
 
-def test_progress_shows_up_in_a_log_file_when_no_bar_shows(caplog, monkeypatch):
-    """A Pyro user's daily work, 4: with progress=None off a terminal (a log file) a fit printed nothing for
-    minutes. Now the 'bbvi' logger says when a fit starts, every LOG_EVERY_S seconds where it is (step, of how
-    many where that is known, the ELBO's recent mean, seconds), and how it ended."""
-    import logging
+def test_progress_shows_up_in_a_log_file_when_no_bar_shows(tmp_path):
+    """A Pyro user's daily work, 4: with progress=None and stderr not a terminal (a log file) a fit printed nothing
+    for minutes. Now it writes a line to stderr every 10 s ($BBVI_PROGRESS_EVERY; here 0: every step): the step,
+    of how many at most where that is known, the ELBO's recent mean, the seconds, and a last line when it ends.
+    Run with stderr a pipe, as a batch job runs it."""
+    import os
+    import subprocess
     import sys
-    monkeypatch.setattr(sys.modules["bbvi.fit"], "LOG_EVERY_S", 0.0)   # the module (bbvi.fit is the function)
-    model = bbvi.Model(lambda z, d: Normal(0.0, 1.0).log_prob(z["x"]).sum(-1), {"x": bbvi.Latent(shape=(2,))},
-                       name="logged")
-    with caplog.at_level(logging.INFO, logger="bbvi"):
-        bbvi.fit(model, seed=0, progress=False, diagnose=False)
-    text = [r.getMessage() for r in caplog.records if r.name == "bbvi"]
-    assert text[0].startswith("bbvi fit of 'logged': started (bam")
-    assert any("step 10 of 50, ELBO" in t for t in text)
-    assert text[-1].startswith("bbvi fit of 'logged': completed after 50 steps")
+    code = ("import bbvi, torch\n"
+            "m = bbvi.Model(lambda z, d: torch.distributions.Normal(0., 1.).log_prob(z['x']).sum(-1), "
+            "{'x': bbvi.Latent(shape=(2,))}, name='logged')\n"
+            "bbvi.fit(m, seed=0, diagnose=False)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, BBVI_PROGRESS_EVERY="0"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("bbvi fit of 'logged'")]
+    assert any("(bam): step 10 of at most 50, ELBO" in line for line in lines), lines[:3]
+    assert lines[-1].startswith("bbvi fit of 'logged': completed after 50 steps")
