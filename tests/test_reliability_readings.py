@@ -263,10 +263,13 @@ def test_the_mode_search_runs_up_to_200_coordinates_and_the_summary_says_when_it
                                               seed=0))
     assert len(fit.reliability["modes"]) == 2 and len(warned) == 1 and "2 modes" in warned[0]
 
-    def numpy_normal(z, data):   # values only: no gradient, so no mode search
-        return torch.as_tensor(-0.5 * (z["x"].detach().numpy() ** 2).sum(-1))
-    fit = bbvi.fit(bbvi.Model(numpy_normal, {"x": bbvi.Latent(shape=(2,))}, name="np"), seed=0)
-    assert "no mode search: torch cannot differentiate its log-joint" in fit.summary()
+    from torch.distributions import Bernoulli, constraints
+
+    def mixed(z, data):   # a discrete latent: no mode search
+        return Normal(0.0, 1.0).log_prob(z["m"]) + Bernoulli(0.3).log_prob(z["k"])
+    model = bbvi.Model(mixed, {"m": bbvi.Latent(), "k": bbvi.Latent(support=constraints.boolean)}, name="mixed")
+    fit = bbvi.fit(model, seed=0)
+    assert "no mode search: it has discrete latents" in fit.summary()
 
 
 def test_a_log_joint_torch_cannot_differentiate_still_gets_its_other_mode_looked_for():
