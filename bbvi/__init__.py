@@ -1,8 +1,10 @@
 """bbvi: black-box variational inference for PyTorch.
 
 A model is a log-joint log p(x, z) written in torch (`bbvi.Model`, its latents `bbvi.Latent`, supports from
-`bbvi.constraints`). `bbvi.fit` fits a variational family q(z) (MeanField, the default, FullRank, LowRank, Flow)
-by stochastic gradient ascent on the ELBO with the score-function estimator (`Score`, with the EMA, LOO or CV
+`bbvi.constraints`). `bbvi.fit` fits a variational family q(z): by default (method='auto') a full-rank Gaussian by
+batch and match (closed-form updates from the scores, bbvi.algorithms.bam) where every latent is continuous and
+torch can differentiate the log-joint, else (and with method='sgd' or any of its options) MeanField, FullRank,
+LowRank or Flow by stochastic gradient ascent on the ELBO with the score-function estimator (`Score`, with the EMA, LOO or CV
 baseline), the pathwise estimator (`Reparam`), sticking-the-landing (`STL`), `Auto` (the default: pathwise where
 torch can differentiate the log-joint, score terms elsewhere), ARM and DisARM (boolean latents), VIMCO, RELAX or
 Concrete. `Adaptive` is the default step-size and stopping rule; `init`, `step` and `FitState` run the loop one
