@@ -200,7 +200,8 @@ def compare(fit, reference, num_draws=4000, seed=0, var_names=None):
     differ). `fit`: a bbvi Result or a dict of draws. `var_names`: one name or a list of names (each in the fit or
     the reference); by default every name of the fit. A name the fit has but the reference lacks is not compared:
     a UserWarning and the verdict line say so (df.attrs['not_compared']). The reference needs at least 2 draws
-    per parameter, all finite (else ConfigError). df.attrs holds 'warnings' (reference quality), 'khat' and
+    per parameter, all finite (else ConfigError). df.attrs holds 'warnings' (reference quality), 'khat' (the end-of-fit
+    check's where the fit has one, else an estimate of its own; 'khat_source' says which) and
     'verdict' (one line). The table is a `Comparison`, a pandas DataFrame that prints whole (every row and
     column, floats rounded) after its verdict line."""
     import warnings
@@ -239,8 +240,13 @@ def compare(fit, reference, num_draws=4000, seed=0, var_names=None):
     df = _comparison_class()(pd.DataFrame(rows).set_index("parameter"))
     df.attrs["warnings"] = reference_warnings(idata)
     df.attrs["not_compared"] = not_in_ref + not_in_fit
-    if hasattr(fit, "diagnostics"):
+    checked = getattr(fit, "reliability", None) or {}
+    if "khat" in checked:   # the summary's k-hat, not a second estimate from other draws
+        df.attrs["khat"] = checked["khat"]
+        df.attrs["khat_source"] = f"the end-of-fit check's, {checked.get('num_draws', '?')} draws"
+    elif hasattr(fit, "diagnostics"):
         df.attrs["khat"] = fit.diagnostics(num_draws=num_draws, seed=seed)["khat"]
+        df.attrs["khat_source"] = f"{num_draws} draws of q, seed {seed}"
     skipped = ([f"not in the reference: {not_in_ref}"] if not_in_ref else []) + \
               ([f"not in the fit: {not_in_fit}"] if not_in_fit else [])
     if skipped:
@@ -260,6 +266,7 @@ def compare(fit, reference, num_draws=4000, seed=0, var_names=None):
                               if len(errs) < len(scored) else "")
                            + (f"; cannot compare {na} ({REF_SD_ZERO})" if na else "")
                            + "".join(f"; {s}" for s in skipped)
-                           + (f"; k-hat {df.attrs['khat']:.2f}" if "khat" in df.attrs else "")
+                           + (f"; k-hat {df.attrs['khat']:.2f} ({df.attrs['khat_source']})"
+                              if "khat" in df.attrs else "")
                            + ("; " + " | ".join(df.attrs["warnings"]) if df.attrs["warnings"] else ""))
     return df

@@ -183,3 +183,17 @@ def test_demo_quick_runs_and_writes_its_outputs(tmp_path, monkeypatch):
         assert (tmp_path / "out" / f).stat().st_size > 500
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "k-hat" in text and "score + LOO" in text
+
+
+def test_compare_reports_the_summarys_khat_and_says_where_it_is_from():
+    """A Pyro user's daily work, 6: the summary and bbvi.compare reported two different k-hats for the same fit (the
+    end-of-fit check's and a second estimate from other draws). compare now reports the check's, labelled; a fit
+    without a check gets its own estimate, labelled with its draws."""
+    from models import posteriordb
+    name = "kidiq-kidscore_momhs"
+    fit = bbvi.fit(posteriordb.load(name), seed=0)
+    table = bbvi.compare(fit, posteriordb.reference(name))
+    assert table.attrs["khat"] == fit.reliability["khat"]
+    assert f"k-hat {fit.reliability['khat']:.2f} (the end-of-fit check's, 4000 draws)" in table.attrs["verdict"]
+    unchecked = bbvi.fit(posteriordb.load(name), seed=0, diagnose=False)
+    assert "(4000 draws of q, seed 0)" in bbvi.compare(unchecked, posteriordb.reference(name)).attrs["verdict"]
