@@ -246,8 +246,8 @@ def test_names_and_shapes_match_the_reference_draws(name):
 
 
 def test_eight_schools_centered_is_the_noncentered_posterior_by_a_change_of_variables():
-    """eight_schools_centered is verified by an identity, not by NUTS (Pyro's NUTS on the centred funnel ran over an
-    hour on 2 cores without finishing): with theta = mu + tau theta_trans, log p_c(mu, tau, theta) = log
+    """eight_schools_centered is verified by an identity, not by NUTS (Pyro's NUTS on the centred funnel ran over 40
+    minutes on 2 cores without finishing): with theta = mu + tau theta_trans, log p_c(mu, tau, theta) = log
     p_nc(mu, tau, theta_trans) - 8 log tau (the Jacobian), and the non-centred translation is verified by NUTS
     (models/posteriordb/VERIFIED.csv). Checked at 64 random points, to 1e-10."""
     from models import posteriordb
