@@ -146,7 +146,7 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     settings["family"] = describe(state.family)
     _describe_plan(settings, state, algorithm, estimator, baseline)
     tracker = state.tracker
-    cap = tracker.rule.max_steps if tracker is not None else steps
+    cap = tracker.rule.max_steps if tracker is not None else (steps if steps is not None else state.cap)
     converged = RelativeTolerance(tol_rel_obj, check_every, cap)
     if resume is not None:
         _resume(state, resume, settings, converged, check_every=check_every, schedule=schedule, lr=lr, steps=steps,

@@ -184,3 +184,6 @@ def test_a_batch_and_match_fit_checkpoints_and_resumes_bit_for_bit(tmp_path):
     assert torch.equal(resumed.elbo, want.elbo)
     for name, value in want.params["continuous"].items():
         assert torch.equal(resumed.params["continuous"][name], value)
+    bbvi.fit(model, seed=0, diagnose=False, checkpoint=path)   # a finished fit's checkpoint, resumed: nothing to run
+    again = bbvi.fit(model, seed=0, diagnose=False, resume=path)
+    assert again.num_steps == 50 and torch.equal(again.params["continuous"]["loc"], want.params["continuous"]["loc"])
