@@ -94,6 +94,9 @@ def recorded():
     return pd.read_csv(RECORD) if os.path.exists(RECORD) else pd.DataFrame({"posterior": []})
 
 
+INT_COLUMNS = ("parameters", "divergences", "nuts_gradient_evals", "nuts_draw_evals")
+
+
 def record_rows(rows, path=None):
     """Put `rows` into the record, replacing the rows of the same posteriors; sorted by posterior."""
     import pandas as pd
@@ -103,6 +106,9 @@ def record_rows(rows, path=None):
     if os.path.exists(path):   # (concatenating onto an empty frame would turn the int columns into floats)
         old = pd.read_csv(path)
         frame = pd.concat([old[~old.posterior.isin(new.posterior)], new], ignore_index=True)
+    for column in INT_COLUMNS:   # whole numbers stay whole where a row has none (a translation verified otherwise)
+        if column in frame:
+            frame[column] = frame[column].astype("Int64")
     frame.sort_values("posterior").to_csv(path, index=False)
 
 
