@@ -250,3 +250,17 @@ def check_init_options(model, num_particles, steps, max_steps, lr, clip_grad, se
     _check_device(device)
     _check_particle_memory(model, num_particles, device, dtype)
     return dtype, device
+
+
+def full_rank_options(method, model, family, options, unused, why):
+    """For an algorithm that fits a full-rank Gaussian over continuous latents (laplace, bam): ConfigError for the
+    options it has no use for (`unused`, with fit's defaults; `why` says what it does instead), another family,
+    or discrete latents; else the options left for sgd.init."""
+    refuse_unused(method, options, unused, why)
+    if family != "fullrank":
+        raise ConfigError(f"method={method!r} fits a full-rank Gaussian (family='fullrank'), got family={family!r}")
+    if model.discrete:
+        raise ConfigError(f"method={method!r} fits a density over continuous latents; {sorted(model.discrete)} of "
+                          f"model {model.name!r} are discrete: use method='sgd' (also what the default method='auto' "
+                          f"runs there), which fits their factors too")
+    return {k: v for k, v in options.items() if k not in unused}

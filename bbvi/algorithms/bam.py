@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from ..estimators import DEFAULT
-from ..options import refuse_unused
+from ..options import full_rank_options
 from ..record import Info
 from . import sgd
 
@@ -50,14 +50,8 @@ _UNUSED = {"estimator": "auto", "baseline": DEFAULT, "lr": None, "optimizer": "a
 
 def init(model, family="fullrank", estimator="auto", baseline=DEFAULT, *, num_particles=None, steps=None,
          max_steps=None, **options):
-    refuse_unused("bam", dict(options, estimator=estimator, baseline=baseline), _UNUSED,
-                  "batch and match updates q in closed form from the scores at each step's particles")
-    if family != "fullrank":
-        raise ConfigError(f"method='bam' fits a full-rank Gaussian (family='fullrank'), got family={family!r}")
-    if model.discrete:
-        raise ConfigError(f"method='bam' matches the scores of continuous latents; {sorted(model.discrete)} of model "
-                          f"{model.name!r} are discrete: use method='sgd' (the default), which fits their factors too")
-    options = {k: v for k, v in options.items() if k not in _UNUSED}
+    options = full_rank_options("bam", model, family, dict(options, estimator=estimator, baseline=baseline), _UNUSED,
+                                "batch and match updates q in closed form from the scores at each step's particles")
     # B >= D: with fewer particles than coordinates the batch's covariances are rank-deficient and the mean moves
     # slowly (measured on Gaussian targets from the zero start: D = 100, B = 32 is 2.3 sd off after 50 steps,
     # B = 100 exact to 1e-13 after 25; D = 200, B = 200 likewise)

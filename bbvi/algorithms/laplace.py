@@ -5,9 +5,8 @@ and sds) says whether it can be trusted. It needs a log-joint torch can differen
 a density with a mode (a funnel has none): otherwise a ConfigError says why."""
 import torch
 
-from ..errors import ConfigError
 from ..estimators import DEFAULT
-from ..options import refuse_unused
+from ..options import full_rank_options
 from . import sgd
 
 __all__ = ["init", "step", "settings"]
@@ -22,15 +21,9 @@ _UNUSED = {"estimator": "auto", "baseline": DEFAULT, "lr": None, "optimizer": "a
 
 
 def init(model, family="fullrank", estimator="auto", baseline=DEFAULT, **options):
-    refuse_unused("laplace", dict(options, estimator=estimator, baseline=baseline), _UNUSED,
-                  "q is the Gaussian at the MAP with the inverse Hessian as its covariance, in no step")
-    if family != "fullrank":
-        raise ConfigError(f"method='laplace' fits a full-rank Gaussian (family='fullrank'), got family={family!r}")
-    if model.discrete:
-        raise ConfigError(f"method='laplace' approximates a density over continuous latents; {sorted(model.discrete)} "
-                          f"of model {model.name!r} are discrete: use method='sgd' (the default), which fits their "
-                          f"factors too")
-    options = {k: v for k, v in options.items() if k not in _UNUSED}
+    options = full_rank_options("laplace", model, family, dict(options, estimator=estimator, baseline=baseline),
+                                _UNUSED, "q is the Gaussian at the MAP with the inverse Hessian as its covariance, "
+                                "in no step")
     state = sgd.init(model, "fullrank", steps=0, init_strategy="map", **options)
     state.stop = True
     return state
