@@ -22,7 +22,9 @@ def khat_reading(khat, interval=None):
     if math.isnan(khat):
         return "not computable (fewer than 25 finite weights)"
     if khat == -math.inf:
-        return "good: the importance weights are constant: q equals the posterior (up to its normalisation)"
+        return ("good: no tail: the importance weights are constant (q equals the posterior up to its normalisation) "
+                "or take a few values (a discrete q over a few points: the effective sample size says how well q "
+                "covers the posterior)")
     if not math.isfinite(khat):
         return ("not reliable: the importance weights are unbounded (q puts mass where the log-joint is -inf, "
                 "or its tails are far lighter than the posterior's)")
@@ -49,6 +51,7 @@ def collapsed(u):
 
 
 KHAT_BATCHES = 16
+TAIL_ATOMS_MIN = 5   # distinct values in the Pareto tail below which there is no tail to fit (psis)
 
 
 def khat_estimate(log_weights, batches=KHAT_BATCHES):
@@ -77,7 +80,9 @@ def psis(log_weights):
     """Pareto-smoothed log importance weights (normalised) and k-hat, via arviz.psislw. With fewer than 25
     finite weights the Pareto tail would hold under 5 draws (min(S / 5, 3 sqrt S)) and k-hat is not defined:
     the weights come back as they are, with k-hat NaN. Constant weights (q equal to the posterior) have no tail:
-    k-hat -inf (arviz's fit degenerates to inf there)."""
+    k-hat -inf (arviz's fit degenerates to inf there); nor do weights whose tail takes fewer than TAIL_ATOMS_MIN
+    distinct values (a discrete q over a few points): k-hat -inf, and the effective sample size (check_reliability)
+    says how well q covers the posterior."""
     import arviz as az
     lw = np.asarray(log_weights, dtype=np.float64)
     finite = np.isfinite(lw)
@@ -86,6 +91,11 @@ def psis(log_weights):
     lw = np.where(finite, lw, -np.inf)
     if np.ptp(lw[finite]) <= 1e-9 * max(1.0, float(np.abs(lw[finite]).max())):
         # constant weights (q is the posterior): the Pareto fit degenerates (arviz gives inf); no tail at all
+        return lw - np.logaddexp.reduce(lw), -math.inf
+    tail = np.sort(lw[finite])[-int(min(finite.sum() / 5, 3 * math.sqrt(finite.sum()))):]
+    if len(np.unique(tail)) < TAIL_ATOMS_MIN:
+        # a discrete q over a few points: the weights take a few values, and the Pareto fit of a "tail" of a few
+        # atoms degenerates too (measured: a one-coin model, q within 0.003 of the exact posterior, k-hat inf)
         return lw - np.logaddexp.reduce(lw), -math.inf
     smoothed, khat = az.psislw(lw, reff=1.0)
     return np.asarray(smoothed), float(khat)
@@ -151,10 +161,9 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
     plates 2e9 / rows (at least 2000), so that the check costs about what the fit did (the k-hat interval and Monte
     Carlo errors, which the verdicts use, widen). k-hat above its threshold for the number of draws (0.7 from 2154
     draws on) warns only together with a mean or sd that importance sampling moves (a Gaussian q's k-hat is often
-    above 0.7 while its means and sds are right), or above 1; otherwise it is a note in `notes`."""
-    import warnings
-
-    from .errors import ReliabilityWarning
+    above 0.7 while its means and sds are right), or above 1; otherwise it is a note in `notes`. The dict also holds
+    the ELBO estimated from the check's draws ('elbo', 'elbo_se': the mean of log p - log q and its standard error)
+    and what the warning suggests ('tries'); warn=False stores it all and warns nothing (`warn_unreliable` does)."""
     from .subsample import sizes
     if num_draws is None:
         rows = sum(sizes(result.model).values())
@@ -163,7 +172,7 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
     u, k, log_w = result.weighted_draws(num_draws, seed)
     est = khat_estimate(log_w.double().cpu().numpy())
     smoothed, khat, (khat_lo, khat_hi) = est["smoothed"], est["khat"], est["khat_interval"]
-    w = np.exp(smoothed - np.logaddexp.reduce(smoothed[np.isfinite(smoothed)])) if math.isfinite(khat) else None
+    w = (np.exp(smoothed - np.logaddexp.reduce(smoothed[np.isfinite(smoothed)])) if khat < math.inf else None)  # -inf: no tail
     w2 = np.sum(np.where(np.isfinite(w), w, 0.0) ** 2) if w is not None else 0.0
     ess = float(1.0 / w2) if w2 > 0 else float("nan")
     if not math.isfinite(ess):
@@ -236,7 +245,10 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
                        + ("; the fit ran in float32: try dtype=torch.float64" if "float32" in
                           result.settings.get("dtype", "") else ""))
     tries = _tries(result, search)
-    info = {"khat": khat, "khat_se": est["khat_se"], "khat_interval": est["khat_interval"],
+    finite = log_w[~torch.isnan(log_w)].double()
+    info = {"elbo": float(finite.mean()) if len(finite) else float("nan"),
+            "elbo_se": float(finite.std() / math.sqrt(len(finite))) if len(finite) > 1 else float("nan"),
+            "tries": tries, "khat": khat, "khat_se": est["khat_se"], "khat_interval": est["khat_interval"],
             "khat_reading": ("not computable: q has collapsed to a point" if point else
                              khat_reading(khat, est["khat_interval"])), "is_ess": ess, "num_draws": num_draws,
             "warnings": reasons, "notes": notes, "khat_threshold": threshold,
@@ -247,9 +259,20 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
     if reasons and not search.get("ran", True):   # a check that could not run says so where it matters
         reasons.append(f"other modes were not looked for ({search['note']})")
     if reasons and warn:
-        warnings.warn(f"bbvi fit of {result.model.name!r} may be unreliable: " + "; ".join(reasons) +
-                      ". Try: " + ", ".join(tries) + ".", ReliabilityWarning, stacklevel=3)
+        warn_unreliable(result, stacklevel=3)
     return info
+
+
+def warn_unreliable(result, stacklevel=2):
+    """The bbvi.ReliabilityWarning of `result.reliability` (its warnings and what to try), where it has warnings;
+    stacklevel as warnings.warn's, counted from the caller."""
+    import warnings
+
+    from .errors import ReliabilityWarning
+    r = result.reliability
+    if r.get("warnings"):
+        warnings.warn(f"bbvi fit of {result.model.name!r} may be unreliable: " + "; ".join(r["warnings"]) +
+                      ". Try: " + ", ".join(r["tries"]) + ".", ReliabilityWarning, stacklevel=stacklevel + 1)
 
 
 def _khat_verdict(reasons, khat, lo, hi, threshold, num_draws, moments, point):

@@ -159,10 +159,15 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     _raise_if_failed(result, state, status, callback_error, save_error, checkpoint)
     if diagnose and status != "interrupted":
         from .diagnostics import check_reliability
+        goes_on = comm is None and callable(getattr(algorithm, "after_check", None))   # it warns itself
         if comm is None or comm.rank == 0:
-            check_reliability(result)
+            check_reliability(result, warn=not goes_on)
         if comm is not None:  # rank 0's check (and warning) on the full data; its findings on every rank
             result.reliability = comm.share(result.reliability)
+        if goes_on:
+            result = algorithm.after_check(result, seed=seed, device=device, dtype=dtype, progress=progress,
+                                           callbacks=callbacks, max_consecutive_failures=max_consecutive_failures,
+                                           stacklevel=3)
     return result
 
 

@@ -27,7 +27,9 @@ class Result:
     statistics finite (a sign of a far-off start or a badly scaled model); `start`: what the start did
     (bbvi.start.Start: strategy, note, gradient evaluations); `levels`: the adaptive rule's levels (lr, steps,
     stationary, change); `reliability`: the end-of-fit check (k-hat, PSIS mean/sd shifts, warnings);
-    `resample_info`: k-hat, its interval and ESS of the last `sample(..., importance_resample=True)`."""
+    `resample_info`: k-hat, its interval and ESS of the last `sample(..., importance_resample=True)`; `tried`: the
+    other fits this call ran and did not return (method='auto': batch and match's Gaussian before a flow, or the
+    flow after it, bbvi.algorithms.fallback), each a dict with its 'result', 'method' and 'why'."""
 
     model: object
     family: object
@@ -55,6 +57,7 @@ class Result:
     batch: object = None     # {plate: B} of a minibatch fit (bbvi.subsample): gradient_samples draw minibatches
     num_particles: int = 0   # particles a step drew (typed: `settings` is the fit's record as text)
     subsample_cv: bool = False   # a minibatch fit with control variates
+    tried: list = dataclasses.field(default_factory=list)   # fits the same call ran and did not return (see below)
 
     @classmethod
     def from_state(cls, state, *, settings, status, wall_time, start_time=0.0):
@@ -69,8 +72,8 @@ class Result:
     @property
     def num_gradient_evals(self):
         """Log-joint evaluations the whole call spent, with their gradients where it took them: the fit's
-        (`num_fit_evals`) and the end-of-fit check's (`num_check_evals`)."""
-        return self.num_fit_evals + self.num_check_evals
+        (`num_fit_evals`), the end-of-fit check's (`num_check_evals`) and those of the fits in `tried`."""
+        return self.num_fit_evals + self.num_check_evals + sum(t["result"].num_gradient_evals for t in self.tried)
 
     @property
     def num_fit_evals(self):
@@ -343,7 +346,9 @@ class Result:
         lines = [f"PSIS k-hat {r['khat']:.2f} ({lo:.2f}-{hi:.2f}; {khat_reading(r['khat'], (lo, hi))}); "
                  f"start: {r['start']}; "
                  f"{self.num_gradient_evals} log-joint evaluations ({self.num_fit_evals} by the fit, "
-                 f"{self.num_check_evals} by its check)"]
+                 f"{self.num_check_evals} by its check"
+                 + "".join(f", {t['result'].num_gradient_evals} by {t['method']}, tried and not returned"
+                           for t in self.tried) + ")"]
         lines += [f"WARNING: {w}" for w in r["warnings"]] or ["no reliability warnings"]
         lines += [f"note: {n}" for n in r.get("notes", [])]
         if r.get("mode_search"):

@@ -9,15 +9,17 @@ of its gradient evaluations (README, "The field's yardstick"). It applies when
 - the latents are all continuous and torch can differentiate the log-joint (the scores);
 - there are at most MAX_DIM continuous coordinates (a full-rank Gaussian's D x D covariance and D particles a
   step: measured exact on Gaussian targets up to D = 200 in about a second).
+Where batch and match ran and the end-of-fit check warns about its Gaussian (or its k-hat is above the threshold),
+a flow started at it goes on within a stated budget, and the check decides which q is returned (`after_check`, bbvi.algorithms.fallback).
 Otherwise the stochastic-gradient fit runs as before (mean-field, the adaptive rule), bit for bit. `fit.settings`
 says which ran and why ('method' is written only when batch and match ran, so that checkpoints of the
 stochastic-gradient default compare as before)."""
 import warnings
 
 from ..estimators import DEFAULT
-from . import bam, sgd
+from . import bam, fallback, sgd
 
-__all__ = ["init", "step", "settings", "MAX_DIM"]
+__all__ = ["init", "step", "settings", "after_check", "MAX_DIM"]
 
 name = "auto"
 default_family = None
@@ -80,3 +82,15 @@ def settings(state):
         return {}
     return {"method": f"bam (method='auto': {state.why})", **bam.settings(state)}
 
+
+
+def after_check(result, *, stacklevel, **options):
+    """Once the end-of-fit check has run (quietly): where batch and match ran and its check warns, or its k-hat is
+    above the threshold, a flow started at its Gaussian (bbvi.algorithms.fallback); otherwise the check's warning,
+    if any. Returns the Result to return.
+    options: fit's seed, device, dtype, progress, callbacks and max_consecutive_failures."""
+    from ..diagnostics import warn_unreliable
+    if result.settings.get("method", "").startswith("bam") and fallback.needed(result):
+        return fallback.go_on(result, stacklevel=stacklevel + 1, **options)
+    warn_unreliable(result, stacklevel=stacklevel)
+    return result
