@@ -207,7 +207,7 @@ def local_level(y):
     sigma_level = pyro.sample("sigma_level", dist.HalfNormal(1.))
     sigma_obs = pyro.sample("sigma_obs", dist.HalfNormal(2.))
     steps = pyro.sample("steps", dist.Normal(0., 1.).expand([len(y)]).to_event(1))
-    level = level0 + sigma_level * steps.cumsum(-1)
+    level = pyro.deterministic("level", level0 + sigma_level * steps.cumsum(-1))
     with pyro.plate("time", len(y)):
         pyro.sample("y", dist.Normal(level, sigma_obs), obs=y)
 
@@ -220,7 +220,8 @@ IDIOMS = {"index_by_group": (by_group, (COUNTY, XG, YG)), "matmul": (logistic_ma
 @pytest.mark.parametrize("idiom", sorted(IDIOMS))
 def test_outside_idioms_run_vectorized_with_the_loops_log_density_and_gradient(idiom):
     """Each idiom runs vectorized (without a warning), and at 50 random points in float64 its factor terms (the
-    pointwise log-likelihoods among them) and their gradient equal the one-particle-at-a-time loop's to 1e-10."""
+    pointwise log-likelihoods among them), their gradient and its derived quantities equal the
+    one-particle-at-a-time loop's to 1e-10."""
     fn, args = IDIOMS[idiom]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -241,6 +242,12 @@ def test_outside_idioms_run_vectorized_with_the_loops_log_density_and_gradient(i
         assert vec[name].shape == one[name].shape
         torch.testing.assert_close(vec[name], one[name], rtol=0, atol=1e-10)
     torch.testing.assert_close(g_vec, g_one, rtol=0, atol=1e-10)
+    z, _ = model.constrain(u)
+    derived, derived_loop = model.derive(z), loop.derive(z)
+    assert list(derived) == list(derived_loop) == (["level"] if idiom == "local_level_plate" else [])
+    for name in derived:
+        assert derived[name].shape == (50, len(NILE))
+        torch.testing.assert_close(derived[name], derived_loop[name], rtol=0, atol=1e-10)
 
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
@@ -258,7 +265,7 @@ def test_vague_priors_overflow_at_the_prior_draws_the_check_compares():
 def control_flow(y):
     """Python branching on a latent's value: not vectorizable."""
     mu = pyro.sample("mu", dist.Normal(0., 1.))
-    scale = 1. if mu > 0 else 2.
+    scale = pyro.deterministic("scale", torch.tensor(1. if mu > 0 else 2.))
     with pyro.plate("data", len(y)):
         pyro.sample("y", dist.Normal(mu, scale), obs=y)
 
@@ -269,7 +276,7 @@ def test_a_model_that_cannot_be_vectorized_warns_once_with_the_reason_the_cost_a
         warnings.simplefilter("always")
         model = bbvi.from_pyro(control_flow, y)
         model.call({"mu": torch.tensor([0.5, -0.5])})
-        bbvi.fit(model, steps=5, seed=0, diagnose=False)
+        draws = bbvi.fit(model, steps=5, seed=0, diagnose=False).sample(20, seed=0)
     mine = [w for w in seen if "from_pyro" in str(w.message)]
     assert len(mine) == 1, [str(w.message) for w in seen]
     message = str(mine[0].message)
@@ -281,11 +288,27 @@ def test_a_model_that_cannot_be_vectorized_warns_once_with_the_reason_the_cost_a
     by_hand = Normal(0., 1.).log_prob(z["mu"]) + torch.stack(
         [Normal(m, 1. if m > 0 else 2.).log_prob(y).sum() for m in z["mu"]])
     torch.testing.assert_close(model.call(z), by_hand)
+    torch.testing.assert_close(draws["scale"], torch.where(draws["mu"] > 0, 1., 2.).to(draws["scale"].dtype))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert bbvi.from_pyro(control_flow, y, vectorize=False).pyro_vectorize_failure is None
     with pytest.raises(bbvi.ModelError, match="vectorize must be True or False"):
         bbvi.from_pyro(control_flow, y, vectorize="yes")
+
+
+def test_a_vectorized_run_that_disagrees_with_the_loop_runs_one_particle_at_a_time():
+    """A model whose log density changes from call to call (its scale counts the calls): the vectorized run at
+    the prior draws differs from the loop's, so from_pyro warns and loops."""
+    calls = []
+
+    def restless(y):
+        mu = pyro.sample("mu", dist.Normal(0., 1.))
+        calls.append(1)
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, float(len(calls))), obs=y)
+    with pytest.warns(UserWarning, match=r"site 'y'.s log-probability at two prior draws differs from one particle"):
+        model = bbvi.from_pyro(restless, torch.tensor([0.5, -0.3]))
+    assert not model.vectorized and "differs" in model.pyro_vectorize_failure
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
