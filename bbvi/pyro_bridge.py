@@ -147,7 +147,7 @@ class _PyroJoint:
         return {n: torch.stack([r[n] for r in rows]) for n in self.deterministic}
 
 
-FIX = ("write the model so that it runs under torch.func.vmap: no Python branching on a latent's value (`if x > 0`, "
+_FIX = ("write the model so that it runs under torch.func.vmap: no Python branching on a latent's value (`if x > 0`, "
        "`.item()`, `float(x)`: use torch.where), no in-place writes of latents into a tensor made beforehand (build "
        "it with torch.stack or torch.cat), no distribution with validate_args=True; or pass vectorize=False to run "
        "one particle at a time without this warning")
@@ -193,7 +193,7 @@ def from_pyro(model, *args, name=None, vectorize=True, **kwargs):
         warnings.warn(f"from_pyro: model {name!r} runs one particle at a time: {why}. One particle's log-joint "
                       f"took {ms:.2g} ms here, so each step costs that many times the particles (bbvi.fit's default "
                       f"takes at least 32: {32 * ms:.2g} ms a step before gradients), where a vectorized model "
-                      f"costs about one particle's time. Fix: {FIX}", UserWarning, stacklevel=3)
+                      f"costs about one particle's time. Fix: {_FIX}", UserWarning, stacklevel=3)
     return _model(one, latents, data, name, model, observed, why)
 
 
