@@ -3,8 +3,9 @@
 Two models in the idioms a Pyro user writes: a logistic regression (N=500, D=30) with `X @ beta + b`, and
 varying intercepts (radon-like: 85 groups, N=919) with `alpha[county]`. Each is fitted by SGD (bbvi.init /
 bbvi.step: MeanField, 16 particles, the pathwise gradient) for `--steps` steps after 5 warm-up steps; the
-fastest of `--repeats` timed blocks (the two models' blocks interleaved) is reported, in ms per step, with how from_pyro ran the model (vectorized or
-one particle at a time). Run: python experiments/pyro_overhead.py [--steps 50] [--repeats 3]
+fastest of `--repeats` timed blocks (the two models' blocks interleaved) is reported, in ms per step, with how
+from_pyro ran the model (vectorized or one particle at a time). Run from the repository root with bbvi on the
+path: PYTHONPATH=. python experiments/pyro_overhead.py [--steps 50] [--repeats 5]
 """
 import argparse
 import time
