@@ -86,8 +86,8 @@ def _pointwise_log_likelihood(result, u, k, names):
         raise ConfigError(f"fit.to_arviz: log_likelihood={names!r}, but model {result.model.name!r}'s log-joint "
                           f"returns one tensor; return a dict of factor terms ({{'prior': ..., 'obs': ...}}, "
                           f"'obs' with one term per observation) to get pointwise log-likelihoods")
-    if names is None:
-        names = ["obs"] if "obs" in probe else []
+    if names is None:  # a from_pyro model's observed sites, else the factor 'obs'
+        names = list(getattr(result.model, "pyro_observed", ())) or (["obs"] if "obs" in probe else [])
     names = [names] if isinstance(names, str) else list(names)
     missing = [n for n in names if n not in probe]
     if missing:

@@ -4,19 +4,25 @@
 RNG: the caller's RNG is untouched) to find its sample sites. Every unobserved site becomes a latent with the
 site's shape and its distribution's support (continuous: bbvi's bijection to the reals; Bernoulli: boolean;
 Categorical and other finite supports: integer_interval), in the order Pyro meets them. The log-joint conditions
-the model on the particles' values (`poutine.condition`), runs it inside a plate of S particles one dimension left
-of every batch dimension (as Pyro's `vectorize_particles` does), and returns each sample site's log-probability
-(scale and mask applied, `Trace.compute_log_prob`) as a factor term of one element per plate entry: observed
-sites are then pointwise log-likelihoods (`fit.to_arviz(log_likelihood="obs")`) and the score terms are
-Rao-Blackwellized over plates. `pyro.deterministic` sites become derived quantities. A model that does not
-broadcast over a particle dimension (Python control flow on latent values, `x @ w` with a batched w) is run one
-particle at a time instead (`model.vectorized` says which). The model's arguments travel as the bbvi model's data,
+the model on one particle's values (`poutine.condition`), so the model runs exactly as in Pyro (`alpha[county]`,
+`X @ beta`, `.unsqueeze(-1)` all work), under `torch.func.vmap` over the particle dimension, and returns each
+sample site's log-probability (scale and mask applied, `Trace.compute_log_prob`) as a factor term of one element
+per plate entry: observed sites are then pointwise log-likelihoods (`fit.to_arviz()` puts them in its
+log_likelihood group; `model.pyro_observed` names them) and the score terms are Rao-Blackwellized over plates.
+`pyro.deterministic` sites become derived quantities. The vectorized run is checked against one particle at a time
+at two prior draws (their finite entries equal, their non-finite entries in the same places). A model that vmap
+cannot run (Python control flow on latent values, in-place writes of latents) or that disagrees runs one particle
+at a time instead, with one warning naming the reason, the measured cost and the fix (`model.vectorized` says
+which; `model.pyro_vectorize_failure` keeps the reason). The model's arguments travel as the bbvi model's data,
 so a fit casts their floating tensors to its dtype and device.
 
 Refused with a ModelError: `pyro.param` sites (bbvi fits latents; make it a pyro.sample with a prior, or pass a
 constant), a support that depends on other latents (Uniform(0, tau) with a latent tau), unbounded discrete sites
 (Poisson latents), and sites whose names bbvi cannot use.
 """
+import time
+import warnings
+
 import torch
 from torch.distributions import constraints
 
@@ -44,7 +50,7 @@ def _bounds(support):
 
 
 def _latents(model, args, kwargs, name):
-    """(latents dict, batch shapes, plate depth P, deterministic site names, the two prior traces)."""
+    """(latents dict, deterministic site names, observed site names, the two prior traces)."""
     from pyro.poutine.util import site_is_subsample
 
     from .model import Latent
@@ -54,7 +60,7 @@ def _latents(model, args, kwargs, name):
         raise ModelError(f"from_pyro: running the Pyro model {name!r} with the arguments given raised "
                          f"{type(e).__name__}: {e}") from e
     trace, other = traces
-    latents, batch, depth, deterministic = {}, {}, 0, []
+    latents, deterministic, observed = {}, [], []
     for site_name, site in trace.nodes.items():
         if site["type"] == "param":
             raise ModelError(f"from_pyro: model {name!r} has pyro.param site {site_name!r}; bbvi fits latent "
@@ -69,12 +75,12 @@ def _latents(model, args, kwargs, name):
         if site["type"] != "sample":
             continue
         fn = site["fn"]
-        depth = max(depth, len(getattr(fn, "batch_shape", ())))
         if site["infer"].get("_deterministic"):
             deterministic.append(site_name)
-            batch[site_name] = tuple(fn.batch_shape)
             continue
         if site["is_observed"]:
+            if not site["infer"].get("is_auxiliary"):  # pyro.factor sites are auxiliary: no likelihood
+                observed.append(site_name)
             continue
         support = _base_support(fn.support)
         before, after = _bounds(support), _bounds(_base_support(other.nodes[site_name]["fn"].support))
@@ -94,108 +100,124 @@ def _latents(model, args, kwargs, name):
             latents[site_name] = Latent(shape=shape, support=support)
         except ModelError as e:
             raise ModelError(f"from_pyro: site {site_name!r}: {e}") from None
-        batch[site_name] = tuple(fn.batch_shape)
     if not latents:
         raise ModelError(f"from_pyro: model {name!r} has no unobserved sample sites: nothing to infer")
-    return latents, batch, depth, deterministic, traces
+    return latents, deterministic, observed, traces
 
 
 class _PyroJoint:
-    """The log-joint (and derived quantities) of a Pyro model, evaluated by Pyro."""
+    """The log-joint (and derived quantities) of a Pyro model, evaluated by Pyro on one particle's values: under
+    `torch.func.vmap` over the particle dimension (`vectorized=True`), or by bbvi's loop over particles."""
 
-    def __init__(self, model, latents, batch, depth, deterministic, vectorized):
-        self.model, self.latents, self.batch, self.depth = model, latents, batch, depth
+    def __init__(self, model, latents, deterministic, vectorized):
+        self.model, self.latents = model, list(latents)
         self.deterministic, self.vectorized = deterministic, vectorized
 
     def _trace(self, z, data):
-        import pyro
         import pyro.poutine as poutine
-        args, kwargs = data["args"], data["kwargs"]
-        if not self.vectorized:  # one particle: z values without the particle dimension
-            return poutine.trace(poutine.condition(self.model, data=dict(z))).get_trace(*args, **kwargs), None
-        S = next(iter(z.values())).shape[0]
-        values = {}
-        for n, v in z.items():
-            b = self.batch[n]
-            values[n] = v.reshape((S,) + (1,) * (self.depth - len(b)) + tuple(v.shape[1:]))
-        with pyro.plate("_bbvi_particles", S, dim=-(self.depth + 1)):
-            trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*args, **kwargs)
-        return trace, S
+        return poutine.trace(poutine.condition(self.model, data=z)).get_trace(*data["args"], **data["kwargs"])
+
+    def _terms(self, z, data):
+        """Each sample site's log-probability (scale and mask applied) at one particle, flattened."""
+        from pyro.poutine.util import site_is_subsample
+        trace = self._trace(z, data)
+        trace.compute_log_prob()
+        return {n: site["log_prob"].reshape(-1) if site["log_prob"].numel() > 1 else site["log_prob"].reshape(())
+                for n, site in trace.nodes.items()
+                if site["type"] == "sample" and not site_is_subsample(site) and not site["infer"].get("_deterministic")}
+
+    def _derived(self, z, data):
+        trace = self._trace(z, data)
+        return {n: trace.nodes[n]["value"] for n in self.deterministic}
+
+    def _vmapped(self, fn, z, data):
+        """fn(one particle's z, data) for every particle at once. Pyro's validation is off inside: its checks
+        branch on values, which vmap cannot do (the loop's run at the prior draws was validated)."""
+        import pyro
+        with pyro.validation_enabled(False):
+            return torch.func.vmap(lambda one: fn(one, data))({n: z[n] for n in self.latents})
 
     def __call__(self, z, data):
-        from pyro.poutine.util import site_is_subsample
-        trace, S = self._trace(z, data)
-        trace.compute_log_prob()
-        terms = {}
-        for site_name, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
-                continue
-            lp = site["log_prob"]
-            if S is None:
-                terms[site_name] = lp.reshape(-1).sum() if lp.numel() == 1 else lp.reshape(-1)
-                continue
-            lp = lp.expand((S,) + tuple(lp.shape[1:])) if lp.dim() and lp.shape[0] == 1 else lp
-            if lp.dim() == 0 or lp.shape[0] != S:  # a site that does not depend on the particles
-                lp = lp.reshape(1, -1).expand(S, -1)
-            flat = lp.reshape(S, -1)
-            terms[site_name] = flat[:, 0] if flat.shape[1] == 1 else flat
-        return terms
+        return self._vmapped(self._terms, z, data) if self.vectorized else self._terms(z, data)
 
     def derived(self, z, data):
-        trace, S = self._trace(z, data)
-        out = {}
-        for n in self.deterministic:
-            v = trace.nodes[n]["value"]
-            if S is not None:  # drop the plate padding between the particle and the site's own batch dimensions
-                v = v.expand((S,) + tuple(v.shape[1:]))
-                v = v.reshape((S,) + tuple(v.shape[1 + self.depth - len(self.batch[n]):]))
-            out[n] = v
-        return out
+        if self.vectorized:
+            return self._vmapped(self._derived, z, data)
+        rows = [self._derived({n: z[n][s] for n in self.latents}, data) for s in range(z[self.latents[0]].shape[0])]
+        return {n: torch.stack([r[n] for r in rows]) for n in self.deterministic}
+
+
+_FIX = ("write the model so that it runs under torch.func.vmap: no Python branching on a latent's value (`if x > 0`, "
+       "`.item()`, `float(x)`: use torch.where), no in-place writes of latents into a tensor made beforehand (build "
+       "it with torch.stack or torch.cat), no distribution with validate_args=True; or pass vectorize=False to run "
+       "one particle at a time without this warning")
 
 
 def from_pyro(model, *args, name=None, vectorize=True, **kwargs):
     """A `bbvi.Model` for the Pyro model `model(*args, **kwargs)` (see the module docstring): same log density,
-    latents from its unobserved sample sites. `vectorize=False` runs the model one particle at a time from the
-    start (it is chosen automatically when the vectorized run fails or disagrees with one particle at a time at
-    two prior draws; `model.pyro_vectorize_failure` then says why)."""
+    latents from its unobserved sample sites. The model runs on all particles at once under torch.func.vmap,
+    checked against one particle at a time at two prior draws; where that fails or disagrees it runs one particle
+    at a time, with a warning that says why, what it costs and how to fix it (`model.pyro_vectorize_failure`
+    keeps the reason). `vectorize=False` runs it one particle at a time from the start, without the warning."""
     if not callable(model):
         raise ModelError(f"from_pyro needs a Pyro model (a callable with pyro.sample statements), got {model!r}")
+    if not isinstance(vectorize, bool):
+        raise ModelError(f"from_pyro: vectorize must be True or False, got {vectorize!r}")
     name = name or getattr(model, "__name__", "pyro_model")
-    latents, batch, depth, deterministic, draws = _latents(model, args, kwargs, name)
+    latents, deterministic, observed, draws = _latents(model, args, kwargs, name)
     data = {"args": tuple(args), "kwargs": dict(kwargs)}
-    probe = {n: torch.stack([t.nodes[n]["value"] for t in draws]) for n in latents}
-    one = _PyroJoint(model, latents, batch, depth, deterministic, False)
-    errors = []
+    one = _PyroJoint(model, latents, deterministic, False)
+    alone, seconds = [], []
     try:
-        alone = torch.stack([_total(one({n: v[i] for n, v in probe.items()}, data), None) for i in range(2)])
+        with warnings.catch_warnings():  # vague priors' draws may overflow: Pyro's NaN warnings are ours, not news
+            warnings.filterwarnings("ignore", message="Encountered NaN")
+            for trace in draws:
+                start = time.perf_counter()
+                alone.append(one({n: trace.nodes[n]["value"] for n in latents}, data))
+                seconds.append(time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001 - the user's model
         raise ModelError(f"from_pyro: model {name!r} could not be evaluated at its own prior draws: "
                          f"{type(e).__name__}: {e}") from e
+    why = None
     if vectorize:
-        joint = _PyroJoint(model, latents, batch, depth, deterministic, True)
+        joint = _PyroJoint(model, latents, deterministic, True)
+        probe = {n: torch.stack([t.nodes[n]["value"] for t in draws]) for n in latents}
         try:
-            together = _total(joint(probe, data), 2)
-            if torch.allclose(together.to(alone.dtype), alone, rtol=1e-5, atol=1e-5):
-                return _model(joint, latents, data, name, model)
-            errors.append(f"the vectorized run gives {together.tolist()} where one particle at a time gives "
-                          f"{alone.tolist()} (the model does not broadcast over a particle dimension)")
+            why = _disagreement(joint(probe, data), {n: torch.stack([a[n] for a in alone]) for n in alone[0]})
         except Exception as e:  # noqa: BLE001 - not vectorizable: one particle at a time
-            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    out = _model(one, latents, data, name, model)
-    out.pyro_vectorize_failure = "; ".join(errors) or None
-    return out
+            first = str(e).splitlines()[0].split(". ")[0] if str(e) else ""   # its first sentence
+            why = f"torch.func.vmap cannot run it ({type(e).__name__}: {first})"
+        if why is None:
+            return _model(joint, latents, data, name, model, observed, None)
+        ms = 1e3 * min(seconds)
+        warnings.warn(f"from_pyro: model {name!r} runs one particle at a time: {why}. One particle's log-joint "
+                      f"took {ms:.2g} ms here, so each step costs that many times the particles (bbvi.fit's default "
+                      f"takes at least 32: {32 * ms:.2g} ms a step before gradients), where a vectorized model "
+                      f"costs about one particle's time. Fix: {_FIX}", UserWarning, stacklevel=3)
+    return _model(one, latents, data, name, model, observed, why)
 
 
-def _total(terms, S):
-    """The log-joint from factor terms: (S,) for a vectorized run, a scalar for one particle."""
-    if S is None:
-        return sum(t.sum() for t in terms.values())
-    return sum(t.reshape(S, -1).sum(-1) for t in terms.values())
+def _disagreement(together, alone):
+    """None where the vectorized terms equal the one-particle-at-a-time terms (both (2, ...)) at their finite
+    entries and are non-finite at the same entries; else what differs."""
+    for n, a in alone.items():
+        t = together.get(n)
+        if t is None or t.shape != a.shape:
+            return (f"under torch.func.vmap site {n!r}'s log-probability has shape "
+                    f"{None if t is None else tuple(t.shape)} where one particle at a time gives {tuple(a.shape)}")
+        t, finite = t.detach().to(a.dtype), torch.isfinite(a)
+        if not torch.equal(torch.isfinite(t), finite):
+            return (f"under torch.func.vmap site {n!r}'s log-probability at two prior draws is non-finite at "
+                    f"other entries than one particle at a time's")
+        if not torch.allclose(t[finite], a[finite], rtol=1e-5, atol=1e-5):
+            return (f"under torch.func.vmap site {n!r}'s log-probability at two prior draws differs from one "
+                    f"particle at a time's by up to {(t[finite] - a[finite]).abs().max().item():.3g}")
+    return None
 
 
-def _model(joint, latents, data, name, pyro_model):
+def _model(joint, latents, data, name, pyro_model, observed, failure):
     from .model import Model
     out = Model(joint, latents, data=data, name=name, derived=joint.derived if joint.deterministic else None,
                 vectorized=joint.vectorized)
-    out.pyro_model = pyro_model
+    out.pyro_model, out.pyro_observed, out.pyro_vectorize_failure = pyro_model, tuple(observed), failure
     return out

@@ -229,7 +229,8 @@ class Result:
         - sample_stats: `log_weight` = log p(x, z) - log q(z) of every draw (PSIS weights: `az.psislw`), `lp`;
         - log_likelihood: pointwise log-likelihood terms, for `az.loo` / `az.waic`: the factor terms named by
           `log_likelihood` (a name or list of names) of a log-joint that returns a dict of factor terms; by default
-          the factor 'obs' when there is one. Each (chain, draw, n);
+          the observed sites of a `bbvi.from_pyro` model, else the factor 'obs' when there is one. Each
+          (chain, draw, n);
         - posterior_predictive: `predict(z, data, generator)` (or the model's `predict`) at the draws, its
           generator seeded from `seed`: the same seed gives the same draws;
         - observed_data: the model's data entries named in `observed_data` (default: every tensor in the data;

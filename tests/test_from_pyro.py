@@ -1,8 +1,11 @@
 """bbvi.from_pyro on three of Pyro's example models (eight schools, a logistic GLM, a Gaussian mixture with
 discrete assignments): the same log density as the model written by hand for bbvi (to 1e-6 at 100 random points),
 the same fit, derived quantities from pyro.deterministic, pointwise log-likelihoods from observed sites, and clear
-refusals of what bbvi cannot take."""
+refusals of what bbvi cannot take. Models in the idioms Pyro users write (index by group, `X @ beta`,
+`.unsqueeze(-1)`, vague priors whose prior draws overflow, a local-level model in a plate) run vectorized, with the
+log density and gradient of the one-particle-at-a-time loop; a model that cannot be vectorized warns once."""
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -45,7 +48,7 @@ def logistic(X, y=None):
 
 
 def logistic_matmul(X, y=None):
-    """The same GLM as a Pyro user may write it: `X @ w` does not broadcast over particles (run one at a time)."""
+    """The same GLM as a Pyro user may write it, with `X @ w`."""
     w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.).to_event(1))
     b = pyro.sample("b", dist.Normal(0., 5.))
     with pyro.plate("data", X.shape[0]):
@@ -86,7 +89,7 @@ def test_the_log_density_is_the_hand_written_models(case):
     float64: equal to 1e-6 (measured: eight schools 7.6e-7, its Pyro model's constants being float32; GLM 3e-14;
     mixture 2e-8)."""
     pyro_model, by_hand = (make().to(dtype=F64) for make in CASES[case])
-    assert pyro_model.vectorized == (case != "glm_matmul")
+    assert pyro_model.vectorized and pyro_model.pyro_vectorize_failure is None
     g = torch.Generator().manual_seed(1)
     u = 2 * torch.randn(100, pyro_model.dim, generator=g, dtype=F64)
     z, _ = pyro_model.constrain(u)
@@ -148,3 +151,173 @@ def test_from_pyro_refuses_what_bbvi_cannot_take_and_leaves_the_rng_alone():
             bbvi.from_pyro(fn, torch.tensor(1.0))
     with pytest.raises(bbvi.ModelError, match="raised"):
         bbvi.from_pyro(schools, 8)     # sigma missing: the model itself fails
+
+
+COUNTY = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4, 4, 4, 4])
+XG = torch.linspace(-1, 1, 12)
+YG = torch.randn(12, generator=G) + COUNTY
+
+
+def by_group(county, x, y):
+    """Varying intercepts: each observation's intercept `alpha[county]`."""
+    mu = pyro.sample("mu", dist.Normal(0., 5.))
+    sigma_a = pyro.sample("sigma_a", dist.HalfNormal(2.))
+    beta = pyro.sample("beta", dist.Normal(0., 5.))
+    sigma = pyro.sample("sigma", dist.HalfNormal(2.))
+    with pyro.plate("county", 5):
+        alpha = pyro.sample("alpha", dist.Normal(mu, sigma_a))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(alpha[county] + beta * x, sigma), obs=y)
+
+
+def unsqueezed(y):
+    """One mean per row of y (K, N), broadcast along the row with `.unsqueeze(-1)`."""
+    mu = pyro.sample("mu", dist.Normal(0., 1.).expand([y.shape[0]]).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.))
+    with pyro.plate("n", y.shape[1], dim=-1), pyro.plate("k", y.shape[0], dim=-2):
+        pyro.sample("y", dist.Normal(mu.unsqueeze(-1), sigma), obs=y)
+
+
+TRT = torch.tensor([0., 0., 0., 1., 1., 1.])
+BASE = torch.tensor([-1., 0.5, 2., -0.5, 1., 1.5])
+SEIZURES = torch.tensor([[2., 3, 1, 4], [5, 2, 3, 6], [11, 9, 14, 10], [1, 0, 2, 1], [4, 3, 5, 2], [8, 6, 7, 9]])
+
+
+def epilepsy(trt, base, y):
+    """Poisson random effects with vague N(0, 100) priors: most prior draws overflow exp() (inf rates, NaN
+    log-likelihoods), though the model broadcasts."""
+    b0 = pyro.sample("b0", dist.Normal(0., 100.))
+    b_trt = pyro.sample("b_trt", dist.Normal(0., 100.))
+    b_base = pyro.sample("b_base", dist.Normal(0., 100.))
+    sigma = pyro.sample("sigma", dist.HalfCauchy(1.))
+    with pyro.plate("subject", y.shape[0], dim=-2):
+        u = pyro.sample("u", dist.Normal(0., sigma))
+        with pyro.plate("visit", y.shape[1], dim=-1):
+            rate = torch.exp(b0 + b_trt * trt[:, None] + b_base * base[:, None] + u)
+            pyro.sample("y", dist.Poisson(rate), obs=y)
+
+
+NILE = torch.tensor([11.2, 11.6, 9.6, 12.1, 11.6, 11.6, 8.1, 12.3, 13.7, 11.4, 10.2, 8.6, 9.9, 8.6, 10.1])
+
+
+def local_level(y):
+    """A local-level model (as for the Nile's flow): a random walk of the level, its innovations one latent
+    vector, the observations vectorized in a plate over time."""
+    level0 = pyro.sample("level0", dist.Normal(10., 5.))
+    sigma_level = pyro.sample("sigma_level", dist.HalfNormal(1.))
+    sigma_obs = pyro.sample("sigma_obs", dist.HalfNormal(2.))
+    steps = pyro.sample("steps", dist.Normal(0., 1.).expand([len(y)]).to_event(1))
+    level = pyro.deterministic("level", level0 + sigma_level * steps.cumsum(-1))
+    with pyro.plate("time", len(y)):
+        pyro.sample("y", dist.Normal(level, sigma_obs), obs=y)
+
+
+IDIOMS = {"index_by_group": (by_group, (COUNTY, XG, YG)), "matmul": (logistic_matmul, (X, Y)),
+          "unsqueeze": (unsqueezed, (torch.randn(3, 4, generator=G),)),
+          "vague_priors": (epilepsy, (TRT, BASE, SEIZURES)), "local_level_plate": (local_level, (NILE,))}
+
+
+@pytest.mark.parametrize("idiom", sorted(IDIOMS))
+def test_outside_idioms_run_vectorized_with_the_loops_log_density_and_gradient(idiom):
+    """Each idiom runs vectorized (without a warning), and at 50 random points in float64 its factor terms (the
+    pointwise log-likelihoods among them), their gradient and its derived quantities equal the
+    one-particle-at-a-time loop's to 1e-10."""
+    fn, args = IDIOMS[idiom]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = bbvi.from_pyro(fn, *args).to(dtype=F64)
+    assert model.vectorized and model.pyro_vectorize_failure is None
+    loop = bbvi.from_pyro(fn, *args, vectorize=False).to(dtype=F64)
+    assert not loop.vectorized
+    u = torch.randn(50, model.dim, generator=torch.Generator().manual_seed(2), dtype=F64)
+    grads = []
+    for m in (model, loop):
+        uu = u.clone().requires_grad_()
+        z, _ = m.constrain(uu)
+        terms = m.call_raw(z)
+        grads.append((terms, torch.autograd.grad(bbvi.model.terms_matrix(terms).sum(), uu)[0]))
+    (vec, g_vec), (one, g_one) = grads
+    assert list(vec) == list(one) and "y" in vec
+    for name in one:
+        assert vec[name].shape == one[name].shape
+        torch.testing.assert_close(vec[name], one[name], rtol=0, atol=1e-10)
+    torch.testing.assert_close(g_vec, g_one, rtol=0, atol=1e-10)
+    z, _ = model.constrain(u)
+    derived, derived_loop = model.derive(z), loop.derive(z)
+    assert list(derived) == list(derived_loop) == (["level"] if idiom == "local_level_plate" else [])
+    for name in derived:
+        assert derived[name].shape == (50, len(NILE))
+        torch.testing.assert_close(derived[name], derived_loop[name], rtol=0, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_vague_priors_overflow_at_the_prior_draws_the_check_compares():
+    """The epilepsy model's check is not vacuous: at the two prior draws from_pyro compares, the loop's
+    log-likelihood has non-finite entries and finite ones."""
+    from bbvi.pyro_bridge import _PyroJoint, _latents
+    latents, deterministic, _, draws = _latents(epilepsy, (TRT, BASE, SEIZURES), {}, "epilepsy")
+    one = _PyroJoint(epilepsy, latents, deterministic, False)
+    data = {"args": (TRT, BASE, SEIZURES), "kwargs": {}}
+    y = torch.stack([one({n: t.nodes[n]["value"] for n in latents}, data)["y"] for t in draws])
+    assert not torch.isfinite(y).all() and torch.isfinite(y).any()
+
+
+def control_flow(y):
+    """Python branching on a latent's value: not vectorizable."""
+    mu = pyro.sample("mu", dist.Normal(0., 1.))
+    scale = pyro.deterministic("scale", torch.tensor(1. if mu > 0 else 2.))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, scale), obs=y)
+
+
+def test_a_model_that_cannot_be_vectorized_warns_once_with_the_reason_the_cost_and_the_fix():
+    y = torch.tensor([0.5, -0.3, 1.2])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = bbvi.from_pyro(control_flow, y)
+        model.call({"mu": torch.tensor([0.5, -0.5])})
+        draws = bbvi.fit(model, steps=5, seed=0, diagnose=False).sample(20, seed=0)
+    mine = [w for w in seen if "from_pyro" in str(w.message)]
+    assert len(mine) == 1, [str(w.message) for w in seen]
+    message = str(mine[0].message)
+    for part in ("'control_flow' runs one particle at a time", "data-dependent control flow", " ms ", "Fix:",
+                 "torch.where", "vectorize=False"):
+        assert part in message, (part, message)
+    assert not model.vectorized and "data-dependent control flow" in model.pyro_vectorize_failure
+    z = {"mu": torch.tensor([0.5, -0.5])}
+    by_hand = Normal(0., 1.).log_prob(z["mu"]) + torch.stack(
+        [Normal(m, 1. if m > 0 else 2.).log_prob(y).sum() for m in z["mu"]])
+    torch.testing.assert_close(model.call(z), by_hand)
+    torch.testing.assert_close(draws["scale"], torch.where(draws["mu"] > 0, 1., 2.).to(draws["scale"].dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bbvi.from_pyro(control_flow, y, vectorize=False).pyro_vectorize_failure is None
+    with pytest.raises(bbvi.ModelError, match="vectorize must be True or False"):
+        bbvi.from_pyro(control_flow, y, vectorize="yes")
+
+
+def test_a_vectorized_run_that_disagrees_with_the_loop_runs_one_particle_at_a_time():
+    """A model whose log density changes from call to call (its scale counts the calls): the vectorized run at
+    the prior draws differs from the loop's, so from_pyro warns and loops."""
+    calls = []
+
+    def restless(y):
+        mu = pyro.sample("mu", dist.Normal(0., 1.))
+        calls.append(1)
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, float(len(calls))), obs=y)
+    with pytest.warns(UserWarning, match=r"site 'y'.s log-probability at two prior draws differs from one particle"):
+        model = bbvi.from_pyro(restless, torch.tensor([0.5, -0.3]))
+    assert not model.vectorized and "differs" in model.pyro_vectorize_failure
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_to_arviz_keeps_the_observed_sites_pointwise_log_likelihoods(vectorize):
+    """A from_pyro logistic regression (observed site 'y', `X @ w + b`), vectorized or not: to_arviz's
+    log_likelihood group holds 'y' by default, one term per observation, and az.loo runs on it."""
+    import arviz as az
+    model = bbvi.from_pyro(logistic_matmul, X, Y, vectorize=vectorize)
+    assert model.pyro_observed == ("y",)
+    idata = bbvi.fit(model, steps=100, seed=0, diagnose=False).to_arviz(400)
+    assert idata.log_likelihood["y"].shape == (4, 100, 40)
+    assert math.isfinite(az.loo(idata).elpd_loo)

@@ -46,7 +46,7 @@ def schools(J, sigma, y=None):
 # float64 (the default) casts them.
 model = bbvi.from_pyro(schools, 8, sigma, y)
 print(model)
-print("vectorized over particles:", model.vectorized)   # False (with the reason) when the model does not broadcast
+print("vectorized over particles:", model.vectorized)   # False (with a warning why) where vmap cannot run the model
 
 # The same log density as the model written by hand: Pyro's half-Cauchy includes its normalizer log 2, which the
 # hand-written model (a Cauchy on the positive reals) leaves out: a constant, which changes nothing in the fit.
