@@ -38,7 +38,7 @@ bench: install
 lint: install
 	$(PY) -m ruff check bbvi models experiments tests
 
-# The API reference (pdoc, from the docstrings) and the tutorials as HTML in docs/api/: open docs/api/index.html.
+# The API reference (pdoc, from the docstrings), the tutorials and the docs/*.md pages as HTML in docs/api/: open docs/api/index.html.
 # bbvi.constraints comes with bbvi (its __all__); the module bbvi.fit is left out: bbvi.fit is the function.
 DOCS_STAMP   := $(VENV)/.docs-installed
 DOCS_MODULES := bbvi bbvi.plots bbvi.diagnostics bbvi.comparison bbvi.reference bbvi.estimators bbvi.families bbvi.flows bbvi.result

@@ -13,8 +13,8 @@ back). `bbvi.nuts` runs a Pyro NUTS reference, `bbvi.compare` tables a fit again
 the figures, and `bbvi.expectation` gives gradients of E[f(x)] by the same estimators. Errors are `BBVIError`s
 (ModelError, ConfigError, FitError, SamplerError); a fit that may not be trusted issues a `ReliabilityWarning`.
 
-See the project's README.md ("Quick start", "What is in it", "Layout") for usage and for the protocols of new
-families, estimators and baselines. Importing bbvi imports torch only; Pyro, ArviZ, pandas and matplotlib are
+See the project's README.md ("Quick start", "What is in it") for usage, docs/features.md for every option and
+docs/layout.md for the protocols of new families, estimators and baselines. Importing bbvi imports torch only; Pyro, ArviZ, pandas and matplotlib are
 imported where they are used.
 """
 from . import constraints

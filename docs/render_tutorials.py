@@ -2,9 +2,10 @@
 
     python docs/render_tutorials.py docs/api        # `make docs` runs this after pdoc
 
-writes docs/api/tutorials/index.html (docs/index.md) and docs/api/tutorials/NAME.html for each tutorial: its
+writes docs/api/tutorials/index.html (docs/index.md), docs/api/tutorials/NAME.html for each tutorial: its
 module docstring, then the script top to bottom, each run of whole-line comments at the left margin as text
-(markdown) and the code between them highlighted. Nothing is imported or run. A link in docs/index.md to a
+(markdown) and the code between them highlighted; and docs/api/tutorials/PAGE.html for each other page docs/PAGE.md
+(features, accuracy, speed, ...: links between pages become links between their HTML pages). Nothing is imported or run. A link in docs/index.md to a
 tutorial that does not exist is an error; a tutorial that docs/index.md does not link is rendered under a heading
 of its own with a warning (and tests/test_tutorials.py fails until it is linked).
 """
@@ -110,13 +111,9 @@ def render_index(out_dir, tutorials):
 
     def relink(match):
         label, target = match.groups()
-        if re.match(r"^[a-z]+:|^#", target):
-            return match.group(0)
         if target.startswith("tutorials/") and target.endswith(".py"):
-            name = os.path.basename(target)
-            titles[name] = label
-            return f"[{label}]({name[:-3]}.html)"
-        return f"[{label}]({os.path.relpath(os.path.join(DOCS, target), out_dir)})"
+            titles[os.path.basename(target)] = label
+        return _relink(label, target, out_dir)
 
     text = LINK.sub(relink, text)
     missing = sorted(set(titles) - set(tutorials))
@@ -133,6 +130,34 @@ def render_index(out_dir, tutorials):
     with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
         f.write(_page("Documentation", _markdown(text)))
     return titles
+
+
+def _relink(label, target, out_dir):
+    """A link of a page in docs/, for its HTML beside the tutorials' in out_dir: a tutorial becomes its page, another
+    docs/*.md page its HTML (anchor kept), anything else relative to out_dir; URLs and anchors stay."""
+    if re.match(r"^[a-z]+:|^#", target):
+        return f"[{label}]({target})"
+    if target.startswith("tutorials/") and target.endswith(".py"):
+        return f"[{label}]({os.path.basename(target)[:-3]}.html)"
+    path, hash_, anchor = target.partition("#")
+    if path in page_names():
+        return f"[{label}]({path[:-3]}.html{hash_}{anchor})"
+    return f"[{label}]({os.path.relpath(os.path.join(DOCS, path), out_dir)}{hash_}{anchor})"
+
+
+def page_names():
+    """The Markdown pages of docs/ other than its index (features.md, accuracy.md, ...)."""
+    return sorted(n for n in os.listdir(DOCS) if n.endswith(".md") and n != "index.md")
+
+
+def render_page(name, out_dir):
+    """HTML of the page docs/NAME.md, its links rewritten for out_dir (see _relink)."""
+    with open(os.path.join(DOCS, name), encoding="utf-8") as f:
+        text = f.read()
+    match = re.match(r"#\s+(.+)", text)
+    title = match.group(1).strip() if match else name[:-3]
+    text = LINK.sub(lambda m: _relink(m.group(1), m.group(2), out_dir), text)
+    return _page(title, _markdown(text))
 
 
 def _first_line(path):
@@ -157,7 +182,11 @@ def main(argv=None):
         page = render_tutorial(os.path.join(TUTORIALS, name), titles[name])
         with open(os.path.join(out_dir, name[:-3] + ".html"), "w", encoding="utf-8") as f:
             f.write(page)
-    print(f"wrote {out_dir}/index.html and {len(names)} tutorial pages")
+    pages = page_names()
+    for name in pages:
+        with open(os.path.join(out_dir, name[:-3] + ".html"), "w", encoding="utf-8") as f:
+            f.write(render_page(name, out_dir))
+    print(f"wrote {out_dir}/index.html, {len(names)} tutorial pages and {len(pages)} other pages")
 
 
 if __name__ == "__main__":

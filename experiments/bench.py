@@ -3,7 +3,7 @@ all in one process, on Bayesian logistic regression (mean-field, 16 particles), 
 SVI in a separate JAX virtualenv; then how bbvi's step scales with particles, data size and latent dimension.
 
 Run by `make bench` (writes results/bench.csv, results/bench_scaling.csv, results/bench.md, results/bench.png),
-which then runs bench_converged.py and regenerates the README's speed section.
+which then runs bench_converged.py and regenerates the speed block (docs/speed.md, "Speed").
 Timing: each contender runs `--steps` steps after a warm-up, repeated `--repeats` times round-robin (so drift
 hits all alike); the median time per step is reported, with ratios to the hand-written step.
 NumPyro (JAX) cannot share the torch process: bench_numpyro.py times it in <repo>/.bench-jax (made on demand by
@@ -404,7 +404,7 @@ def main(argv=None):
 
 
 def _update_readme(out, machine, per_step, scaling):
-    """Regenerate the README's speed section from this run's tables."""
+    """Regenerate the speed block (docs/speed.md, "Speed") from this run's tables."""
     from common import replace_readme_block
     big = scaling[((scaling.N >= 100_000) | (scaling.D >= 1000)) & (scaling.family == "meanfield")]
     with open(os.path.join(out, "bench_converged.md")) as f:

@@ -1,6 +1,8 @@
 """Shared plumbing of the experiment scripts: the repository on sys.path, output folder, markdown tables."""
 import argparse
+import glob
 import os
+import re
 import sys
 import warnings
 
@@ -40,17 +42,63 @@ def single_thread():
     torch.set_num_threads(1)
 
 
-def replace_readme_block(tag, heading, block):
-    """Put `block` between <!-- tag:start --> and <!-- tag:end --> in the README (appending a section with
-    `heading` if the markers are missing)."""
+# Where a block goes when its markers are in no page yet (a new block, or markers removed by hand): the page that
+# holds its kind of result. A tag not named here goes to docs/experiments.md.
+BLOCK_PAGES = {"yardstick": "docs/accuracy.md", "defaults": "docs/accuracy.md",
+               "natural": "docs/features.md", "flows": "docs/features.md", "greeks": "docs/features.md",
+               "policy_gradient": "docs/features.md", "blackbox": "docs/features.md",
+               "experiments": "docs/experiments.md", "rao_blackwell": "docs/experiments.md",
+               "scale": "docs/speed.md", "bench": "docs/speed.md"}
+_LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
+
+
+def block_pages(root=ROOT):
+    """The pages a generated block may live in: README.md and every docs/*.md, relative to root."""
+    pages = ["README.md"] + sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "docs", "*.md")))
+    return [p for p in pages if os.path.exists(os.path.join(root, p))]
+
+
+def relink(block, page):
+    """`block`'s relative links (written relative to the repository root, e.g. docs/figures/x.png) made relative to
+    the folder of `page` (figures/x.png in docs/accuracy.md); absolute URLs and #anchors are left as they are."""
+    folder = os.path.dirname(page)
+
+    def fix(match):
+        target = match.group(2)
+        if re.match(r"^[a-z][a-z0-9+.-]*:|^#|^/", target):
+            return match.group(0)
+        path, hash_, anchor = target.partition("#")
+        return match.group(1) + os.path.relpath(path, folder or ".").replace(os.sep, "/") + hash_ + anchor + match.group(3)
+    return _LINK.sub(fix, block)
+
+
+def replace_readme_block(tag, heading, block, root=ROOT):
+    """Put `block` between <!-- tag:start --> and <!-- tag:end --> in whichever page holds those markers: README.md
+    or any docs/*.md (the generated blocks now live in docs/: accuracy.md, features.md, experiments.md, speed.md).
+    Where no page has them, a section `## heading` with the block is appended to the page BLOCK_PAGES names for the
+    tag (docs/experiments.md for a tag it does not name; the page is created if missing). The block's relative links
+    are written relative to the repository root and rewritten relative to the page's folder. Markers in more than
+    one page are an error (which one to write is then a guess). Returns the page written, relative to root."""
     start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    path = os.path.join(ROOT, "README.md")
-    with open(path) as f:
-        text = f.read()
-    block = f"{start}\n\n{block.strip()}\n\n{end}"
-    if start in text and end in text:
+    found = []
+    for page in block_pages(root):
+        with open(os.path.join(root, page), encoding="utf-8") as f:
+            text = f.read()
+        if start in text and end in text:
+            found.append((page, text))
+    if len(found) > 1:
+        raise RuntimeError(f"the markers of block {tag!r} are in {[p for p, _ in found]}: keep them in one page")
+    if found:
+        page, text = found[0]
+        block = f"{start}\n\n{relink(block, page).strip()}\n\n{end}"
         text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip() + f"\n\n## {heading}\n\n{block}\n"
-    with open(path, "w") as f:
+        page = BLOCK_PAGES.get(tag, "docs/experiments.md")
+        path = os.path.join(root, page)
+        text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+        block = f"{start}\n\n{relink(block, page).strip()}\n\n{end}"
+        text = text.rstrip() + ("\n\n" if text.strip() else "") + f"## {heading}\n\n{block}\n"
+    os.makedirs(os.path.dirname(os.path.join(root, page)) or ".", exist_ok=True)
+    with open(os.path.join(root, page), "w", encoding="utf-8") as f:
         f.write(text)
+    return page

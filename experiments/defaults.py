@@ -102,7 +102,7 @@ def main(argv=None):
 
 
 def readme_block(frame):
-    """The README's lead table: accuracy and warnings per posterior and config, then cost, from defaults.csv."""
+    """The defaults block (docs/accuracy.md, "Right by default"): accuracy and warnings per posterior and config, then cost, from defaults.csv."""
     f = frame.copy()
     f["posterior"] = f.posterior.str.split("-").str[-1]
 

@@ -77,7 +77,7 @@ def main(argv=None):
 
 
 def readme_block(out, accuracy):
-    """The README's flows block: this experiment's table, and the flow column of the accuracy grid against the
+    """The flows block (docs/features.md, "Flows"): this experiment's table, and the flow column of the accuracy grid against the
     best Gaussian per posterior with time per step against full rank."""
     import pandas as pd
     table = open(f"{out}/flows.md").read().replace("### ", "#### ", 1)

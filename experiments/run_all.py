@@ -1,7 +1,8 @@
 """Every experiment, in one command (`make experiments`): the field's yardstick (36 posteriordb posteriors beside
 Baudart & Mandel's published table), the defaults on posteriordb, accuracy on posteriordb, flows, gradient variance,
 convergence, discrete models, natural-gradient steps, black-box optimisation, policy gradients,
-option Greeks with bbvi.expectation, and scale (minibatches and data parallel against N); then the README's results section is regenerated from their tables, and the
+option Greeks with bbvi.expectation, and scale (minibatches and data parallel against N); then the results blocks of docs/ (accuracy.md, features.md, experiments.md, speed.md:
+wherever their markers are, common.replace_readme_block) are regenerated from their tables, and the
 headline figures are copied to docs/figures/."""
 import os
 import shutil

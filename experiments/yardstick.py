@@ -261,7 +261,8 @@ def _figure(frame, table, path):
 
 
 def readme_block(out):
-    """The README's yardstick section, from yardstick.csv and its counts."""
+    """The yardstick block (docs/accuracy.md, "The field's yardstick"; the README's headline table copies its
+    summary), from yardstick.csv and its counts."""
     import pandas as pd
     frame = pd.read_csv(os.path.join(out, "yardstick.csv"))
     summary = pd.read_csv(os.path.join(out, "yardstick_counts.csv"))

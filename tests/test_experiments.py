@@ -141,3 +141,34 @@ def test_verify_posteriordb_reads_references_picks_the_metric_and_keeps_its_reco
     assert list(frame.posterior) == ["a", "b"] and frame.passed.all()
     v.record_rows([{"posterior": "c", "passed": True, "evals": 3}], str(tmp_path / "new.csv"))
     assert pd.read_csv(tmp_path / "new.csv").evals.dtype.kind == "i"      # ints stay ints
+
+
+def test_generated_blocks_are_found_in_whichever_page_holds_their_markers(tmp_path):
+    """replace_readme_block writes a block between its markers in README.md or any docs/*.md, its links rewritten
+    relative to the page; without markers it appends to the tag's page (creating it); markers twice are refused."""
+    import common
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("# r\n\n<!-- top:start -->\nold\n<!-- top:end -->\n")
+    (tmp_path / "docs" / "accuracy.md").write_text("# a\n\n<!-- yardstick:start -->\nold\n<!-- yardstick:end -->\n\ntail\n")
+    block = "new ![y](docs/figures/y.png) [s](docs/speed.md#scale) [w](https://x.org/a) [h](#here)"
+    assert common.replace_readme_block("yardstick", "Y", block, root=str(tmp_path)) == "docs/accuracy.md"
+    text = (tmp_path / "docs" / "accuracy.md").read_text()
+    assert "old" not in text and text.endswith("<!-- yardstick:end -->\n\ntail\n")
+    assert "![y](figures/y.png) [s](speed.md#scale) [w](https://x.org/a) [h](#here)" in text
+    assert common.replace_readme_block("top", "T", block, root=str(tmp_path)) == "README.md"
+    assert "![y](docs/figures/y.png)" in (tmp_path / "README.md").read_text()
+    assert common.replace_readme_block("bench", "Speed", "b", root=str(tmp_path)) == "docs/speed.md"
+    assert (tmp_path / "docs" / "speed.md").read_text() == "## Speed\n\n<!-- bench:start -->\n\nb\n\n<!-- bench:end -->\n"
+    assert common.replace_readme_block("new_tag", "New", "n", root=str(tmp_path)) == "docs/experiments.md"
+    (tmp_path / "docs" / "x.md").write_text("<!-- top:start -->\n<!-- top:end -->\n")
+    with pytest.raises(RuntimeError, match="keep them in one page"):
+        common.replace_readme_block("top", "T", block, root=str(tmp_path))
+
+
+def test_every_generated_block_has_its_markers_in_one_page_of_the_docs():
+    """Each block run_all.py and bench.py write is in exactly one page, the one BLOCK_PAGES names for it (where it
+    would be appended if its markers were lost)."""
+    import common
+    for tag, page in common.BLOCK_PAGES.items():
+        holders = [p for p in common.block_pages() if f"<!-- {tag}:start -->" in open(os.path.join(ROOT, p)).read()]
+        assert holders == [page], (tag, holders)

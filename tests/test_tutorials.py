@@ -49,6 +49,10 @@ def test_the_tutorial_pages_render(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     pages = sorted(os.listdir(tmp_path / "tutorials"))
-    assert pages == sorted(["index.html"] + [os.path.basename(p)[:-3] + ".html" for p in TUTORIALS])
+    others = [p[:-3] + ".html" for p in os.listdir(DOCS) if p.endswith(".md") and p != "index.md"]
+    assert pages == sorted(["index.html"] + [os.path.basename(p)[:-3] + ".html" for p in TUTORIALS] + others)
     page = (tmp_path / "tutorials" / "fit_a_model.html").read_text()
     assert "<h1>Fit a model</h1>" in page and "The exact posterior, for the check" in page
+    accuracy = (tmp_path / "tutorials" / "accuracy.html").read_text()   # docs/accuracy.md, its figure relinked
+    assert "yardstick" in accuracy and "figures/yardstick.png" in accuracy
+    assert 'href="accuracy.html' in (tmp_path / "tutorials" / "index.html").read_text()

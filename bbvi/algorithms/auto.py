@@ -2,7 +2,7 @@
 
 Batch and match (bam.py) fits a full-rank Gaussian from the scores in a few dozen steps of 32 particles or more, with
 no learning rate: on the 36 yardstick posteriors it is as right as the stochastic-gradient fit at about a twentieth
-of its gradient evaluations (README, "The field's yardstick"). It applies when
+of its gradient evaluations (docs/accuracy.md, "The field's yardstick"). It applies when
 - no family is given (family=None) and no option of the stochastic-gradient fit is (estimator, baseline, lr,
   optimizer, schedule, steps, max_steps, clip_grad, tol_rel_obj, subsample_size, distributed, compile): those ask
   for that fit, and get it as before;

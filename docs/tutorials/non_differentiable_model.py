@@ -93,4 +93,4 @@ check(fit_bb, "one-particle black box")
 
 # The same score path serves discrete latents (see `discrete_latents.py`). With many latents its variance
 # grows; then more particles (`num_particles=64`) help, and bbvi's factor terms (return a dict of named terms
-# from the log-joint, see README) let each latent's score be weighted only by the terms that depend on it.
+# from the log-joint, see docs/features.md) let each latent's score be weighted only by the terms that depend on it.
