@@ -165,7 +165,7 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
         if comm is not None:  # rank 0's check (and warning) on the full data; its findings on every rank
             result.reliability = comm.share(result.reliability)
         if goes_on:
-            result = algorithm.after_check(result, seed=seed, device=device, dtype=dtype, progress=progress,
+            result = algorithm.after_check(result, fit=fit, seed=seed, device=device, dtype=dtype, progress=progress,
                                            callbacks=callbacks, max_consecutive_failures=max_consecutive_failures,
                                            stacklevel=3)
     return result

@@ -1,6 +1,6 @@
 """Every experiment, in one command (`make experiments`): the field's yardstick (36 posteriordb posteriors beside
 Baudart & Mandel's published table), the defaults on posteriordb, accuracy on posteriordb, flows, gradient variance,
-convergence, discrete models, natural-gradient steps, black-box optimisation, policy gradients,
+convergence, the stochastic-gradient rule's overshoot (stopping), discrete models, natural-gradient steps, black-box optimisation, policy gradients,
 option Greeks with bbvi.expectation, and scale (minibatches and data parallel against N); then the results blocks of docs/ (accuracy.md, features.md, experiments.md, speed.md:
 wherever their markers are, common.replace_readme_block) are regenerated from their tables, and the
 headline figures are copied to docs/figures/."""
@@ -23,11 +23,12 @@ import natural
 import policy_gradient
 import rao_blackwell
 import scale
+import stopping
 import yardstick
 
-MODULES = (yardstick, defaults, accuracy, flows, gradient_variance, convergence, discrete, rao_blackwell, natural, blackbox,
+MODULES = (yardstick, defaults, accuracy, flows, gradient_variance, convergence, stopping, discrete, rao_blackwell, natural, blackbox,
            policy_gradient, greeks, scale)
-PARTS = ("yardstick", "defaults", "accuracy", "flows", "convergence", "discrete", "rao_blackwell", "natural", "blackbox",
+PARTS = ("yardstick", "defaults", "accuracy", "flows", "convergence", "stopping", "discrete", "rao_blackwell", "natural", "blackbox",
          "policy_gradient", "greeks", "scale")   # the tables gathered in experiments.md, in order
 
 

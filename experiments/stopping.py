@@ -21,16 +21,17 @@ def max_mean_error(fit, reference):
         return errors(fit.sample(4000, seed=1), reference)[0]
 
 
-def run_one(name):
+def run_one(job):
+    name, cap_all = job
     single_thread()
     import bbvi
     from models import posteriordb
     model, ref = posteriordb.load(name), posteriordb.reference(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        full = bbvi.fit(model, method="sgd", seed=0, diagnose=False)
+        full = bbvi.fit(model, method="sgd", seed=0, max_steps=cap_all, diagnose=False)
         err = max_mean_error(full, ref)
-        row = dict(posterior=name, status=full.status, steps=full.num_steps, max_mean_err_sd=err, needed=None)
+        row = dict(posterior=name, status=full.status, steps=full.num_steps, max_mean_err_sd=err, needed=None, overshoot=None)
         if err >= TOL:
             return row
         for cap in (n for n in GRID if n < full.num_steps):
@@ -47,7 +48,7 @@ def main(argv=None):
     args = parse(__doc__.splitlines()[0], argv)
     import pandas as pd
     from yardstick import names
-    todo = ["kidiq-kidscore_momhs"] if args.quick else names()
+    todo = [("kidiq-kidscore_momhs", 300)] if args.quick else [(n, None) for n in names()]   # --quick: 300 steps
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
         rows = pool.map(run_one, todo)
     frame = pd.DataFrame(rows).sort_values("posterior").reset_index(drop=True)

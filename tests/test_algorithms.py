@@ -223,7 +223,7 @@ def test_auto_goes_on_to_a_flow_where_the_gaussian_is_suspect():
     assert abs(x.mean().item() - mean) / sd < 0.1 and abs(x.std().item() / sd - 1) < 0.2
     assert not fit.reliability["warnings"] and any("was suspect (k-hat 0.72" in n for n in fit.reliability["notes"])
     assert fit.num_gradient_evals == fit.num_fit_evals + fit.num_check_evals + gaussian.num_gradient_evals
-    assert fit.num_fit_evals == fit.num_steps * 64 and fit.num_steps <= fallback.BUDGET_STEPS
+    assert fit.num_fit_evals == fit.num_steps * 64 and fit.num_steps <= fallback.SUSPECT_BUDGET_STEPS
 
 
 def test_auto_keeps_the_gaussian_when_the_flow_after_it_fails():
@@ -244,7 +244,7 @@ def test_auto_returns_the_quiet_gaussian_over_a_warned_flow(monkeypatch):
     """A flow cut at a budget too small for it (20 steps) is warned (it did not converge); the Gaussian, only
     suspect, is returned with a note, and the flow is kept in fit.tried."""
     import warnings
-    monkeypatch.setattr(fallback, "BUDGET_STEPS", 20)
+    monkeypatch.setattr(fallback, "SUSPECT_BUDGET_STEPS", 20)
     model, _, _ = _skewed(0.3, 2.0, 1.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error", bbvi.ReliabilityWarning)

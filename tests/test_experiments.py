@@ -14,7 +14,7 @@ def _quick(name, out):
 
 
 # One test per experiment, so that the 2-worker test run can balance them (run_all.main runs them all in turn).
-EXPERIMENTS = ["yardstick", "defaults", "accuracy", "gradient_variance", "convergence", "discrete", "rao_blackwell", "natural",
+EXPERIMENTS = ["yardstick", "defaults", "accuracy", "gradient_variance", "convergence", "stopping", "discrete", "rao_blackwell", "natural",
                "blackbox", "policy_gradient", "greeks", "scale"]   # and flows, with accuracy
 
 

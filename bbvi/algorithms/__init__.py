@@ -9,8 +9,9 @@ An algorithm is a module (or any object) with
   it (bbvi.fit adds callbacks, checkpoints, Ctrl-C undo, the progress bar and the end-of-fit check);
 - optionally `settings(state) -> dict`: what `fit.settings` records of it beyond fit's options, and
   `default_family`: the family fit passes when family is None (num_particles=None is passed on as it is), and
-  `after_check(result, *, stacklevel, **options) -> Result`: what follows the end-of-fit check, which then runs
-  quietly (the algorithm warns itself: 'auto' goes on to a flow where its Gaussian is warned).
+  `after_check(result, *, fit, stacklevel, **options) -> Result`: what follows the end-of-fit check, which then
+  runs quietly (the algorithm warns itself: 'auto' goes on to a flow where its Gaussian is suspect, by calling
+  `fit`, bbvi.fit itself, passed in so that no algorithm imports the loop).
 
 Built in: 'auto' (bbvi.fit's default: 'bam' where it applies, 'sgd' elsewhere: `auto.py`), 'sgd'
 (stochastic-gradient ascent on the ELBO: `sgd.py`), 'laplace' (q = N(MAP, H^-1) on the

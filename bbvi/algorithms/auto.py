@@ -88,7 +88,8 @@ def after_check(result, *, stacklevel, **options):
     """Once the end-of-fit check has run (quietly): where batch and match ran and its check warns, or its k-hat is
     above the threshold, a flow started at its Gaussian (bbvi.algorithms.fallback); otherwise the check's warning,
     if any. Returns the Result to return.
-    options: fit's seed, device, dtype, progress, callbacks and max_consecutive_failures."""
+    options: bbvi.fit itself (`fit`), and its seed, device, dtype, progress, callbacks and
+    max_consecutive_failures."""
     from ..diagnostics import warn_unreliable
     if result.settings.get("method", "").startswith("bam") and fallback.needed(result):
         return fallback.go_on(result, stacklevel=stacklevel + 1, **options)

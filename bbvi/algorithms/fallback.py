@@ -3,8 +3,9 @@
 Where the end-of-fit check warns about batch and match's full-rank Gaussian (importance sampling moves a mean or an
 sd, k-hat above 1, the MAP start found no mode, ...) or its k-hat is above the threshold (`needed`), a normalizing flow (family='flow', bbvi.flows) whose Gaussian
 part starts at that q goes on for at most BUDGET_STEPS steps of the stochastic-gradient fit (64 particles a step:
-128,000 gradient evaluations at most, about NUTS's median cost on the yardstick's 36 posteriors), and the flow's own
-end-of-fit check decides which q the call returns:
+128,000 gradient evaluations at most, about NUTS's median cost on the yardstick's 36 posteriors; SUSPECT_BUDGET_STEPS
+where the Gaussian was not warned, only its k-hat high), and the flow's own end-of-fit check decides which q the
+call returns (not where the mode search found several modes: a flow started at one does not find the others):
 - the flow's check passes: the flow, with a note that says why the Gaussian was suspect;
 - the flow's check warns and the Gaussian's did not (k-hat alone): the Gaussian, with a note;
 - both are warned: the one with the higher ELBO (estimated from each check's draws: the lower KL(q || p)), with
@@ -23,9 +24,13 @@ from ..errors import FitError
 from ..start import Start
 from . import sgd
 
-__all__ = ["FromGaussian", "go_on", "BUDGET_STEPS"]
+__all__ = ["FromGaussian", "go_on", "needed", "budget", "BUDGET_STEPS", "SUSPECT_BUDGET_STEPS"]
 
-BUDGET_STEPS = 2000
+BUDGET_STEPS = 2000          # after a warned Gaussian
+SUSPECT_BUDGET_STEPS = 1000  # after a Gaussian with k-hat above the threshold and nothing else found: the flows that
+#                              helped there converged in 450-550 steps (hmm_drive_1, logmesquite_logvolume, a skewed
+#                              1-D target); the one that did not (eight_schools_noncentered) ran to any cap, its
+#                              Gaussian returned
 
 
 class FromGaussian:
@@ -59,10 +64,18 @@ class FromGaussian:
 def needed(gaussian):
     """Whether the Gaussian's check calls for the flow: it warns, or its k-hat is above the threshold for its draws
     (a note only, where importance sampling moves no mean or sd: measured on a skewed 1-D target, a Gaussian 0.11 sd
-    off at k-hat 0.72 that importance sampling could not tell apart from right). Not after a callback stopped it."""
+    off at k-hat 0.72 that importance sampling could not tell apart from right). Not after a callback stopped it, nor
+    where the mode search found other modes."""
     r = gaussian.reliability
+    if len(r.get("modes", [])) > 1:   # a flow started at one mode does not find another (the warning says what to do)
+        return False
     return gaussian.status in ("completed", "converged") and bool(
         r.get("warnings") or r.get("khat", 0.0) > r.get("khat_threshold", float("inf")))
+
+
+def budget(gaussian):
+    """The flow's max_steps: BUDGET_STEPS after a warned Gaussian, SUSPECT_BUDGET_STEPS after one only suspect."""
+    return BUDGET_STEPS if gaussian.reliability.get("warnings") else SUSPECT_BUDGET_STEPS
 
 
 def _settled_at_budget(flow):
@@ -79,14 +92,13 @@ def _settled_at_budget(flow):
                           f"q's sd), with nothing else found by the check: not a warning")
 
 
-def go_on(gaussian, *, seed, device, dtype, progress, callbacks, max_consecutive_failures, stacklevel):
+def go_on(gaussian, *, fit, seed, device, dtype, progress, callbacks, max_consecutive_failures, stacklevel):
     """The flow after a suspect Gaussian (the module docstring): the Result to return, warned about where it must be
-    (stacklevel: as warnings.warn's, counted from this function)."""
+    (stacklevel: as warnings.warn's, counted from this function; fit: bbvi.fit, passed in by it)."""
     from ..diagnostics import check_reliability, warn_unreliable
-    from ..fit import fit
-    began, flow, failure = time.perf_counter(), None, ""
+    began, flow, failure, steps = time.perf_counter(), None, "", budget(gaussian)
     try:
-        flow = fit(gaussian.model, family="flow", method=FromGaussian(gaussian), seed=seed, max_steps=BUDGET_STEPS,
+        flow = fit(gaussian.model, family="flow", method=FromGaussian(gaussian), seed=seed, max_steps=steps,
                    device=device, dtype=dtype, progress=progress, callbacks=callbacks,
                    max_consecutive_failures=max_consecutive_failures, diagnose=False)
     except FitError as e:
@@ -103,7 +115,7 @@ def go_on(gaussian, *, seed, device, dtype, progress, callbacks, max_consecutive
     seconds = time.perf_counter() - began
     g = gaussian.reliability
     suspect = "; ".join(g["warnings"]) or f"k-hat {g['khat']:.2f} above {g['khat_threshold']:.2f}"
-    tried = f"a flow started at batch and match's Gaussian (at most {BUDGET_STEPS} steps)"
+    tried = f"a flow started at batch and match's Gaussian (at most {steps} steps)"
     if failure:
         (g["warnings"] if g["warnings"] else g["notes"]).append(f"{tried} {failure}")
         gaussian.settings["method"] += f"; then {tried}, which {failure}"
