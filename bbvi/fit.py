@@ -63,14 +63,14 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     latents get mean-field Categorical factors. num_particles: draws per step, 16 by default (a flow: 64). estimator: 'auto' | 'score' | 'reparam' | 'stl' (or bbvi.Score(...)
     ...); baseline (score terms): None | 'ema' | 'loo' | 'cv', LOO by default. optimizer: 'adam' | 'adagrad' |
     'sgd' | 'rmsprop' | 'natural' (natural-gradient steps in q's Fisher geometry, meanfield/fullrank and
-    Categorical factors, bbvi.natural; lr is then the step size rho, 0.3 by default) or a
-    callable (params, lr) -> Optimizer. steps=N runs exactly N steps (status
+    Categorical factors, bbvi.natural; lr is then the step size rho, 0.3 by default) or a callable (params, lr)
+    -> torch.optim.Optimizer whose step needs no closure (LBFGS is refused). steps=N runs exactly N steps (status
     'completed') with lr (0.05 by default) and `schedule`: 'cosine' (the default with steps=N: lr decays to 2%
     over the steps) | None (constant) | 'exponential' | callable t -> lr factor | bbvi.Adaptive(...) (then N is
     its cap). clip_grad: max global gradient norm. tol_rel_obj: with steps=N, stop early when the ELBO's
-    relative change (Stan ADVI's test) falls below it, checked every `check_every` steps. callbacks: callables
-    (state) -> bool, called after every step; True stops the fit. progress: tqdm bar (default: when stderr is a
-    terminal). init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
+    relative change (Stan ADVI's test) falls below it, checked every `check_every` steps. callbacks: a list of
+    callables (state) -> bool, called after every step; True stops the fit. progress: tqdm bar (default: when
+    stderr is a terminal). init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
     'map' (q starts at the MAP with Laplace scales, or a ConfigError says why it cannot). subsample_size: B
     rows of every plate per step (an int, or {plate: B}) for a model with plates (bbvi.Model(plates=...)): each
     step's ELBO and gradient are unbiased for the full data's (bbvi.subsample). subsample_cv: with minibatches,
@@ -193,7 +193,13 @@ def _check_loop_options(tol_rel_obj, steps, check_every, max_consecutive_failure
             raise ConfigError(f"{name} must be a file path, got {path!r}")
     if checkpoint is not None:
         check_writable(checkpoint, "checkpoint")
-    callbacks = tuple(callbacks)
+    if callable(callbacks):
+        raise ConfigError(f"callbacks must be a list of callables (state) -> bool, got the callable "
+                          f"{getattr(callbacks, '__name__', callbacks)!r} itself: pass callbacks=[it]")
+    try:
+        callbacks = tuple(callbacks)
+    except TypeError:
+        raise ConfigError(f"callbacks must be a list of callables (state) -> bool, got {callbacks!r}") from None
     if not all(callable(c) for c in callbacks):
         raise ConfigError("callbacks must be callables (state) -> bool")
     for name, value in (("subsample_cv", subsample_cv), ("distributed", distributed), ("compile", compile)):

@@ -6,6 +6,7 @@ guarded update and the adaptive rule's look at it. bbvi.fit drives it (bbvi/fit.
 A step whose ELBO estimate or gradient is NaN/inf is skipped (parameters untouched) and counted in the record
 (bbvi.record); one whose gradient would overflow the optimizer's statistics is scaled down (bbvi.update).
 """
+import inspect
 import warnings
 
 import torch
@@ -105,7 +106,7 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
             generator.manual_seed(seed + comm.rank)
     leaves = [t for g in params.values() for t in g.values()]
     base_lr = rule.lr if rule is not None else (0.05 if lr is None else lr)
-    opt = NaturalGradient(params, family, lr=base_lr) if natural else make_opt(leaves, lr=base_lr)
+    opt = NaturalGradient(params, family, lr=base_lr) if natural else _made(make_opt(leaves, lr=base_lr), optimizer)
     state = FitState(model=model, family=family, discrete=discrete, plan=plan, report=report, params=params,
                      optimizer=opt, lr=float(base_lr), schedule=factor, generator=generator,
                      baseline_state=init_baseline_state(plan, device, dtype), num_particles=num_particles,
@@ -117,6 +118,22 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         state.tracker = rule.tracker(state)
         state.schedule = state.tracker.factor
     return state
+
+
+def _made(opt, optimizer):
+    """The optimizer a callable `optimizer` made, if bbvi can step it: a torch.optim.Optimizer whose step needs no
+    closure (one stochastic gradient per step), else a ConfigError saying what it returned."""
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer {optimizer!r} returned {type(opt).__name__} ({opt!r:.80}), not a "
+                          f"torch.optim.Optimizer: a callable optimizer must return one, e.g. "
+                          f"lambda params, lr: torch.optim.Adam(params, lr=lr)")
+    closure = inspect.signature(opt.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ConfigError(f"optimizer {type(opt).__name__} needs a closure in its step (it re-evaluates the objective "
+                          f"several times per step, as a line search on a deterministic loss does); bbvi's steps are "
+                          f"one stochastic ELBO gradient each: use 'adam' (the default), 'adagrad', 'rmsprop', 'sgd' "
+                          f"or a first-order torch.optim optimizer")
+    return opt
 
 
 def _optimizer(optimizer, family, lr, schedule):
