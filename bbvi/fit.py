@@ -86,8 +86,8 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     step at small N once compiled (compiling takes seconds: worth it for long fits).
 
     checkpoint: a file path where the full fit state is written atomically (with a checksum) every
-    `checkpoint_every` steps and when the fit ends (also on Ctrl-C); a path that cannot be written (a folder, a
-    folder that is not writable) is a ConfigError before the first step, and a write that fails later is a
+    `checkpoint_every` steps and when the fit ends (also on Ctrl-C); a path that cannot be written ('', a folder, a
+    folder where no file can be created, as under /proc) is a ConfigError before the first step, and a write that fails later is a
     FitError holding the fit so far. Ctrl-C (a KeyboardInterrupt anywhere in a step, also from the log-joint or a
     signal; SIGTERM is handled the same way while the fit runs) returns, and checkpoints, the fit at the last completed step: a step it cuts short is undone.
     resume: a checkpoint path to continue from, with the same model and settings, reaching bit for bit the

@@ -95,3 +95,20 @@ def test_keyboard_interrupt_returns_the_fit_so_far():
             raise KeyboardInterrupt
     fit = bbvi.fit(model, steps=1000, callbacks=[interrupt])
     assert fit.interrupted and fit.num_steps == 25 and len(fit.elbo) == 25
+
+
+def test_a_checkpoint_path_nothing_can_be_written_to_is_refused_before_the_first_step(tmp_path):
+    """Reliability III, A9: checkpoint='' and a path under /proc (where os.access says yes to root, but no file can
+    be created) ran 150 steps and failed at the first write (FitError); now a ConfigError before any step, naming
+    the path and, for /proc, the folder and the error."""
+    model, _ = gamma_poisson()
+    steps_run = []
+    count = [lambda s: steps_run.append(s.step)]
+    with pytest.raises(bbvi.ConfigError, match="checkpoint='' is an empty path"):
+        bbvi.fit(model, steps=150, checkpoint="", callbacks=count)
+    with pytest.raises(bbvi.ConfigError, match=r"checkpoint='/proc/ck.pt' cannot be written: creating a file in "
+                                               r"the folder '/proc' fails"):
+        bbvi.fit(model, steps=150, checkpoint="/proc/ck.pt", callbacks=count)
+    assert steps_run == []
+    bbvi.fit(model, steps=3, checkpoint=str(tmp_path / "new" / "ck.pt"), diagnose=False)   # a folder made on the way
+    assert os.listdir(tmp_path / "new") == ["ck.pt"]
