@@ -71,7 +71,9 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     relative change (Stan ADVI's test) falls below it, checked every `check_every` steps. callbacks: a list of
     callables (state) -> bool, called after every step; True stops the fit. progress: tqdm bar (default: when
     stderr is a terminal). init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
-    'map' (q starts at the MAP with Laplace scales, or a ConfigError says why it cannot). subsample_size: B
+    'map' (q starts at the MAP with Laplace scales, or a ConfigError says why it cannot). init_values: {latent:
+    constrained value}; a discrete latent's value is where the first check evaluates the log-joint (without it,
+    the first of a few draws from q's uniform start at which the log-joint is finite). subsample_size: B
     rows of every plate per step (an int, or {plate: B}) for a model with plates (bbvi.Model(plates=...)): each
     step's ELBO and gradient are unbiased for the full data's (bbvi.subsample). subsample_cv: with minibatches,
     each plate factor gets a control variate, its first-order Taylor expansion at q's mean, re-anchored every

@@ -14,10 +14,11 @@ definite) counts as -inf there: the line search backs off instead of the fit dyi
 import dataclasses
 
 import torch
+from torch.distributions import constraints
 
 from .errors import ConfigError
 
-__all__ = ["Start", "initial_loc", "laplace_start", "STRATEGIES"]
+__all__ = ["Start", "initial_loc", "initial_discrete", "finite_start", "laplace_start", "STRATEGIES"]
 
 STRATEGIES = ("auto", "map", "zero")
 
@@ -41,11 +42,12 @@ class _NoMode(ConfigError):
 
 
 def initial_loc(model, init_values, loc):
-    """loc (D,) with the unconstrained values of the latents named in `init_values` (constrained values)."""
-    unknown = set(init_values) - {b.name for b in model.blocks}
+    """loc (D,) with the unconstrained values of the continuous latents named in `init_values` (constrained
+    values; the discrete ones are `initial_discrete`'s)."""
+    unknown = set(init_values) - set(model.latents)
     if unknown:
-        raise ConfigError(f"init_values names {sorted(unknown)}, which are not continuous latents of "
-                          f"model {model.name!r}")
+        raise ConfigError(f"init_values names {sorted(unknown)}, which are not latents of model {model.name!r} "
+                          f"(its latents: {list(model.latents)})")
     loc = loc.clone()
     for b in model.blocks:
         if b.name in init_values:
@@ -62,6 +64,52 @@ def initial_loc(model, init_values, loc):
                                   f"{model.latents[b.name].support}")
             loc[b.start:b.stop] = uv
     return loc
+
+
+def initial_discrete(model, init_values, device):
+    """{name: value (*shape)} of the discrete latents named in `init_values`, each checked against the latent's
+    shape and support."""
+    out = {}
+    for name, (lat, low, k) in model.discrete.items():
+        if name not in init_values:
+            continue
+        try:
+            v = torch.as_tensor(init_values[name], device=device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"init_values[{name!r}] = {init_values[name]!r} is not a number or an array of numbers "
+                              f"of shape {lat.shape} ({e})") from None
+        if tuple(v.shape) != lat.shape:
+            raise ConfigError(f"init_values[{name!r}] has shape {tuple(v.shape)}, latent has {lat.shape}")
+        if v.is_complex() or not bool(((v == v.round()) & (v >= low) & (v <= low + k - 1)).all()):
+            raise ConfigError(f"init_values[{name!r}] = {v.tolist()} is outside the support {lat.support} (whole "
+                              f"numbers {low}..{low + k - 1})")
+        out[name] = v
+    return out
+
+
+def finite_start(model, u0, k, fixed, generator, num=256):
+    """Particle 0's discrete values (k[name][0], in place) set to the first of `num` draws from q_d's uniform
+    start at which the log density at u0 (D,) is finite, the latents in `fixed` (given by init_values) kept.
+    A discrete latent's support may hold values where the posterior is 0 (an N-mixture's N below the largest
+    count): the first random draw may land there. Returns whether one was found."""
+    draws = {}
+    for name, (lat, low, K) in model.discrete.items():
+        if name in fixed:
+            draws[name] = k[name][:1].expand((num,) + k[name].shape[1:])
+        else:
+            idx = torch.randint(K, (num,) + lat.shape, generator=generator, device=u0.device)
+            draws[name] = idx.to(k[name].dtype) + (0 if lat.support is constraints.boolean else low)
+    try:
+        with torch.no_grad():
+            lp, _ = model.log_density_guarded(u0[None].expand(num, -1), draws)
+    except Exception:  # noqa: BLE001 - a log-joint that fails here is described by the first check, not by this
+        return False
+    if not torch.is_tensor(lp) or tuple(lp.shape) != (num,) or not bool(torch.isfinite(lp).any()):
+        return False
+    i = int(torch.isfinite(lp).nonzero()[0])
+    for name in model.discrete:
+        k[name][0] = draws[name][i]
+    return True
 
 
 def choose(strategy, model, family, params, report, discrete_draw):
