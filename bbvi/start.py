@@ -135,7 +135,7 @@ def choose(strategy, model, family, params, report, discrete_draw):
 def laplace_start(model, family, params, report, discrete_draw, max_iter=500):
     """The MAP of the unconstrained density and its Hessian H (L-BFGS). With discrete latents, of its average
     over `discrete_draw` (draws from q's uniform starting factors): E_{q_d}[log p(u, k)], the continuous part of
-    the ELBO at the start. (Held at one draw, the start followed that draw: one random assignment of a mixture's
+    the ELBO at the start (over the draws where the log density at the start is finite, where some are not). (Held at one draw, the start followed that draw: one random assignment of a mixture's
     points put the components' means in the label-switched mode, and the fit stayed there.)
     Sets params to the Laplace start and returns (the model preconditioned by (MAP, 1/sqrt(H_ii)), number of
     gradient evaluations). ConfigError where the log-joint is not differentiable, _NoMode where the density has
@@ -148,10 +148,15 @@ def laplace_start(model, family, params, report, discrete_draw, max_iter=500):
                           f"{family!r} has not")
     M = next(iter(discrete_draw.values())).shape[0] if discrete_draw else 1
     k1 = discrete_draw
+    loc0 = params["continuous"]["loc"].detach().clone()
+    if discrete_draw:   # draws where the posterior is 0 (an N-mixture's N below the largest count) would make the
+        with torch.no_grad():   # average -inf everywhere: it is over the draws finite at the start
+            finite = torch.isfinite(model.log_density_guarded(loc0[None].expand(M, -1), k1)[0])
+        if bool(finite.any()) and not bool(finite.all()):
+            k1, M = {name: v[finite] for name, v in k1.items()}, int(finite.sum())
 
     def density(v):  # (D,) -> the log density, averaged over the discrete draws
         return model.log_density(v[None].expand(M, -1), k1).mean()
-    loc0 = params["continuous"]["loc"].detach().clone()
     u = loc0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([u], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-9, tolerance_change=1e-12)

@@ -73,13 +73,17 @@ def test_a_truncated_n_mixture_matches_exact_enumeration(with_w):
     """Reliability III, item 12: the first draw of N from q's uniform start fell below the largest count (seed 0:
     N = [0, 14, 3]), where the log-joint is -inf, and the fit was refused; init_values={'N': ...} was refused too
     (discrete latent). Beside a pathwise part (with_w) the -inf draws were left out of the discrete score terms,
-    so nothing pushed q(N) off the values the posterior rules out. Now particle 0 starts at the first finite draw,
-    and -inf draws are floored there as on the score path. Seen (3000 steps, seeds 0-1): total variation of q(N_i)
+    so nothing pushed q(N) off the values the posterior rules out, and the MAP start of w averaged over discrete
+    draws that were -inf (it said the posterior had no mode). Now particle 0 starts at the first finite draw, the
+    MAP start averages over the finite draws, and -inf draws are floored there as on the score path. Seen (3000 steps, seeds 0-1): total variation of q(N_i)
     against the exact p(N_i | y) <= 0.012, q's mass below max y_i <= 1.1e-3 (a Categorical cannot make it 0, and
     the end-of-fit check says so); tolerances 0.03 and 0.005."""
     model, y, exact = _n_mixture(with_w)
     with pytest.warns(bbvi.ReliabilityWarning, match="fall where the log-joint is -inf"):
         fit = bbvi.fit(model, steps=3000, seed=0, dtype=torch.float64)
+    # the MAP start of w averages over the discrete draws where the log-joint is finite (all of them gave -inf,
+    # and a false 'no mode')
+    assert fit.start.strategy == ("map" if with_w else "zero") and not fit.start.no_mode, fit.start
     q = probs(fit, "N")
     assert (0.5 * (q - exact).abs().sum(-1)).max() < 0.03
     below = torch.stack([q[i, :int(y[i].max())].sum() for i in range(3)])
