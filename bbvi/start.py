@@ -12,11 +12,12 @@ A log-joint that raises for a point the line search tries (a Cholesky of a kerne
 definite) counts as -inf there: the line search backs off instead of the fit dying.
 """
 import dataclasses
+import warnings
 
 import torch
 from torch.distributions import constraints
 
-from .errors import ConfigError
+from .errors import ConfigError, ReliabilityWarning
 
 __all__ = ["Start", "initial_loc", "initial_discrete", "finite_start", "laplace_start", "STRATEGIES"]
 
@@ -198,6 +199,8 @@ def laplace_start(model, family, params, report, discrete_draw, max_iter=500):
         raise _NoMode(f"init_strategy='map': the Hessian at the end of L-BFGS on model {model.name!r} is not "
                       f"positive definite: the density has no proper mode there (a funnel, an improper "
                       f"posterior or a saddle); use init_strategy='zero'")
+    if u.dtype != torch.float64:
+        _check_resolution(model, u, hess, density)
     scale = hess.diagonal().rsqrt()
     whitened = hess * scale[:, None] * scale[None, :]
     pc = params["continuous"]
@@ -209,6 +212,34 @@ def laplace_start(model, family, params, report, discrete_draw, max_iter=500):
                 pc[name].copy_(t)
     ratio = torch.linalg.inv(whitened).diagonal().rsqrt()   # whitened: unit diagonal, so H_ii = 1
     i = int(ratio.argmin())
+    return model.preconditioned(u, scale), calls[0] + model.dim, (_label(model, i), float(ratio[i]))
+
+
+def _label(model, i):
+    """The name of unconstrained coordinate i: the latent's, with the index of its element where it has several."""
     block = next(b for b in model.blocks if b.start <= i < b.stop)
-    label = block.name + (f"[{i - block.start}]" if block.stop - block.start > 1 else "")
-    return model.preconditioned(u, scale), calls[0] + model.dim, (label, float(ratio[i]))
+    return block.name + (f"[{i - block.start}]" if block.stop - block.start > 1 else "")
+
+
+def _check_resolution(model, u, hess, density):
+    """ReliabilityWarning where a fit in float32 (or lower) cannot resolve the posterior: at the end of L-BFGS u,
+    or where its Newton step H^-1 grad points (L-BFGS in float32 stops early where the log density is huge, e.g.
+    -1e16 at a mean of 1e8), the dtype's spacing exceeds the Laplace sd sqrt((H^-1)_ii). There q's steps cannot
+    move by a posterior sd, nor its mean be told from the next representable value: seen, q ended at 45 where the
+    posterior mean is 1e8 (sd 0.58). One more gradient evaluation, in float32 fits only."""
+    v = u.clone().requires_grad_(True)
+    with torch.enable_grad():
+        grad = torch.autograd.grad(density(v), v)[0]
+    sd = torch.linalg.inv(hess).diagonal().sqrt()
+    target = u + torch.linalg.solve(hess, grad)
+    spacing = torch.finfo(u.dtype).eps * torch.maximum(u.abs(), target.abs())
+    coarse = torch.nonzero(spacing > sd).flatten()
+    if len(coarse):
+        i = int(coarse[0])
+        name = str(u.dtype).replace("torch.", "")
+        warnings.warn(f"bbvi fit of {model.name!r}: {name} cannot resolve the posterior of {_label(model, i)} "
+                      f"(unconstrained): the MAP start ends at {u[i].item():.4g} and its Newton step points to "
+                      f"{target[i].item():.4g}, where {name}'s spacing ({spacing[i].item():.3g}) exceeds the "
+                      f"posterior sd ({sd[i].item():.3g}); q's steps cannot get there or resolve it "
+                      f"({len(coarse)} of {len(u)} coordinates): pass dtype=torch.float64 (or center and scale the "
+                      f"model's latents)", ReliabilityWarning, stacklevel=6)
