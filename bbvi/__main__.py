@@ -16,13 +16,14 @@ demo [--out results] [--quick]: fits the bundled eight-schools model (noncentere
 
 MODEL.py is a Python file that defines a bbvi.Model at module level; `:name` picks the variable when it defines
 more than one. Its folder is on sys.path while it is imported, so it can import its neighbours. Bad input (a
-missing file, no such variable, an option bbvi rejects) is one line `bbvi: error: ...` on stderr and exit
-status 2; a fit that fails (bbvi.FitError) exits with status 1. Warnings from the fit (bbvi.ReliabilityWarning)
-are printed to stderr.
+missing file, a model file that raises when imported, no such variable, an option bbvi rejects) is one line
+`bbvi: error: ...` on stderr and exit status 2; a fit that fails (bbvi.FitError) exits with status 1. Warnings
+from the fit (bbvi.ReliabilityWarning) are printed to stderr.
 """
 import argparse
 import os
 import sys
+import traceback
 import warnings
 
 _FAMILIES = ("meanfield", "fullrank", "lowrank", "flow")
@@ -88,6 +89,14 @@ def _import_file(path):
     sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(module_name, None)
+        from bbvi import BBVIError
+        if isinstance(e, (BBVIError, ImportError, SyntaxError)):   # main() reports these as they are
+            raise
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+        where = f" (line {lines[-1]})" if lines else ""
+        raise _UsageError(f"the model file {path!r} raised {type(e).__name__} when imported{where}: {e}") from e
     except BaseException:
         sys.modules.pop(module_name, None)
         raise

@@ -8,6 +8,7 @@ change the fit's length (`LENGTH`); bbvi.fit decides what such an extension mean
 """
 import functools
 import hashlib
+import numbers
 import types
 
 import torch
@@ -34,9 +35,11 @@ def save_checkpoint(state, path, settings, ranks=None):
 
 def read_checkpoint(state, path, settings, *, length_may_differ=False):
     """The checkpoint at `path`, checked against a freshly initialised FitState: the same model, family,
-    estimator and settings, or a ConfigError says what differs. With `length_may_differ`, the fit's length
+    estimator and settings, every field a resume reads, parameters of the fit's shapes and a step that is the
+    length of its ELBO trace, or a ConfigError says what differs. With `length_may_differ`, the fit's length
     (`steps`, `max_steps`) may differ: the caller decides whether that is an extension it can make."""
     ck = read(path, "checkpoint")
+    _check_keys(ck, state, path)
     check_signature(ck["model"], state.model, path, same_data=True)
     if ck["family"] != config_of(state.family) or ck["plan"] != plan_config(state.plan):
         raise ConfigError(f"{path!r} was saved by a fit with family {ck['family']} and plan {ck['plan']}; this fit "
@@ -48,7 +51,41 @@ def read_checkpoint(state, path, settings, *, length_may_differ=False):
         raise ConfigError(f"{path!r} was saved with other settings (saved, now): {differ}; resume with the same ones"
                           + (" (a longer fit: only steps, or max_steps for the adaptive rule, may grow)"
                              if length_may_differ else ""))
+    _check_values(ck, state, path)
     return ck
+
+
+def _check_keys(ck, state, path):
+    """ConfigError naming the fields a resume reads that the checkpoint lacks."""
+    needed = ["model", "family", "plan", "settings"] + [k for k in state.state_dict() if k != "order" and
+                                                         not (k == "tracker" and state.tracker is None)]
+    missing = [k for k in needed if k not in ck]
+    if missing:
+        raise ConfigError(f"{path!r} is not a usable bbvi checkpoint: it has no {missing} (a file bbvi writes has "
+                          f"them all); use another checkpoint or start a new fit")
+
+
+def _check_values(ck, state, path):
+    """ConfigError naming what is wrong where a checkpoint holds a parameter of another shape than the fit's
+    (copy_ would broadcast a 0-dim loc over every coordinate), or a step that is not the length of its ELBO trace
+    (a step is one ELBO value). A file bbvi wrote passes: this and `_check_keys` guard a file written before
+    checksums (read unchecked) or edited by hand."""
+    bad = f"{path!r} is not a usable bbvi checkpoint:"
+    for group, tensors in state.params.items():
+        for name, t in tensors.items():
+            saved = ck["params"].get(group, {}).get(name) if isinstance(ck["params"], dict) else None
+            if not torch.is_tensor(saved) or saved.shape != t.shape:
+                what = (f"has shape {tuple(saved.shape)}" if torch.is_tensor(saved) else
+                        "is missing" if saved is None else f"is a {type(saved).__name__}")
+                raise ConfigError(f"{bad} its params[{group!r}][{name!r}] {what}, but this fit's has shape "
+                                  f"{tuple(t.shape)} (model {state.model.name!r}, family "
+                                  f"{type(state.family).__name__})")
+    step, elbo = ck["step"], ck["elbo"]
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ConfigError(f"{bad} its step is {step!r}, not a whole number >= 0")
+    if not torch.is_tensor(elbo) or elbo.dim() != 1 or len(elbo) != step:
+        length = f"{len(elbo)} values" if torch.is_tensor(elbo) and elbo.dim() == 1 else repr(elbo)[:60]
+        raise ConfigError(f"{bad} its step is {step}, but its ELBO trace (one value per step) holds {length}")
 
 
 def load_checkpoint(state, ck):

@@ -108,6 +108,22 @@ def _selected(draws, ref_names, var_names):
             [k for k in var_names if k not in draws and k in ref_names])
 
 
+def _check_labels_distinct(names, draws):
+    """ConfigError where two parameters give the table the same row label (a latent 'a' of shape (2,) and a
+    latent 'a[0]' both label a row 'a[0]'): the rows could not be told apart."""
+    owner = {}
+    for name in names:
+        shape = tuple(torch.as_tensor(draws[name]).shape[1:])
+        for label in labels(name, shape):
+            if label in owner and owner[label][0] != name:
+                other, other_shape = owner[label]
+                raise ConfigError(f"compare: parameters {other!r} (shape {other_shape}) and {name!r} (shape {shape}) "
+                                  f"both give a row labelled {label!r}, so the table could not tell them apart: "
+                                  f"rename one (a name without '[...]'), or compare them one at a time "
+                                  f"(var_names={other!r}, then var_names={name!r})")
+            owner[label] = (name, shape)
+
+
 def _reference_values(idata, name):
     """The reference's draws of `name`, (n, *shape) float64: at least 2 of them, all finite."""
     ref = idata.posterior[name].values
@@ -200,7 +216,8 @@ def compare(fit, reference, num_draws=4000, seed=0, var_names=None):
     differ). `fit`: a bbvi Result or a dict of draws. `var_names`: one name or a list of names (each in the fit or
     the reference); by default every name of the fit. A name the fit has but the reference lacks is not compared:
     a UserWarning and the verdict line say so (df.attrs['not_compared']). The reference needs at least 2 draws
-    per parameter, all finite (else ConfigError). df.attrs holds 'warnings' (reference quality), 'khat' (the end-of-fit
+    per parameter, all finite (else ConfigError), and two parameters may not label the same row ('a' of shape (2,)
+    and 'a[0]': ConfigError). df.attrs holds 'warnings' (reference quality), 'khat' (the end-of-fit
     check's where the fit has one, else an estimate of its own; 'khat_source' says which) and
     'verdict' (one line). The table is a `Comparison`, a pandas DataFrame that prints whole (every row and
     column, floats rounded) after its verdict line."""
@@ -214,6 +231,7 @@ def compare(fit, reference, num_draws=4000, seed=0, var_names=None):
     if not names:
         raise ConfigError(f"compare: the fit ({sorted(draws)}) and the reference ({sorted(ref_names)}) share no "
                           f"parameter" + (f" among var_names {var_names!r}" if var_names is not None else ""))
+    _check_labels_distinct(names, draws)
     rows = []
     for name in names:
         ref = _reference_values(idata, name)

@@ -10,8 +10,9 @@ def as_tensors(obj, where="data"):
     """The data as the log-joint will see it: numpy arrays and scalars, pandas Series and DataFrames (numeric), and
     lists/tuples of plain numbers become tensors, once (float64 stays float64 until the fit casts it to its dtype;
     integers stay int64, booleans bool); dicts, lists and tuples of other things are walked; anything else is passed
-    as it is (a Python int stays an int). Data that cannot be numbers (strings, objects, complex) is a ModelError
-    naming the entry."""
+    as it is (a Python int stays an int). Data that cannot be numbers (strings, objects, complex), numpy long
+    doubles (float128, which torch has no dtype for) and pandas nullable integers or booleans with pd.NA are a
+    ModelError naming the entry (float NaN is passed as it is)."""
     if torch.is_tensor(obj) or obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     module = type(obj).__module__.split(".")[0]
@@ -24,6 +25,9 @@ def as_tensors(obj, where="data"):
             raise ModelError(f"{where} is a numpy {'array' if arr.ndim else 'scalar'} of dtype {arr.dtype}, which "
                              f"bbvi cannot pass to torch as numbers" + (": complex data is not supported"
                                                                          if arr.dtype.kind == "c" else ""))
+        if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
+            raise ModelError(_LONGDOUBLE.format(where=where, dtype=arr.dtype, what="numpy " + (
+                "array" if arr.ndim else "scalar") + " of", convert=".astype(np.float64)"))
         return torch.as_tensor(arr.astype(np.int64) if arr.dtype.kind in "iu" else arr.copy())
     if isinstance(obj, dict):
         _check_pandas_aligned(obj, where)
@@ -77,13 +81,33 @@ def _from_pandas(obj, where):
         raise ModelError(f"{where}: pandas column(s) {[str(c) for c, _ in bad]} have dtype(s) {[str(d) for _, d in bad]}, "
                          f"not numbers; convert them first (a categorical: .cat.codes; text: a mapping to numbers) "
                          f"or pass only the numeric columns")
-    if any(is_float_dtype(frame[c]) or bool(frame[c].isna().any()) for c in frame.columns):
+    def named(cols):
+        return "pandas Series" if obj.ndim == 1 else f"pandas column(s) {[str(c) for c in cols]}"
+    wide = [c for c in frame.columns if is_float_dtype(frame[c]) and getattr(frame[c].dtype, "itemsize", 8) > 8]
+    if wide:
+        raise ModelError(_LONGDOUBLE.format(where=where, what=named(wide) + " of", dtype=frame[wide[0]].dtype,
+                                            convert=".astype('float64')"))
+    missing = [c for c in frame.columns if not is_float_dtype(frame[c]) and bool(frame[c].isna().any())]
+    if missing:   # a nullable Int64 / boolean column with pd.NA: as floats (NaN) it would no longer count or index
+        rows = [frame.index[frame[c].isna()].tolist() for c in missing]
+        rows = [r[:5] + (["..."] if len(r) > 5 else []) for r in rows]
+        raise ModelError(f"{where}: {named(missing)} of dtype {', '.join(str(frame[c].dtype) for c in missing)} "
+                         f"hold{'s' if obj.ndim == 1 else ''} missing values (pd.NA) at rows "
+                         f"{rows[0] if obj.ndim == 1 else dict(zip(map(str, missing), rows))}; torch has no missing "
+                         f"integer or boolean, and as float NaN they would no longer index or count. Drop those "
+                         f"rows (.dropna()), fill them (.fillna(value)), or convert to floats yourself "
+                         f"(.astype('float64'): NaN) if the log-joint handles NaN")
+    if any(is_float_dtype(frame[c]) for c in frame.columns):
         arr = obj.to_numpy(dtype=np.float64, na_value=np.nan)
     elif all(is_bool_dtype(frame[c]) for c in frame.columns):
         arr = obj.to_numpy(dtype=bool)
     else:
         arr = obj.to_numpy(dtype=np.int64)
     return torch.as_tensor(arr.copy())
+
+
+_LONGDOUBLE = ("{where} is a {what} dtype {dtype} (long double), which torch has no dtype for; convert it to "
+               "float64 first ({convert}: values beyond float64's 16 digits round)")
 
 
 def precision_notes(obj, dtype, where="data"):

@@ -63,15 +63,17 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     latents get mean-field Categorical factors. num_particles: draws per step, 16 by default (a flow: 64). estimator: 'auto' | 'score' | 'reparam' | 'stl' (or bbvi.Score(...)
     ...); baseline (score terms): None | 'ema' | 'loo' | 'cv', LOO by default. optimizer: 'adam' | 'adagrad' |
     'sgd' | 'rmsprop' | 'natural' (natural-gradient steps in q's Fisher geometry, meanfield/fullrank and
-    Categorical factors, bbvi.natural; lr is then the step size rho, 0.3 by default) or a
-    callable (params, lr) -> Optimizer. steps=N runs exactly N steps (status
+    Categorical factors, bbvi.natural; lr is then the step size rho, 0.3 by default) or a callable (params, lr)
+    -> torch.optim.Optimizer whose step needs no closure (LBFGS is refused). steps=N runs exactly N steps (status
     'completed') with lr (0.05 by default) and `schedule`: 'cosine' (the default with steps=N: lr decays to 2%
     over the steps) | None (constant) | 'exponential' | callable t -> lr factor | bbvi.Adaptive(...) (then N is
     its cap). clip_grad: max global gradient norm. tol_rel_obj: with steps=N, stop early when the ELBO's
-    relative change (Stan ADVI's test) falls below it, checked every `check_every` steps. callbacks: callables
-    (state) -> bool, called after every step; True stops the fit. progress: tqdm bar (default: when stderr is a
-    terminal). init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
-    'map' (q starts at the MAP with Laplace scales, or a ConfigError says why it cannot). subsample_size: B
+    relative change (Stan ADVI's test) falls below it, checked every `check_every` steps. callbacks: a list of
+    callables (state) -> bool, called after every step; True stops the fit. progress: tqdm bar (default: when
+    stderr is a terminal). init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
+    'map' (q starts at the MAP with Laplace scales, or a ConfigError says why it cannot). init_values: {latent:
+    constrained value}; a discrete latent's value is where the first check evaluates the log-joint (without it,
+    the first of a few draws from q's uniform start at which the log-joint is finite). subsample_size: B
     rows of every plate per step (an int, or {plate: B}) for a model with plates (bbvi.Model(plates=...)): each
     step's ELBO and gradient are unbiased for the full data's (bbvi.subsample). subsample_cv: with minibatches,
     each plate factor gets a control variate, its first-order Taylor expansion at q's mean, re-anchored every
@@ -86,8 +88,8 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     step at small N once compiled (compiling takes seconds: worth it for long fits).
 
     checkpoint: a file path where the full fit state is written atomically (with a checksum) every
-    `checkpoint_every` steps and when the fit ends (also on Ctrl-C); a path that cannot be written (a folder, a
-    folder that is not writable) is a ConfigError before the first step, and a write that fails later is a
+    `checkpoint_every` steps and when the fit ends (also on Ctrl-C); a path that cannot be written ('', a folder, a
+    folder where no file can be created, as under /proc) is a ConfigError before the first step, and a write that fails later is a
     FitError holding the fit so far. Ctrl-C (a KeyboardInterrupt anywhere in a step, also from the log-joint or a
     signal; SIGTERM is handled the same way while the fit runs) returns, and checkpoints, the fit at the last completed step: a step it cuts short is undone.
     resume: a checkpoint path to continue from, with the same model and settings, reaching bit for bit the
@@ -198,7 +200,13 @@ def _check_loop_options(tol_rel_obj, steps, check_every, max_consecutive_failure
             raise ConfigError(f"{name} must be a file path, got {path!r}")
     if checkpoint is not None:
         check_writable(checkpoint, "checkpoint")
-    callbacks = tuple(callbacks)
+    if callable(callbacks):
+        raise ConfigError(f"callbacks must be a list of callables (state) -> bool, got the callable "
+                          f"{getattr(callbacks, '__name__', callbacks)!r} itself: pass callbacks=[it]")
+    try:
+        callbacks = tuple(callbacks)
+    except TypeError:
+        raise ConfigError(f"callbacks must be a list of callables (state) -> bool, got {callbacks!r}") from None
     if not all(callable(c) for c in callbacks):
         raise ConfigError("callbacks must be callables (state) -> bool")
     for name, value in (("subsample_cv", subsample_cv), ("distributed", distributed), ("compile", compile)):

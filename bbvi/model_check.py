@@ -10,6 +10,10 @@ from .errors import ModelError
 from .terms import terms_matrix
 
 
+class NotFiniteStart(ModelError):
+    """The log-joint is NaN/inf at the initial point (particle 0 of the first call)."""
+
+
 class _ReadTracker(dict):
     """A dict that remembers which keys the log-joint read (used once, by `Model.check`)."""
 
@@ -113,8 +117,9 @@ def check(model, u, discrete, *, particles=True):
                              f"reads them; their posterior would be improper. Remove them or use them.")
     if not torch.isfinite(out[0]):
         at = {k: v[0].tolist() for k, v in z.items()}
-        raise ModelError(f"model {model.name!r}: log_joint is {out[0].item()} at the initial point {at}; "
-                         f"it must be finite there (check the supports of the latents, or start elsewhere with bbvi.fit(..., init_values={{...}}))")
+        raise NotFiniteStart(f"model {model.name!r}: log_joint is {out[0].item()} at the initial point {at}; it "
+                             f"must be finite there (check the supports of the latents, or start elsewhere with "
+                             f"bbvi.fit(..., init_values={{...}}), continuous or discrete latents)")
     probe = (before, out.detach(), S) if model.vectorized else None
     if particles and probe is not None:
         _check_particles_apart(model, *probe)

@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import io
 import os
+import tempfile
 import threading
 import uuid
 
@@ -65,10 +66,13 @@ def _integrity(data):
 
 
 def check_writable(path, what):
-    """ConfigError, before any work, when `path` cannot be a file bbvi writes: it is a folder, or a folder on
-    its way is a file, or the folder that would hold it is not writable."""
+    """ConfigError, before any work, when `path` cannot be a file bbvi writes: it is empty or names a folder, or a
+    folder on its way is a file, or no file can be created in the folder that would hold it (tried: an unnamed
+    temporary file there, which os.access cannot stand in for where root is refused, as in /proc and /sys)."""
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if not path:
+        raise ConfigError(f"{what}='' is an empty path; bbvi writes one file there: pass a file path, e.g. 'fit.pt'")
+    if os.path.isdir(path) or not os.path.basename(path):
         raise ConfigError(f"{what}={path!r} is a directory; bbvi writes one file there: pass a file path, e.g. "
                           f"{os.path.join(path, 'fit.pt')!r}")
     folder = os.path.dirname(os.path.abspath(path))
@@ -77,9 +81,13 @@ def check_writable(path, what):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise ConfigError(f"{what}={path!r} cannot be written: {existing!r} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what}={path!r} cannot be written: the folder {existing!r} is not writable by this "
-                          f"process; pass a path in a folder you can write to")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what}={path!r} cannot be written: creating a file in the folder {existing!r} fails "
+                          f"({type(e).__name__}: {e.strerror or e}); pass a path in a folder you can write to") \
+            from None
 
 
 def atomic_save(obj, path):

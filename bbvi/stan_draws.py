@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 
+from .arguments import check_count
 from .arviz_names import arviz_dims, check_arviz_names
 from .errors import ConfigError, SamplerError
 
@@ -142,6 +143,7 @@ def from_draws(source, num_chains=1):
     before an '# Adaptation terminated' comment (save_warmup=1) are warmup and dropped; a malformed line is a
     ConfigError naming the file and line."""
     import arviz as az
+    num_chains = check_count("num_chains", num_chains, "from_draws")
     files = list(source) if isinstance(source, (list, tuple)) else None
     if files is not None:
         if not files:

@@ -95,3 +95,48 @@ def test_keyboard_interrupt_returns_the_fit_so_far():
             raise KeyboardInterrupt
     fit = bbvi.fit(model, steps=1000, callbacks=[interrupt])
     assert fit.interrupted and fit.num_steps == 25 and len(fit.elbo) == 25
+
+
+def test_a_checkpoint_path_nothing_can_be_written_to_is_refused_before_the_first_step(tmp_path):
+    """Reliability III, A9: checkpoint='' and a path under /proc (where os.access says yes to root, but no file can
+    be created) ran 150 steps and failed at the first write (FitError); now a ConfigError before any step, naming
+    the path and, for /proc, the folder and the error."""
+    model, _ = gamma_poisson()
+    steps_run = []
+    count = [lambda s: steps_run.append(s.step)]
+    with pytest.raises(bbvi.ConfigError, match="checkpoint='' is an empty path"):
+        bbvi.fit(model, steps=150, checkpoint="", callbacks=count)
+    with pytest.raises(bbvi.ConfigError, match=r"checkpoint='/proc/ck.pt' cannot be written: creating a file in "
+                                               r"the folder '/proc' fails"):
+        bbvi.fit(model, steps=150, checkpoint="/proc/ck.pt", callbacks=count)
+    assert steps_run == []
+    bbvi.fit(model, steps=3, checkpoint=str(tmp_path / "new" / "ck.pt"), diagnose=False)   # a folder made on the way
+    assert os.listdir(tmp_path / "new") == ["ck.pt"]
+
+
+def test_an_unchecked_checkpoint_with_wrong_fields_is_refused_naming_the_field(tmp_path):
+    """Reliability III, A8: a checkpoint rewritten without its checksum is read as a file from before checksums,
+    unchecked. A missing field was a raw KeyError; a 0-dim loc was broadcast into q's (1,) loc and the fit went
+    on; step=-3 or 5 (its ELBO trace holds 20) was accepted. Each is now a ConfigError naming the field and what
+    is wrong; the untouched fields, saved the same unchecked way, resume as the checked file does."""
+    model, _ = gamma_poisson()
+    path = str(tmp_path / "ck.pt")
+    bbvi.fit(model, steps=20, checkpoint=path, diagnose=False)
+    ck = torch.load(path, weights_only=True)
+    old = str(tmp_path / "old.pt")
+
+    def resume(**change):
+        torch.save({k: v for k, v in {**ck, **change}.items() if v is not None}, old)   # no checksum
+        return bbvi.fit(model, steps=40, resume=old, diagnose=False)
+    loc = ck["params"]["continuous"]["loc"]
+    for change, match in [(dict(step=None), r"it has no \['step'\]"),
+                          (dict(params={"continuous": {**ck["params"]["continuous"], "loc": loc[0]},
+                                        "discrete": {}}),
+                           r"its params\['continuous'\]\['loc'\] has shape \(\), but this fit's has shape \(1,\)"),
+                          (dict(step=-3), "its step is -3, not a whole number >= 0"),
+                          (dict(step=5), r"its step is 5, but its ELBO trace \(one value per step\) holds 20 values"),
+                          (dict(step=10 ** 9), "its step is 1000000000, but its ELBO trace"),
+                          (dict(step=2.5), "its step is 2.5, not a whole number")]:
+        with pytest.raises(bbvi.ConfigError, match="old.pt' is not a usable bbvi checkpoint: " + match):
+            resume(**change)
+    assert_same_fit(resume(), bbvi.fit(model, steps=40, resume=path, diagnose=False))

@@ -103,6 +103,10 @@ def test_bad_input_is_one_line_and_status_2(toy, tmp_path, capsys):
     assert "model" in line and "other" in line and ":name" in line
     line = _one_line_error(*_main(capsys, "fit", toy, "--family", "nosuch", "--steps", 10, "--out", out))
     assert "family" in line and "nosuch" in line
+    broken = tmp_path / "broken.py"   # a NameError at import: one line naming the file, the error and its line
+    broken.write_text("import bbvi\n\nmodel = bbvi.Model(log_joint, {'x': bbvi.Latent()})\n")
+    line = _one_line_error(*_main(capsys, "fit", broken, "--steps", 10, "--out", out))
+    assert "broken.py" in line and "NameError" in line and "'log_joint' is not defined" in line and "line 3" in line
 
 
 def test_compare_against_a_reference(toy, tmp_path, capsys):

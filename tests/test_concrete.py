@@ -118,6 +118,12 @@ def test_concrete_refuses_what_it_cannot_follow():
     bbvi.fit(discrete.latent_features, estimator=bbvi.Concrete(straight_through=True), steps=2, diagnose=False)
     with pytest.raises(bbvi.ConfigError, match="no gradient in the relaxed values of \\['tau'\\]"):
         bbvi.fit(discrete.changepoint, estimator=bbvi.Concrete(straight_through=True), steps=2)  # t < tau
+    theta = torch.tensor([-1.0, 0.0, 2.0], dtype=F64)   # indexing alone: the log-joint has no grad_fn at all
+    only_k = bbvi.Model(lambda z, d: theta[z["k"].long()], {"k": bbvi.Latent(support=constraints.integer_interval(0, 2))},
+                        name="only_k")
+    for est in ("concrete", bbvi.Concrete(straight_through=True)):
+        with pytest.raises(bbvi.ConfigError, match="no gradient in the relaxed values of \\['k'\\]"):
+            bbvi.fit(only_k, estimator=est, steps=2, dtype=F64)
     with pytest.raises(bbvi.ConfigError, match="has none"):
         bbvi.fit(bbvi.Model(lambda z, d: -z["w"] ** 2, {"w": bbvi.Latent()}, name="w"), estimator="concrete")
     with pytest.raises(bbvi.ConfigError, match="baseline"):

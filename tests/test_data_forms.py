@@ -81,3 +81,27 @@ def test_pandas_objects_with_different_indexes_are_refused():
     model = bbvi.Model(log_joint, {"b": bbvi.Latent()}, data={"x": x, "y": shuffled.reindex(x.index)})
     assert torch.equal(model.data["y"], torch.as_tensor(2 * np.arange(6.0)))
     bbvi.Model(log_joint, {"b": bbvi.Latent()}, data={"x": x, "y": y, "groups": pd.Series([1.0, 2.0])})
+
+
+def test_missing_integers_and_long_doubles_are_named():
+    """Reliability III, A3 and A4: a nullable Int64 (or boolean) column with pd.NA became float64 NaN, so a
+    log-joint indexing with it failed inside torch ('tensors used as indices must be long'), naming neither the
+    data nor the missing value; numpy float128 data was torch's raw TypeError. Both are now a ModelError naming the
+    entry, the dtype and (for pd.NA) the rows; float NaN and Int64 without missing values are kept as they were."""
+    lat = {"w": bbvi.Latent()}
+    with pytest.raises(bbvi.ModelError, match=r"data\['g'\]: pandas Series of dtype Int64 holds missing values "
+                                              r"\(pd.NA\) at rows \[2\].*\.dropna\(\)"):
+        bbvi.Model(_log_joint, lat, data={"g": pd.Series([0, 1, pd.NA, 1], dtype="Int64"), "y": pd.Series(Y[:4])})
+    frame = pd.DataFrame({"a": [1.0, 2.0], "b": pd.array([True, None], dtype="boolean")})
+    with pytest.raises(bbvi.ModelError, match=r"data: pandas column\(s\) \['b'\] of dtype boolean hold missing "
+                                              r"values \(pd.NA\) at rows \{'b': \[1\]\}"):
+        bbvi.Model(_log_joint, lat, data=frame)
+    assert bbvi.Model(_log_joint, lat, data=pd.Series([0, 1], dtype="Int64")).data.dtype == torch.int64
+    assert torch.isnan(bbvi.Model(_log_joint, lat, data=pd.Series([1.5, pd.NA], dtype="Float64")).data[1])
+    with pytest.raises(bbvi.ModelError, match=r"data\['x'\] is a numpy array of dtype float128 \(long double\).*"
+                                              r"astype\(np.float64\)"):
+        bbvi.Model(_log_joint, lat, data={"x": np.array([1.0, 2.0], dtype=np.longdouble)})
+    with pytest.raises(bbvi.ModelError, match="numpy scalar of dtype float128"):
+        bbvi.Model(_log_joint, lat, data=np.longdouble(3.0))
+    with pytest.raises(bbvi.ModelError, match="pandas Series of dtype float128"):
+        bbvi.Model(_log_joint, lat, data=pd.Series([1.0, 2.0], dtype=np.longdouble))

@@ -39,8 +39,16 @@ def test_dtype_and_device_are_honoured():
     (dict(lr=-1.0), "lr must be"), (dict(optimizer="lbfgs2"), "optimizer must be"), (dict(steps=-1), "steps"),
     (dict(schedule="warm"), "schedule must be"), (dict(estimator="reparam", baseline="loo"), "pathwise"),
     (dict(tol_rel_obj=-1), "tol_rel_obj"), (dict(clip_grad=0), "clip_grad"), (dict(seed=1.5), "seed"),
-    (dict(init_values={"nope": 1.0}), "not continuous latents"),
+    (dict(init_values={"nope": 1.0}), r"init_values names \[.nope.\], which are not latents of model"),
     (dict(init_values={"lam": -1.0}), "outside the support"), (dict(callbacks=[1]), "callbacks"),
+    # Reliability III, A7: raw AttributeError ('NoneType' object has no attribute 'state'), TypeError (LBFGS.step()
+    # missing 'closure'), TypeError ('function' object is not iterable)
+    (dict(optimizer=lambda p, lr: None), r"returned NoneType \(None\), not a torch.optim.Optimizer"),
+    (dict(optimizer=torch.optim.LBFGS), "optimizer LBFGS needs a closure in its step"),
+    (dict(optimizer=lambda p, lr: torch.optim.LBFGS(p, lr=lr)), "optimizer LBFGS needs a closure"),
+    (dict(callbacks=lambda state: False), r"callbacks must be a list of callables.*got the callable '<lambda>' "
+                                          r"itself: pass callbacks=\[it\]"),
+    (dict(callbacks=3), "callbacks must be a list of callables"),
 ])
 def test_bad_options_get_clear_errors(kwargs, match):
     model, _ = gamma_poisson()

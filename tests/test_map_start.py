@@ -53,3 +53,29 @@ def test_map_start_round_trips_and_resumes(tmp_path):
              callbacks=[lambda s: s.step == 40], diagnose=False)
     resumed = bbvi.fit(model, init_strategy="map", steps=100, dtype=torch.float64, resume=ck, diagnose=False)
     assert torch.equal(resumed.elbo, fit.elbo)
+
+
+def _far(center):
+    """mu with a flat-ish prior and three observations around `center` (sd 1): posterior mean ~center, sd 0.577."""
+    from torch.distributions import Normal
+    y = center + torch.tensor([0.5, -0.3, 1.1], dtype=torch.float64)
+    return bbvi.Model(lambda z, d: Normal(0.0, 1e9).log_prob(z["mu"]) + Normal(z["mu"][:, None], 1.0).log_prob(d).sum(-1),
+                      {"mu": bbvi.Latent()}, data=y, name="far")
+
+
+def test_a_float32_fit_of_a_posterior_at_1e8_says_use_float64():
+    """Reliability III, A10: in float32 a posterior at mean 1e8 (sd 0.58) ended with q at 3.4 (batch and match) or
+    45 (SGD, 3000 steps) and nothing said that float32 was the cause (only a note that the data round, by 1e-8
+    relative). The MAP start's L-BFGS stops near 1 there; its Newton step points to 1e8, where float32's spacing
+    (12) exceeds the posterior sd: a ReliabilityWarning says to pass dtype=torch.float64. The same model in
+    float64, and a posterior at 1e3 in float32 (spacing 1e-4), do not warn."""
+    import warnings
+    with pytest.warns(bbvi.ReliabilityWarning, match=r"'far': float32 cannot resolve the posterior of mu "
+                                                     r"\(unconstrained\).*points to 1e\+08.*spacing \(11\.9\) exceeds "
+                                                     r"the posterior sd \(0\.577\).*dtype=torch\.float64"):
+        bbvi.fit(_far(1e8), method="sgd", steps=5, dtype=torch.float32, diagnose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bbvi.ReliabilityWarning)
+        bbvi.fit(_far(1e8), method="sgd", steps=5, dtype=torch.float64, diagnose=False)
+        fit = bbvi.fit(_far(1e3), method="sgd", steps=5, dtype=torch.float32, diagnose=False)
+    assert fit.start.strategy == "map"

@@ -204,3 +204,18 @@ def test_result_draws_beyond_memory_are_config_errors(std2_fit, call):
     a few work copies) now refuses it up front and names a num_draws that fits."""
     with pytest.raises(bbvi.ConfigError, match=r"=1000000000000 needs about .* GiB .* use a smaller num_"):
         call(std2_fit)
+
+
+def test_compare_refuses_ambiguous_row_labels():
+    """Reliability III, A5: latents 'a' (shape (2,)) and 'a[0]' both label a row 'a[0]'; compare failed inside
+    pandas ('The truth value of a Series is ambiguous'). Now a ConfigError names both parameters, their shapes and
+    the label; each compares on its own."""
+    g = torch.Generator().manual_seed(0)
+    draws = {"a": torch.randn(500, 2, generator=g, dtype=torch.float64),
+             "a[0]": torch.randn(500, generator=g, dtype=torch.float64)}
+    ref = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in draws.items()}
+    with pytest.raises(bbvi.ConfigError, match=r"parameters 'a' \(shape \(2,\)\) and 'a\[0\]' \(shape \(\)\) both "
+                                               r"give a row labelled 'a\[0\]'.*var_names='a'"):
+        bbvi.compare(draws, ref)
+    assert list(bbvi.compare(draws, ref, var_names="a[0]").index) == ["a[0]"]
+    assert list(bbvi.compare(draws, ref, var_names="a").index) == ["a[0]", "a[1]"]

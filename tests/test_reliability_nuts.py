@@ -292,6 +292,17 @@ def test_from_draws_reads_cmdstan_csv_files_one_chain_each(tmp_path):
     np.testing.assert_array_equal(one.posterior["theta"].values[0], post["theta"].values[0])
 
 
+def test_from_draws_num_chains_must_be_a_positive_int():
+    """Reliability III, A6: num_chains=0 was a raw ZeroDivisionError, -2 a numpy reshape ValueError, True
+    a raw TypeError, "2" another."""
+    import pandas as pd
+    frame = pd.DataFrame({"mu": np.arange(8.0)})
+    for bad in (0, -2, 2.5, True, "2"):
+        with pytest.raises(bbvi.ConfigError, match=f"from_draws: num_chains must be a positive int, got {bad!r}"):
+            from_draws(frame, num_chains=bad)
+    assert from_draws(frame, num_chains=2).posterior["mu"].shape == (2, 4)
+
+
 def test_a_malformed_cmdstan_csv_is_a_config_error_naming_file_and_line(tmp_path):
     """Before: a raw pandas ParserError without the file's name."""
     bad = _cmdstan_csv(tmp_path / "output-1.csv", 0, bad_line=12)

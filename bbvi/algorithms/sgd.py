@@ -6,6 +6,7 @@ guarded update and the adaptive rule's look at it. bbvi.fit drives it (bbvi/fit.
 A step whose ELBO estimate or gradient is NaN/inf is skipped (parameters untouched) and counted in the record
 (bbvi.record); one whose gradient would overflow the optimizer's statistics is scaled down (bbvi.update).
 """
+import inspect
 import warnings
 
 import torch
@@ -25,9 +26,10 @@ from ..state import FitState
 from ..options import (check_init_options,
                       _probe_count, _refuse_unknown, _rule, _schedule, default_particles)
 from ..natural import DEFAULT_LR, NaturalGradient, check_family
+from ..model_check import NotFiniteStart
 from ..update import clear_grads, gradient_norm, guards_for, rescale, verdict
 from ..start import choose as choose_start
-from ..start import initial_loc
+from ..start import finite_start, initial_discrete, initial_loc
 
 START_DRAWS = 32   # discrete draws the MAP start averages the log density over (models with discrete latents)
 
@@ -45,7 +47,8 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
          **unknown):
     """Build the FitState: move the model's data to device/dtype (float64 by default), start q (bbvi.start:
     'auto' is the MAP/Laplace start where torch can differentiate the log-joint and the density has a mode, the
-    zero start otherwise; `init_values` sets some continuous latents' starting values), check the log-joint once,
+    zero start otherwise; `init_values` sets some latents' starting values; particle 0 of a discrete latent not given starts at the
+    first draw from q's uniform start at which the log-joint is finite), check the log-joint once,
     choose the estimator's plan and the step-size rule (steps=None: bbvi.Adaptive; steps=N: `schedule`, cosine by
     default), build the optimizer. With `comm` (a data-parallel fit, bbvi.distributed): rank 0's start on every
     rank, this rank's shard of the plates, and its own generator (seeded seed + rank on ranks above 0)."""
@@ -69,8 +72,10 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
     model = model.to(device, dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
     loc = torch.zeros(model.dim, device=device, dtype=dtype)
+    fixed = {}
     if init_values:
         loc = initial_loc(model, init_values, loc)
+        fixed = initial_discrete(model, init_values, device)
     discrete = Discrete.for_model(model)
     params = {"continuous": family.init(model.dim, loc, generator) if model.dim else {},
               "discrete": discrete.init(device, dtype)}
@@ -82,7 +87,17 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         probe = _probe_count(model)
         u, k = draw(model, family, discrete, params, probe, generator)
         u[0] = loc
-    report = model.check(u, k, particles=False)  # the particle check comes after the start (check_particles)
+        for name, v in fixed.items():
+            k[name][0] = v
+    try:
+        report = model.check(u, k, particles=False)  # the particle check comes after the start (check_particles)
+    except NotFiniteStart:
+        # a discrete latent's first draw may be where the posterior is 0 (an N-mixture's N below the largest
+        # count): particle 0 takes the first of a few more draws at which the log density is finite
+        if len(fixed) == len(model.discrete) or not finite_start(
+                model, loc, k, fixed, torch.Generator(device=device).manual_seed(seed)):
+            raise
+        report = model.check(u, k, particles=False)
     plan = plan_for(estimator, model, report, num_particles)
     batch = check_subsample(subsample_size, model, report)
     structure = None
@@ -105,7 +120,7 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
             generator.manual_seed(seed + comm.rank)
     leaves = [t for g in params.values() for t in g.values()]
     base_lr = rule.lr if rule is not None else (0.05 if lr is None else lr)
-    opt = NaturalGradient(params, family, lr=base_lr) if natural else make_opt(leaves, lr=base_lr)
+    opt = NaturalGradient(params, family, lr=base_lr) if natural else _made(make_opt(leaves, lr=base_lr), optimizer)
     state = FitState(model=model, family=family, discrete=discrete, plan=plan, report=report, params=params,
                      optimizer=opt, lr=float(base_lr), schedule=factor, generator=generator,
                      baseline_state=init_baseline_state(plan, device, dtype), num_particles=num_particles,
@@ -117,6 +132,22 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         state.tracker = rule.tracker(state)
         state.schedule = state.tracker.factor
     return state
+
+
+def _made(opt, optimizer):
+    """The optimizer a callable `optimizer` made, if bbvi can step it: a torch.optim.Optimizer whose step needs no
+    closure (one stochastic gradient per step), else a ConfigError saying what it returned."""
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer {optimizer!r} returned {type(opt).__name__} ({opt!r:.80}), not a "
+                          f"torch.optim.Optimizer: a callable optimizer must return one, e.g. "
+                          f"lambda params, lr: torch.optim.Adam(params, lr=lr)")
+    closure = inspect.signature(opt.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ConfigError(f"optimizer {type(opt).__name__} needs a closure in its step (it re-evaluates the objective "
+                          f"several times per step, as a line search on a deterministic loss does); bbvi's steps are "
+                          f"one stochastic ELBO gradient each: use 'adam' (the default), 'adagrad', 'rmsprop', 'sgd' "
+                          f"or a first-order torch.optim optimizer")
+    return opt
 
 
 def _optimizer(optimizer, family, lr, schedule):

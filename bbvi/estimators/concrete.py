@@ -128,7 +128,11 @@ class Concrete:
                               f"estimator='concrete': the log-joint of model {model.name!r} is NaN/inf at every "
                               f"relaxed draw" + self._hint())
         names = list(values)
-        grads = torch.autograd.grad(p.log_p.sum(), [values[n] for n in names], retain_graph=True, allow_unused=True)
+        if p.log_p.requires_grad:
+            grads = torch.autograd.grad(p.log_p.sum(), [values[n] for n in names], retain_graph=True,
+                                        allow_unused=True)
+        else:   # nothing in the log-joint's value depends on anything with a gradient (e.g. theta[k.long()] alone)
+            grads = [None] * len(names)
         dead = [n for n, g in zip(names, grads) if g is None or not bool((g != 0).any())]
         if dead:
             raise ConfigError(f"estimator='concrete': the log-joint of model {model.name!r} has no gradient in the "

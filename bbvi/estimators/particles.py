@@ -105,10 +105,10 @@ def from_log_p(u, k, lp, error=None, checked=True):
 
 
 def with_floor(p, f, margin=10.0):
-    """Score-path particles where the log-joint was -inf (q puts mass outside the posterior's support) kept in
-    the step with the learning signal f = floor = min f - (max f - min f) - margin over the finite particles,
-    so the score terms push q's mass away from there instead of ignoring it (dropping them would leave q
-    free to keep it). The true ELBO is -inf while q has such mass; the floor is a finite surrogate of it.
+    """Particles with score terms (the score path, or discrete latents beside a pathwise part) where the
+    log-joint was -inf (q puts mass outside the posterior's support) kept in the step with the learning signal
+    f = floor = min f - (max f - min f) - margin over the finite particles, so the score terms push q's mass
+    away from there instead of ignoring it (dropping them would leave q free to keep it). The true ELBO is -inf while q has such mass; the floor is a finite surrogate of it.
     Returns (particles, f); unchanged when there is nothing to floor or no finite particle to anchor it."""
     if p.infeasible is None or not bool(p.valid.any()):
         return p, f

@@ -170,8 +170,8 @@ def estimate_parts(plan, model, family, discrete, params, num_particles, generat
         if lq_d is not None:
             score_logq = lq_d if score_logq is None else score_logq + lq_d
             score_params = score_params + [t for n, t in pd.items() if n not in plan.sum_over]
-    if p.infeasible is not None and not pathwise:  # -inf log-joint: push q away, do not ignore it
-        p, f = with_floor(p, f)
+    if p.infeasible is not None and (not pathwise or plan.has_discrete):  # -inf log-joint: push q away, do not
+        p, f = with_floor(p, f)   # ignore it (beside a pathwise part: the discrete factors' score terms are floored)
     if p.mask is not None:
         f = f * p.mask
     elbo = p.average(f)
