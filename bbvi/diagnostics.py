@@ -151,7 +151,7 @@ def _psis_moments(result, u, k, smoothed):
     return rows
 
 
-def check_reliability(result, num_draws=None, seed=0, warn=True):
+def check_reliability(result, num_draws=None, seed=0, warn=True, search=None):
     """The end-of-fit check that `bbvi.fit` runs: PSIS k-hat of q (Yao et al. 2018) and, from the same
     Pareto-smoothed weights, how far importance sampling moves q's mean (in q's sds) and sd (as a ratio) of every
     scalar latent, with their Monte Carlo errors; plus whether the fit converged, whether its start found a mode,
@@ -163,7 +163,8 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
     draws on) warns only together with a mean or sd that importance sampling moves (a Gaussian q's k-hat is often
     above 0.7 while its means and sds are right), or above 1; otherwise it is a note in `notes`. The dict also holds
     the ELBO estimated from the check's draws ('elbo', 'elbo_se': the mean of log p - log q and its standard error)
-    and what the warning suggests ('tries'); warn=False stores it all and warns nothing (`warn_unreliable` does)."""
+    and what the warning suggests ('tries'); warn=False stores it all and warns nothing (`warn_unreliable` does).
+    search: the mode search's findings to use instead of running it again (`mode_search_of` an earlier check)."""
     from .subsample import sizes
     if num_draws is None:
         rows = sum(sizes(result.model).values())
@@ -219,8 +220,9 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
         notes[-1] += ("; importance sampling moves no mean by more than 0.1 of q's sd and no sd by more than 20%, "
                       "so the means and sds stand: not a warning")
     from .modes import FAR_MASS, MIN_MASS, WIDEN, other_modes
-    search = other_modes(result, u, seed=seed) if not point else {"modes": [], "note": "no mode search: q is a "
-                                                                     "point", "num_evals": 0}
+    if search is None:
+        search = other_modes(result, u, seed=seed) if not point else {"modes": [], "note": "no mode search: q is a "
+                                                                         "point", "num_evals": 0}
     if search.get("far_mass", 0.0) > FAR_MASS or search.get("far_mass", 0.0) != search.get("far_mass", 0.0):
         reasons.append(f"importance sampling from q widened {WIDEN:g}x puts {search['far_mass']:.0%} of the "
                        f"posterior's mass outside q's 99.9% region (torch cannot differentiate the log-joint, so no "
@@ -252,7 +254,8 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
             "khat_reading": ("not computable: q has collapsed to a point" if point else
                              khat_reading(khat, est["khat_interval"])), "is_ess": ess, "num_draws": num_draws,
             "warnings": reasons, "notes": notes, "khat_threshold": threshold,
-            "modes": search["modes"], "far_mass": search.get("far_mass"), "mode_search": search["note"], "mode_search_evals": search["num_evals"],
+            "modes": search["modes"], "far_mass": search.get("far_mass"), "mode_search": search["note"],
+            "mode_search_evals": search["num_evals"], "mode_search_ran": search.get("ran", True),
             "max_psis_shift": worst_shift, "extreme_psis_sd_ratio": worst_ratio,
             "start": (start.strategy + (f" ({start.note})" if start.note else "")) if start is not None else "?"}
     result.reliability = info
@@ -261,6 +264,22 @@ def check_reliability(result, num_draws=None, seed=0, warn=True):
     if reasons and warn:
         warn_unreliable(result, stacklevel=3)
     return info
+
+
+def mode_search_of(info):
+    """The mode search's findings as an earlier check stored them (check_reliability's `search`)."""
+    out = {"modes": info["modes"], "note": info["mode_search"], "num_evals": info["mode_search_evals"],
+           "ran": info.get("mode_search_ran", True)}
+    if info.get("far_mass") is not None:
+        out["far_mass"] = info["far_mass"]
+    return out
+
+
+def check_draws_cap(result):
+    """The most draws the check takes on this model's data: 2e9 / rows of its plates (no cap without plates)."""
+    from .subsample import sizes
+    rows = sum(sizes(result.model).values())
+    return int(2e9 // rows) if rows else None
 
 
 def warn_unreliable(result, stacklevel=2):

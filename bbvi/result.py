@@ -84,10 +84,11 @@ class Result:
 
     @property
     def num_check_evals(self):
-        """Log-joint evaluations of the end-of-fit check: its importance-sampling draws (values only) and its mode
-        search (with gradients); 0 when it did not run."""
+        """Log-joint evaluations of the end-of-fit check: its importance-sampling draws (values only; with those of
+        a first look where it looked again: 'earlier_draws') and its mode search (with gradients); 0 when it did not
+        run."""
         r = self.reliability or {}
-        return int(r.get("num_draws", 0)) + int(r.get("mode_search_evals", 0))
+        return int(r.get("num_draws", 0)) + int(r.get("mode_search_evals", 0)) + int(r.get("earlier_draws", 0))
 
     @property
     def interrupted(self):

@@ -9,8 +9,8 @@ of its gradient evaluations (docs/accuracy.md, "The field's yardstick"). It appl
 - the latents are all continuous and torch can differentiate the log-joint (the scores);
 - there are at most MAX_DIM continuous coordinates (a full-rank Gaussian's D x D covariance and D particles a
   step: measured exact on Gaussian targets up to D = 200 in about a second).
-Where batch and match ran and the end-of-fit check warns about its Gaussian (or its k-hat is above the threshold),
-a flow started at it goes on within a stated budget, and the check decides which q is returned (`after_check`, bbvi.algorithms.fallback).
+Where batch and match ran and the end-of-fit check warns about its Gaussian (after a closer look with more draws
+where k-hat was above the threshold with nothing moved), a flow started at it goes on within a stated budget, and the check decides which q is returned (`after_check`, bbvi.algorithms.fallback).
 Otherwise the stochastic-gradient fit runs as before (mean-field, the adaptive rule), bit for bit. `fit.settings`
 says which ran and why ('method' is written only when batch and match ran, so that checkpoints of the
 stochastic-gradient default compare as before)."""
@@ -85,13 +85,15 @@ def settings(state):
 
 
 def after_check(result, *, stacklevel, **options):
-    """Once the end-of-fit check has run (quietly): where batch and match ran and its check warns, or its k-hat is
-    above the threshold, a flow started at its Gaussian (bbvi.algorithms.fallback); otherwise the check's warning,
-    if any. Returns the Result to return.
+    """Once the end-of-fit check has run (quietly): where batch and match ran, a closer look where its check was
+    inconclusive, then where it warns a flow started at its Gaussian (bbvi.algorithms.fallback); otherwise the
+    check's warning, if any. Returns the Result to return.
     options: bbvi.fit itself (`fit`), and its seed, device, dtype, progress, callbacks and
     max_consecutive_failures."""
     from ..diagnostics import warn_unreliable
-    if result.settings.get("method", "").startswith("bam") and fallback.needed(result):
-        return fallback.go_on(result, stacklevel=stacklevel + 1, **options)
+    if result.settings.get("method", "").startswith("bam"):
+        fallback.look_closer(result)
+        if fallback.needed(result):
+            return fallback.go_on(result, stacklevel=stacklevel + 1, **options)
     warn_unreliable(result, stacklevel=stacklevel)
     return result
