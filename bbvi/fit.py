@@ -45,7 +45,10 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     """Fit q to the posterior of `model`: by batch and match (a full-rank Gaussian from the scores, no learning rate)
     where every latent is continuous, torch can differentiate the log-joint, there are at most 200 continuous
     coordinates and no option of the stochastic-gradient fit is given (method='auto', bbvi.algorithms.auto;
-    `fit.settings['method']` says which ran and why), else by stochastic gradient ascent on the ELBO.
+    `fit.settings['method']` says which ran and why), else by stochastic gradient ascent on the ELBO. Where the
+    end-of-fit check warns about batch and match's Gaussian (after a closer look with 64,000 draws where it was
+    inconclusive), a normalizing flow started at that Gaussian goes on for at most 2000 steps and the check decides
+    which q is returned; the other is in `fit.tried` (bbvi.algorithms.fallback; diagnose=False skips both).
 
     The stochastic-gradient fit needs no tuning either: the MAP/Laplace start where it exists (init_strategy='auto'),
     float64, the adaptive step-size rule with iterate averaging and a statistical stopping rule (steps=None, see
