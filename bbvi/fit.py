@@ -159,7 +159,7 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     status, callback_error, save_error, wall = _run(
         state, algorithm, cap, converged, settings, seed=seed, callbacks=callbacks, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, max_consecutive_failures=max_consecutive_failures, progress=progress,
-        grad_mode=grad_mode)
+        grad_mode=grad_mode, checking=diagnose)
     result = Result.from_state(state, settings=settings, status=status, wall_time=wall, start_time=start_s)
     _raise_if_failed(result, state, status, callback_error, save_error, checkpoint)
     if diagnose and status != "interrupted":
@@ -264,7 +264,7 @@ def _resume(state, resume, settings, converged, *, check_every, schedule, lr, st
 
 
 def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpoint, checkpoint_every,
-         max_consecutive_failures, progress, grad_mode):
+         max_consecutive_failures, progress, grad_mode, checking=True):
     """The loop: steps until the algorithm, the rule, a callback, the convergence test or Ctrl-C stops it, with
     checkpoints and a progress bar: (status, the callback's exception, the checkpoint's write error, seconds)."""
     comm, tracker, model = state.comm, state.tracker, state.model
@@ -341,7 +341,8 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
         status = "converged"
     if said:
         print(f"bbvi fit of {model.name!r}: {status} after {state.step} steps, {time.perf_counter() - began:.1f} s"
-              + ("; the end-of-fit check follows" if status != "interrupted" else ""), file=sys.stderr, flush=True)
+              + ("; the end-of-fit check follows" if checking and status != "interrupted" else ""), file=sys.stderr,
+              flush=True)
     if checkpoint is not None and save_error is None:
         save_error = _write_checkpoint(state, checkpoint, settings)
     return status, callback_error, save_error, time.perf_counter() - began

@@ -192,3 +192,4 @@ def test_progress_shows_up_in_a_log_file_when_no_bar_shows(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("bbvi fit of 'logged'")]
     assert any("(bam): step 10 of at most 50, ELBO" in line for line in lines), lines[:3]
     assert lines[-1].startswith("bbvi fit of 'logged': completed after 50 steps")
+    assert "check follows" not in lines[-1]   # diagnose=False: no check follows (the line said one did)
