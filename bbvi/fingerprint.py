@@ -1,7 +1,8 @@
 """What a NUTS reference (bbvi.nuts) is cached under: `cache_key` hashes the model's latents, data, the source of
 its log-joint (and derived), the values of the closure cells and globals they read (recursively through the
-user's own functions they call: `code_fingerprint`), its log density at three fixed points, and the sampler
-settings, so that a changed model or data is never served a stale reference; the model's name is not in the key."""
+user's own functions they call: `code_fingerprint`), its log density at three fixed points (discrete latents at
+three values of their supports), and the sampler settings, so that a changed model or data is never served a stale
+reference; the model's name is not in the key."""
 import functools
 import hashlib
 import os
@@ -12,6 +13,7 @@ import types
 
 import numpy as np
 import torch
+from torch.distributions import constraints
 
 from .saving import hash_data, source_of
 
@@ -176,9 +178,14 @@ def cache_key(model, settings):
         h.update(source_of(model.derived).encode())
         h.update(code_fingerprint(model.derived).encode())
     m64 = model.to("cpu", torch.float64)
-    u = torch.randn(3, m64.dim, generator=torch.Generator().manual_seed(12345), dtype=torch.float64) * 0.5
+    g = torch.Generator().manual_seed(12345)
+    u = torch.randn(3, m64.dim, generator=g, dtype=torch.float64) * 0.5
+    discrete = {}   # discrete latents at three values drawn uniformly from their supports
+    for name, (lat, lo, k) in m64.discrete.items():
+        v = torch.randint(lo, lo + k, (3,) + tuple(lat.shape), generator=g)
+        discrete[name] = v.to(torch.float64) if lat.support is constraints.boolean else v
     with torch.no_grad():
-        lp = m64.log_density(u)
+        lp = m64.log_density(u, discrete)
     h.update(" ".join(f"{v:.10g}" for v in lp.tolist()).encode())
     h.update(repr(sorted(settings.items())).encode())
     return h.hexdigest()
