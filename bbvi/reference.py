@@ -10,8 +10,9 @@ continuous latent the posterior is drawn exactly, without NUTS.
 
 The cache lives in `.bbvi_cache/nuts` under the current working directory ($BBVI_CACHE overrides it; add
 `.bbvi_cache/` to .gitignore). The key (fingerprint.cache_key) changes with the model, its data and the sampler
-settings, never with its name (a renamed model finds its reference; file names carry the name for humans, lookups
-go by the key). Each entry stores its key and a
+settings, never with its name or the module and file its code was defined in (a renamed model, or one moved from a
+script into a model file, finds its reference; file names carry the name for humans, lookups go by the key). Each
+entry stores its key and a
 checksum of its draws; an entry that fails to open, or whose key or checksum disagrees, is recomputed with a
 warning, never used. A cache that cannot be written is a warning: the draws are returned.
 """
