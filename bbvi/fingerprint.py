@@ -1,17 +1,21 @@
 """What a NUTS reference (bbvi.nuts) is cached under: `cache_key` hashes the model's latents, data, the source of
 its log-joint (and derived), the values of the closure cells and globals they read (recursively through the
-user's own functions they call: `code_fingerprint`), its log density at three fixed points, and the sampler
-settings, so that a changed model or data is never served a stale reference; the model's name is not in the key."""
+user's own functions they call: `code_fingerprint`), its log density at three fixed points (discrete latents at
+three values of their supports), and the sampler settings, so that a changed model or data is never served a stale
+reference. Neither the model's name nor where its code was defined (module, file, line) is in the key: the same
+model moved from a script into a model file keeps its key."""
 import functools
 import hashlib
 import os
 import re
 import sys
 import sysconfig
+import textwrap
 import types
 
 import numpy as np
 import torch
+from torch.distributions import constraints
 
 from .saving import hash_data, source_of
 
@@ -53,13 +57,19 @@ def _global_names(code, depth=0):
     return names
 
 
+def _source(fn):
+    """A function's source text, dedented: where it was defined (module, file, line, nesting) is not in it."""
+    return textwrap.dedent(source_of(fn))
+
+
 def _hash_function(h, fn, depth, seen):
-    """A function by its source, its defaults, the values of its closure cells and of the globals its code
+    """A function by its source (not its module or qualified name: the same function moved from a script into a
+    module keeps its hash), its defaults, the values of its closure cells and of the globals its code
     names (recursively through the user's own functions, to depth _MAX_DEPTH)."""
     if id(fn) in seen or depth > _MAX_DEPTH:
         return
     seen.add(id(fn))
-    h.update(f"function {fn.__module__}.{fn.__qualname__}\n{source_of(fn)}".encode())
+    h.update(f"function\n{_source(fn)}".encode())
     code = fn.__code__
     _hash_item(h, "defaults", (fn.__defaults__, fn.__kwdefaults__), depth, seen)
     for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
@@ -129,7 +139,7 @@ def _hash_value(h, value, depth, seen):
             module = sys.modules.get(cls.__module__)
             if hasattr(value, "__dict__") and _is_user_code(getattr(module, "__file__", None), cls.__module__):
                 seen.add(id(value))
-                h.update(f"object {cls.__module__}.{cls.__qualname__}".encode())
+                h.update(f"object {cls.__name__}".encode())
                 call = _call_of(cls)
                 if call is not None:
                     _hash_item(h, "__call__", call, depth, seen)
@@ -165,20 +175,26 @@ def code_fingerprint(fn):
 def cache_key(model, settings):
     """sha256 of everything that determines a reference: latents, data, the log-joint's (and derived's) source
     with the values of the closures and globals they read, the log density at three fixed points, and the
-    sampler settings. Not the model's name: a renamed model finds its reference."""
+    sampler settings. Not the model's name, nor the module or file its functions were defined in: a renamed model,
+    or one moved from a script into a module, finds its reference."""
     h = hashlib.sha256()
     for name, lat in model.latents.items():
         h.update(f"{name}{lat.shape}{lat.support}".encode())
     hash_data(h, model.data)
-    h.update(source_of(model.log_joint).encode())
+    h.update(_source(model.log_joint).encode())
     h.update(code_fingerprint(model.log_joint).encode())
     if model.derived is not None:
-        h.update(source_of(model.derived).encode())
+        h.update(_source(model.derived).encode())
         h.update(code_fingerprint(model.derived).encode())
     m64 = model.to("cpu", torch.float64)
-    u = torch.randn(3, m64.dim, generator=torch.Generator().manual_seed(12345), dtype=torch.float64) * 0.5
+    g = torch.Generator().manual_seed(12345)
+    u = torch.randn(3, m64.dim, generator=g, dtype=torch.float64) * 0.5
+    discrete = {}   # discrete latents at three values drawn uniformly from their supports
+    for name, (lat, lo, k) in m64.discrete.items():
+        v = torch.randint(lo, lo + k, (3,) + tuple(lat.shape), generator=g)
+        discrete[name] = v.to(torch.float64) if lat.support is constraints.boolean else v
     with torch.no_grad():
-        lp = m64.log_density(u)
+        lp = m64.log_density(u, discrete)
     h.update(" ".join(f"{v:.10g}" for v in lp.tolist()).encode())
     h.update(repr(sorted(settings.items())).encode())
     return h.hexdigest()

@@ -2,6 +2,7 @@
 reference, gradient variance per estimator and baseline. Each function returns the Figure and, given `path`,
 saves a PNG there."""
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ def _save(fig, path):
     return fig
 
 
-def _flat(draws, names=None, max_params=None):
+def _flat(draws, names=None):
     """dict name -> (n, *shape) -> ordered dict label -> (n,) numpy, scalars only."""
     out = {}
     order = [n for n in names if n in draws] if names is not None else list(draws)
@@ -38,9 +39,37 @@ def _flat(draws, names=None, max_params=None):
         a = a.reshape(a.shape[0], -1)
         for j in range(a.shape[1]):
             out[name if a.shape[1] == 1 and np.ndim(v) == 1 else f"{name}[{j}]"] = a[:, j]
-    if max_params is not None:
-        out = dict(list(out.items())[:max_params])
     return out
+
+
+def _cap(flat, max_params, where):
+    """The first `max_params` scalars of `flat` and, where that leaves some out, a note saying how many and how to
+    choose (also warned, from `where`, the plot's name); None when all are shown."""
+    if len(flat) <= max_params:
+        return flat, None
+    note = (f"showing the first {max_params} of {len(flat)} scalar parameters ({len(flat) - max_params} left out); "
+            f"choose which with var_names=[...] (or raise max_params=)")
+    warnings.warn(f"{where}: {note}", stacklevel=3)
+    return dict(list(flat.items())[:max_params]), note
+
+
+def _whole(*values):
+    """True where every finite draw is a whole number: a boolean or integer latent, drawn as bars."""
+    v = np.concatenate([np.asarray(x, dtype=np.float64) for x in values])
+    v = v[np.isfinite(v)]
+    return len(v) > 0 and bool(np.all(v == np.round(v)))
+
+
+def _bars(ax, fit, ref, fit_style, ref_style):
+    """Bars of P(value) for whole-number draws: the reference's wide (when given), the fit's narrow on top."""
+    values = np.unique(np.concatenate([fit] + ([ref] if ref is not None else [])))
+    values = values[np.isfinite(values)]
+    for x, width, style in ((ref, 0.8, ref_style), (fit, 0.4, fit_style)):
+        if x is not None:
+            x = x[np.isfinite(x)]
+            ax.bar(values, [(x == v).mean() if len(x) else 0.0 for v in values], width=width, **style)
+    if len(values) <= 12:
+        ax.set_xticks(values)
 
 
 def _reference_draws(reference):
@@ -202,17 +231,29 @@ def _density(values, edges, log):
 def plot_marginals(result, reference=None, path=None, num_draws=4000, var_names=None, max_params=30, seed=0):
     """One panel per scalar parameter, titled with its name: histogram of the reference draws (grey), density of
     the fit's draws (orange line). A parameter whose draws (the reference's, else the fit's) are all positive and
-    span more than two orders of magnitude gets a log x-axis, with the density per unit of log10(value)."""
+    span more than two orders of magnitude gets a log x-axis, with the density per unit of log10(value). A parameter
+    whose draws are all whole numbers (a boolean or integer latent) gets bars of P(value): the reference's wide and
+    grey, the fit's narrow and orange. At most `max_params` panels: where more are left out, a UserWarning and the
+    figure's title say how many, and that var_names= chooses which."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     plt = _plt()
-    fit = _flat(result.sample(num_draws, seed) if hasattr(result, "sample") else result, var_names, max_params)
+    fit, note = _cap(_flat(result.sample(num_draws, seed) if hasattr(result, "sample") else result, var_names),
+                     max_params, "bbvi.plots.plot_marginals")
     ref = _flat(_reference_draws(reference), var_names)
     n = len(fit)
     cols = min(5, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False)
     for i, (ax, (label, x)) in enumerate(zip(axes.flat, fit.items())):
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=6)
+        if _whole(x, *([ref[label]] if label in ref else [])):
+            _bars(ax, x, ref.get(label), {"color": "C1", "label": "fit (bbvi)"},
+                  {"color": "0.7", "label": "reference"})
+            ax.set_xlabel("value", fontsize=7)
+            ax.set_ylabel("probability", fontsize=7)
+            continue
         log = _log_axis(ref[label] if label in ref else x)
         both = np.concatenate([x, ref[label]]) if label in ref else x
         edges = _edges(both, log)
@@ -222,19 +263,19 @@ def plot_marginals(result, reference=None, path=None, num_draws=4000, var_names=
         ax.plot(centers, _density(x, edges, log), color="C1", lw=1.5, label="fit (bbvi)")
         if log:
             ax.set_xscale("log")
-        ax.set_title(label, fontsize=8)
         ax.set_xlabel("value (log scale)" if log else "value", fontsize=7)
         if log:
             ax.set_ylabel("density per decade", fontsize=7)
         elif i % cols == 0:
             ax.set_ylabel("density", fontsize=7)
-        ax.tick_params(labelsize=6)
         ax.set_yticks([])
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     handles = ([Patch(color="0.7", label="reference")] if ref else []) + \
         [Line2D([], [], color="C1", lw=1.5, label="fit (bbvi)")]
     axes.flat[0].legend(handles=handles, fontsize=7)
+    if note:
+        fig.suptitle(note, fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -280,10 +321,13 @@ def plot_pair(result, reference=None, path=None, var_names=None, num_draws=2000,
     """Pair plot of up to `max_params` scalars: the fit's draws (orange, semi-transparent) under the reference's,
     drawn last so that it stays visible: black contours enclosing 50% and 90% of its draws off the diagonal, a
     black outline histogram on it; a legend names which is which. A parameter whose draws are all positive and
-    span more than two orders of magnitude gets log axes."""
+    span more than two orders of magnitude gets log axes; one whose draws are all whole numbers (a boolean or integer
+    latent) gets bars of P(value) on the diagonal. Where more than `max_params` scalars exist, a UserWarning and the
+    figure's title say how many were left out, and that var_names= chooses which."""
     from matplotlib.lines import Line2D
     plt = _plt()
-    fit = _flat(result.sample(num_draws, seed) if hasattr(result, "sample") else result, var_names, max_params)
+    fit, note = _cap(_flat(result.sample(num_draws, seed) if hasattr(result, "sample") else result, var_names),
+                     max_params, "bbvi.plots.plot_pair")
     ref = _flat(_reference_draws(reference), var_names)
     labels = list(fit)
     k = len(labels)
@@ -296,7 +340,11 @@ def plot_pair(result, reference=None, path=None, var_names=None, num_draws=2000,
             if j > i:
                 ax.axis("off")
                 continue
-            if i == j:
+            if i == j and _whole(fit[yi], *([ref[yi]] if yi in ref else [])):
+                _bars(ax, fit[yi], ref.get(yi), {"color": "C1", "alpha": 0.45},
+                      {"fill": False, "edgecolor": "k", "lw": 1.2, "zorder": 3})
+                ax.set_yticks([])
+            elif i == j:
                 edges = _edges(np.concatenate([fit[yi], ref[yi]]) if yi in ref else fit[yi], log[yi], 41)
                 ax.stairs(_density(fit[yi], edges, log[yi]), edges, fill=True, color="C1", alpha=0.45)
                 if yi in ref:
@@ -320,7 +368,8 @@ def plot_pair(result, reference=None, path=None, var_names=None, num_draws=2000,
         handles.append(Line2D([], [], color="k", lw=1.2, label="reference (50%, 90% contours)" if contoured
                               else "reference"))
     name = getattr(getattr(result, "model", None), "name", None)
-    fig.suptitle((f"{name}: " if name else "") + ("fit vs reference" if len(handles) > 1 else "fit"), fontsize=9)
+    fig.suptitle((f"{name}: " if name else "") + ("fit vs reference" if len(handles) > 1 else "fit") +
+                 (f"\n{note}" if note else ""), fontsize=9)
     # in the empty upper-right cell where there is one, else over the single panel
     axes[0, -1].legend(handles=handles, loc="upper right", fontsize=7 if k > 1 else 6, frameon=k == 1)
     fig.tight_layout()

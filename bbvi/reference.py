@@ -4,12 +4,15 @@ from files are read by stan_draws.py (`from_draws`, re-exported here).
 `nuts(model, ...)` runs Pyro's NUTS on the model's own unconstrained log density (log-joint plus
 log-det-Jacobian, through `potential_fn` and `initial_params`: no second model definition), one chain per
 process where the machine has the cores (fork), and returns an `arviz.InferenceData` in constrained space
-with latent names and dims, plus sample stats (diverging, step_size, n_steps, tree_depth, lp).
+with latent names and dims, plus sample stats (diverging, step_size, n_steps, tree_depth, lp). Bounded discrete
+latents are summed out of the potential and drawn per draw from their exact conditional (enumeration.py); with no
+continuous latent the posterior is drawn exactly, without NUTS.
 
 The cache lives in `.bbvi_cache/nuts` under the current working directory ($BBVI_CACHE overrides it; add
 `.bbvi_cache/` to .gitignore). The key (fingerprint.cache_key) changes with the model, its data and the sampler
-settings, never with its name (a renamed model finds its reference; file names carry the name for humans, lookups
-go by the key). Each entry stores its key and a
+settings, never with its name or the module and file its code was defined in (a renamed model, or one moved from a
+script into a model file, finds its reference; file names carry the name for humans, lookups go by the key). Each
+entry stores its key and a
 checksum of its draws; an entry that fails to open, or whose key or checksum disagrees, is recomputed with a
 warning, never used. A cache that cannot be written is a warning: the draws are returned.
 """
@@ -30,7 +33,8 @@ import numpy as np
 import torch
 
 from .arviz_names import arviz_dims, check_arviz_names
-from .errors import ModelError, SamplerError
+from .enumeration import Summed
+from .errors import SamplerError
 from .fingerprint import cache_key, code_fingerprint  # noqa: F401  (re-exported)
 from .stan_draws import from_draws  # noqa: F401  (re-exported)
 
@@ -267,12 +271,15 @@ def _run_chains(args_list, parallel, poll=0.5, progress=False):
     return [results[a[1]] for a in args_list]
 
 
-def _derived_names(model):
-    """Names of the derived quantities (from one evaluation at u = 0), [] when it cannot tell."""
+def _derived_names(model, discrete):
+    """Names of the derived quantities (from one evaluation at u = 0 and the discrete values `discrete`, dict
+    name -> (S, *shape), of which the first row is used), [] when it cannot tell."""
     if model.derived is None:
         return []
     try:
-        return [k for k in model.named_draws(torch.zeros(1, model.dim, dtype=torch.float64)) if k not in model.latents]
+        one = {k: v[:1] for k, v in discrete.items()}
+        return [k for k in model.named_draws(torch.zeros(1, model.dim, dtype=torch.float64), one)
+                if k not in model.latents]
     except Exception:  # noqa: BLE001 - derived is checked again on the draws
         return []
 
@@ -287,23 +294,27 @@ def nuts(model, num_draws=1000, num_warmup=1000, num_chains=4, seed=0, *, target
     written is a warning, and the draws are returned. progress: a progress bar over the iterations of every chain
     (default: when stderr is a terminal). full_mass: adapt a dense mass matrix in warm-up (Stan's dense_e metric)
     instead of a diagonal one: far fewer leapfrog steps where the posterior's coordinates are strongly correlated
-    (an intercept against an uncentred predictor), each a little dearer."""
+    (an intercept against an uncentred predictor), each a little dearer.
+
+    Discrete latents (boolean, integer_interval) with at most enumeration.MAX_JOINT = 10^4 joint values: NUTS runs
+    on the continuous latents with the discrete ones summed out of its potential (log-sum-exp over the joint
+    support, one batch of K log-joint rows per evaluation), and each draw's discrete latents are drawn from
+    p(k | continuous latents, data); sample_stats' lp is then the summed-out log density. With no continuous
+    latent: independent draws from the exact posterior by enumeration, no NUTS (sample_stats: lp = log p(x, k)).
+    posterior.attrs["discrete"] says which; a larger joint support is a ModelError naming each latent's size."""
     import arviz as az
     if progress is None:
         progress = sys.stderr.isatty()
-    if model.discrete:
-        raise ModelError(f"bbvi.nuts: model {model.name!r} has discrete latents {sorted(model.discrete)}; NUTS "
-                         f"needs continuous ones. Sum the discrete latents out in the log-joint, or check the fit "
-                         f"against an exact enumeration instead.")
     for name, v in [("num_draws", num_draws), ("num_warmup", num_warmup), ("num_chains", num_chains)]:
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "num_warmup" else 1):
             raise SamplerError(f"bbvi.nuts: {name} must be a positive int, got {v!r}")
     where = f"bbvi.nuts (model {model.name!r})"
     check_arviz_names(model.latents, where)
     m64 = model.to("cpu", torch.float64)
-    u0 = torch.zeros(3, m64.dim, dtype=torch.float64)
-    m64.check(u0, {})
-    check_arviz_names(_derived_names(m64), where, "derived quantity")
+    summed = Summed(m64) if m64.discrete else None   # ModelError where the joint support is too large
+    first = {k: v[torch.arange(3) % summed.size] for k, v in summed.values.items()} if summed else {}
+    m64.check(torch.zeros(3, m64.dim, dtype=torch.float64), first)
+    check_arviz_names(_derived_names(m64, first), where, "derived quantity")
     settings = dict(num_draws=num_draws, num_warmup=num_warmup, num_chains=num_chains, seed=seed,
                     target_accept=target_accept, max_tree_depth=max_tree_depth)
     if not isinstance(full_mass, bool):
@@ -321,23 +332,34 @@ def nuts(model, num_draws=1000, num_warmup=1000, num_chains=4, seed=0, *, target
     if parallel is None:
         parallel = num_chains > 1 and (os.cpu_count() or 1) > 1 and "fork" in multiprocessing.get_all_start_methods()
     start = time.perf_counter()
-    args = [(m64, c, seed, num_draws, num_warmup, target_accept, max_tree_depth, progress and not parallel,
-             full_mass) for c in range(num_chains)]
-    chains = _run_chains(args, parallel, progress=progress)
+    generator = torch.Generator().manual_seed(seed)
+    if summed is not None and m64.dim == 0:   # no continuous latent: the exact posterior, no NUTS
+        discrete, lp = summed.exact_draws(num_chains * num_draws, generator)
+        u = torch.zeros(num_chains * num_draws, 0, dtype=torch.float64)
+        stats = {"lp": lp.reshape(num_chains, num_draws).numpy()}
+        sampler, parallel, evals = "exact enumeration (bbvi.nuts)", False, 0
+    else:
+        args = [(summed or m64, c, seed, num_draws, num_warmup, target_accept, max_tree_depth,
+                 progress and not parallel, full_mass) for c in range(num_chains)]
+        chains = _run_chains(args, parallel, progress=progress)
+        u = torch.from_numpy(np.stack([c["u"] for c in chains])).reshape(-1, m64.dim)   # (chains * draws, D)
+        discrete = summed.draw(u, generator) if summed else {}
+        stats = {k: np.stack([c[k] for c in chains]) for k in ("diverging", "step_size", "n_steps", "tree_depth",
+                                                                "lp")}
+        sampler, evals = "pyro NUTS (bbvi.nuts)", int(sum(c["num_evals"] for c in chains))
     elapsed = time.perf_counter() - start
 
-    u = torch.from_numpy(np.stack([c["u"] for c in chains]))               # (chains, draws, D)
-    z = m64.named_draws(u.reshape(-1, m64.dim), seed=seed)
+    z = m64.named_draws(u, discrete, seed=seed)
     check_arviz_names(z, where, "derived quantity")
     posterior = {k: v.reshape((num_chains, num_draws) + tuple(v.shape[1:])).numpy() for k, v in z.items()}
-    sample_stats = {k: np.stack([c[k] for c in chains]) for k in ("diverging", "step_size", "n_steps",
-                                                                  "tree_depth", "lp")}
-    idata = az.from_dict(posterior=posterior, sample_stats=sample_stats, dims=arviz_dims(posterior))
+    idata = az.from_dict(posterior=posterior, sample_stats=stats, dims=arviz_dims(posterior))
     idata.posterior.attrs.update({**{k: str(v) for k, v in settings.items()}, "model": model.name,
-                                  "sampler": "pyro NUTS (bbvi.nuts)", "sampling_time_s": elapsed,
+                                  "sampler": sampler, "sampling_time_s": elapsed,
                                   "parallel_chains": int(bool(parallel)), "bbvi_cache_key": key,
-                                  "num_gradient_evals": int(sum(c["num_evals"] for c in chains)),
-                                  "bbvi_checksum": _checksum(idata)})
+                                  "num_gradient_evals": evals})
+    if summed is not None:
+        idata.posterior.attrs.update({"discrete": summed.describe(), "discrete_joint_values": summed.size})
+    idata.posterior.attrs["bbvi_checksum"] = _checksum(idata)
     if use_cache:
         try:
             _write_cache(idata, path)

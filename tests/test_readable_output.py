@@ -2,6 +2,7 @@
 import io
 import pickle
 import types
+import warnings
 
 import arviz as az
 import matplotlib
@@ -193,3 +194,32 @@ def test_progress_shows_up_in_a_log_file_when_no_bar_shows(tmp_path):
     assert any("(bam): step 10 of at most 50, ELBO" in line for line in lines), lines[:3]
     assert lines[-1].startswith("bbvi fit of 'logged': completed after 50 steps")
     assert "check follows" not in lines[-1]   # diagnose=False: no check follows (the line said one did)
+
+
+def test_plots_say_how_many_parameters_they_leave_out_and_draw_whole_numbers_as_bars():
+    """A Pyro user's daily work, 6b: plot_marginals kept 30 panels and plot_pair 4 coordinates silently, and drew an
+    integer latent as a comb of histogram spikes. Now the cap is warned and in the figure's title (with
+    var_names= to choose), and whole-number draws get bars of P(value)."""
+    g = torch.Generator().manual_seed(0)
+    draws = {"theta": torch.randn(500, 40, generator=g), "k": torch.randint(1, 4, (500,), generator=g),
+             "on": torch.randint(0, 2, (500,), generator=g).double()}
+    with pytest.warns(UserWarning, match=r"plot_marginals: showing the first 30 of 42 scalar parameters \(12 left "
+                                         r"out\); choose which with var_names="):
+        fig = plots.plot_marginals(draws)
+    assert "12 left out" in fig._suptitle.get_text()
+    with pytest.warns(UserWarning, match=r"plot_pair: showing the first 4 of 42 scalar parameters \(38 left out\)"):
+        fig = plots.plot_pair(draws)
+    assert "38 left out" in fig._suptitle.get_text()
+    ref = {"k": torch.randint(1, 4, (800,), generator=g), "on": torch.randint(0, 2, (800,), generator=g).double()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # nothing left out: no warning
+        fig = plots.plot_marginals(draws, ref, var_names=["k", "on"])
+    assert fig._suptitle is None
+    for ax in fig.axes[:2]:
+        bars = ax.patches
+        assert ax.get_ylabel() == "probability" and len(bars) == 2 * (3 if ax.get_title() == "k" else 2)
+        heights = [b.get_height() for b in bars]
+        half = len(bars) // 2   # the reference's bars first, then the fit's: each a distribution over the values
+        assert abs(sum(heights[:half]) - 1) < 1e-9 and abs(sum(heights[half:]) - 1) < 1e-9
+    diagonal = plots.plot_pair(draws, ref, var_names=["k", "on"]).axes[0]
+    assert len(diagonal.patches) == 6

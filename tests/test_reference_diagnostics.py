@@ -83,13 +83,6 @@ def test_cache_returns_identical_draws_and_detects_corruption(nn_reference, tmp_
     np.testing.assert_array_equal(recomputed.posterior["mu"].values, ref.posterior["mu"].values)
 
 
-def test_nuts_refuses_discrete_latents():
-    from torch.distributions import constraints
-    model = bbvi.Model(lambda z, d: z["s"] * 1.0, {"s": bbvi.Latent(support=constraints.boolean)})
-    with pytest.raises(bbvi.ModelError, match="discrete latents"):
-        bbvi.nuts(model, use_cache=False)
-
-
 def test_compare_passes_a_good_fit_and_flags_a_wrong_one(nn_reference):
     model, exact, ref, _ = nn_reference
     good = bbvi.fit(model, estimator="score", baseline="loo", steps=2000, dtype=torch.float64, diagnose=False)

@@ -214,6 +214,64 @@ def test_a_renamed_model_finds_its_cached_reference(tmp_path, monkeypatch):
     assert [f.startswith("first-") for f in os.listdir(tmp_path)] == [True]
 
 
+_MODEL_FILE = """
+import torch
+from torch.distributions import Normal
+
+import bbvi
+
+SCALE = {scale}
+
+
+def _helper(x):
+    return Normal(0.0, SCALE).log_prob(x)
+
+{body}
+"""
+_TOP_LEVEL = """
+def log_joint(z, data):
+    return _helper(z["x"]) + Normal(z["x"][:, None], 1.0).log_prob(data).sum(-1)
+
+
+model = bbvi.Model(log_joint, {{"x": bbvi.Latent(())}}, data=torch.tensor([0.5, 1.5]), name="{name}")
+"""
+_NESTED = """
+def build():
+    def log_joint(z, data):
+        return _helper(z["x"]) + Normal(z["x"][:, None], 1.0).log_prob(data).sum(-1)
+    return bbvi.Model(log_joint, {{"x": bbvi.Latent(())}}, data=torch.tensor([0.5, 1.5]), name="{name}")
+
+
+model = build()
+"""
+
+
+def _model_from_file(folder, module, scale, body):
+    import importlib.util
+    path = folder / f"{module}.py"
+    path.write_text(_MODEL_FILE.format(scale=scale, body=body.format(name=module)))
+    spec = importlib.util.spec_from_file_location(module, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.model
+
+
+def test_the_same_log_joint_in_another_module_or_file_keeps_its_key(tmp_path):
+    """Before: the key hashed each function's module and qualified name (and its source as indented): the same
+    model moved from a script into a model file got a new key, and 266 s of NUTS ran again."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    script = _model_from_file(tmp_path / "a", "my_script", 2.0, _TOP_LEVEL)
+    moved = _model_from_file(tmp_path / "b", "models_file", 2.0, _TOP_LEVEL)
+    nested = _model_from_file(tmp_path / "b", "nested_in_a_function", 2.0, _NESTED)
+    assert script.log_joint.__module__ != moved.log_joint.__module__
+    assert script.log_joint.__code__.co_filename != moved.log_joint.__code__.co_filename
+    settings = dict(num_draws=20)
+    assert cache_key(script, settings) == cache_key(moved, settings) == cache_key(nested, settings)
+    wider = _model_from_file(tmp_path / "b", "wider_prior", 3.0, _TOP_LEVEL)   # another density: another key
+    assert cache_key(wider, settings) != cache_key(script, settings)
+
+
 # ---- 6: the cache is project-local --------------------------------------------------------------------------
 def test_the_default_cache_is_under_the_working_directory(tmp_path, monkeypatch):
     """Before: ~/.cache/bbvi/nuts, which outlives a fresh clone of the project."""
