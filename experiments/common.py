@@ -48,6 +48,7 @@ BLOCK_PAGES = {"yardstick": "docs/accuracy.md", "defaults": "docs/accuracy.md",
                "natural": "docs/features.md", "flows": "docs/features.md", "greeks": "docs/features.md",
                "policy_gradient": "docs/features.md", "blackbox": "docs/features.md",
                "experiments": "docs/experiments.md", "rao_blackwell": "docs/experiments.md",
+               "stopping": "docs/experiments.md",
                "scale": "docs/speed.md", "bench": "docs/speed.md"}
 _LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
 
