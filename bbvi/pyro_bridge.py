@@ -102,7 +102,43 @@ def _latents(model, args, kwargs, name):
             raise ModelError(f"from_pyro: site {site_name!r}: {e}") from None
     if not latents:
         raise ModelError(f"from_pyro: model {name!r} has no unobserved sample sites: nothing to infer")
+    _supports_fixed_at_every_discrete_value(model, args, kwargs, trace, latents)
     return latents, deterministic, observed, traces
+
+
+MAX_SUPPORT_CHECKS = 64   # values of one discrete latent at which the other sites' supports are compared
+
+
+def _supports_fixed_at_every_discrete_value(model, args, kwargs, trace, latents):
+    """ModelError where a continuous site's support changes with a bounded discrete latent's value: two prior draws
+    miss a rare branch (k ~ Bernoulli(0.05) with x ~ Uniform(0, 1 + 9 k) drew k = 0 twice, and x was fitted on
+    [0, 1]). The model is run with each discrete latent set, in turn, to each of its first MAX_SUPPORT_CHECKS values
+    (every element of it at once; the others as drawn), and every continuous site's support bounds compared with those of the prior draw."""
+    import pyro.poutine as poutine
+    continuous = [n for n, lat in latents.items() if not lat.support.is_discrete]
+    for d, lat in latents.items():
+        if not lat.support.is_discrete or not continuous:
+            continue
+        lo, hi = (0, 1) if isinstance(lat.support, type(constraints.boolean)) else (
+            int(lat.support.lower_bound), int(lat.support.upper_bound))
+        for v in range(lo, min(hi, lo + MAX_SUPPORT_CHECKS - 1) + 1):
+            value = torch.full_like(trace.nodes[d]["value"], v)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                try:
+                    at = poutine.trace(poutine.condition(model, data={d: value})).get_trace(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - the user's model, run at a value of its own support
+                    raise ModelError(f"from_pyro: running the model with {d!r} = {v} (a value of its support "
+                                     f"{lat.support}) raised {type(e).__name__}: {e}") from e
+            for n in continuous:
+                before = _bounds(_base_support(trace.nodes[n]["fn"].support))
+                after = _bounds(_base_support(at.nodes[n]["fn"].support)) if n in at.nodes else before
+                if any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(before, after)):
+                    raise ModelError(f"from_pyro: the support of site {n!r} ({trace.nodes[n]['fn'].support}) "
+                                     f"changes with the discrete latent {d!r}: at {d!r} = {v} it is "
+                                     f"{at.nodes[n]['fn'].support} with bounds {[t.tolist() for t in after]}; bbvi "
+                                     f"needs supports fixed in advance (reparameterize it, e.g. Uniform(0, 1 + 9 k) as "
+                                     f"(1 + 9 k) * Uniform(0, 1))")
 
 
 class _PyroJoint:

@@ -321,3 +321,22 @@ def test_to_arviz_keeps_the_observed_sites_pointwise_log_likelihoods(vectorize):
     idata = bbvi.fit(model, steps=100, seed=0, diagnose=False).to_arviz(400)
     assert idata.log_likelihood["y"].shape == (4, 100, 40)
     assert math.isfinite(az.loo(idata).elpd_loo)
+
+
+def test_a_support_that_changes_only_on_a_rare_discrete_branch_is_refused():
+    """Reliability III, 4: a continuous site whose support depends on a discrete latent through a rare branch
+    (k ~ Bernoulli(0.05); x ~ Uniform(0, 1) when k = 0, Uniform(0, 10) when k = 1) slipped past the check at two
+    prior draws (k = 0 both times) and was frozen at [0, 1]: x 4.1 sd off, P(k = 1) 0.01 against 0.997. The supports
+    are now compared at every value of each bounded discrete latent too, and the change is refused, naming both."""
+    def rare(y):
+        k = pyro.sample("k", dist.Bernoulli(0.05))
+        x = pyro.sample("x", dist.Uniform(0.0, 1.0 + 9.0 * k))
+        pyro.sample("y", dist.Normal(x, 0.5), obs=y)
+    with pytest.raises(bbvi.ModelError, match=r"support of site 'x'.*changes.*'k' = 1"):
+        bbvi.from_pyro(rare, torch.tensor(6.0))
+    # the same model with the support fixed in advance (x = u * (1 + 9 k), u ~ Uniform(0, 1)) is taken
+    def fixed(y):
+        k = pyro.sample("k", dist.Bernoulli(0.05))
+        u = pyro.sample("u", dist.Uniform(0.0, 1.0))
+        pyro.sample("y", dist.Normal(u * (1.0 + 9.0 * k), 0.5), obs=y)
+    assert set(bbvi.from_pyro(fixed, torch.tensor(6.0)).latents) == {"k", "u"}
