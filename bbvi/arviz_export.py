@@ -133,8 +133,10 @@ def _predictive(result, predict, u, k, seed):
     return out
 
 def _observed(result, which):
-    """name -> numpy array: the model's data entries for the observed_data group."""
-    data = result.model.data
+    """name -> numpy array: the model's data entries for the observed_data group (a from_pyro model's: its observed
+    sites' values, under the names of their posterior predictive draws)."""
+    data = getattr(result.model, "pyro_observed_data", None)
+    data = result.model.data if data is None else data
     if which is False or data is None:
         return {}
     items = data.items() if isinstance(data, dict) else [("data", data)]

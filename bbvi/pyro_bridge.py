@@ -9,7 +9,13 @@ the model on one particle's values (`poutine.condition`), so the model runs exac
 sample site's log-probability (scale and mask applied, `Trace.compute_log_prob`) as a factor term of one element
 per plate entry: observed sites are then pointwise log-likelihoods (`fit.to_arviz()` puts them in its
 log_likelihood group; `model.pyro_observed` names them) and the score terms are Rao-Blackwellized over plates.
-`pyro.deterministic` sites become derived quantities. The vectorized run is checked against one particle at a time
+`pyro.deterministic` sites and `poutine.reparam` sites (LocScaleReparam's `theta` beside its latent
+`theta_decentered`: Pyro records them as observed Deltas) become derived quantities under their own names, their
+values from the model's own trace. The model's posterior predictive is its `predict` (`fit.to_arviz()` puts it in
+posterior_predictive, the observed sites' values in observed_data, so `az.plot_ppc` runs): each observed site drawn
+from its distribution at each draw, the model run with the latents conditioned and the observations left out
+(what follows an observed site sees its draw, as in `pyro.infer.Predictive` with `y=None`), under vmap where the
+site's sampler batches, reproducible by seed. The vectorized run is checked against one particle at a time
 at two prior draws (their finite entries equal, their non-finite entries in the same places). A model that vmap
 cannot run (Python control flow on latent values, in-place writes of latents) or that disagrees runs one particle
 at a time instead, with one warning naming the reason, the measured cost and the fix (`model.vectorized` says
@@ -44,13 +50,24 @@ def _prior_trace(model, args, kwargs, seed):
         return poutine.trace(model).get_trace(*args, **kwargs)
 
 
+def _computed(site):
+    """Whether the model computes the site's value: `pyro.deterministic`, or a `poutine.reparam` site (Pyro records
+    the reparameterized site as an observed Delta at the value its reparameterizer computed from the new sites)."""
+    import pyro.distributions as dist
+    fn = site["fn"]
+    while isinstance(fn, (dist.MaskedDistribution, dist.Independent)):
+        fn = fn.base_dist
+    return bool(site["infer"].get("_deterministic")) or (site["is_observed"] and isinstance(fn, dist.Delta))
+
+
 def _bounds(support):
     return tuple(torch.as_tensor(getattr(support, b)).detach().clone()
                  for b in ("lower_bound", "upper_bound") if hasattr(support, b))
 
 
 def _latents(model, args, kwargs, name):
-    """(latents dict, deterministic site names, observed site names, the two prior traces)."""
+    """(latents dict, computed site names (deterministic and reparameterized sites), observed site name -> its
+    value, the two prior traces)."""
     from pyro.poutine.util import site_is_subsample
 
     from .model import Latent
@@ -60,7 +77,7 @@ def _latents(model, args, kwargs, name):
         raise ModelError(f"from_pyro: running the Pyro model {name!r} with the arguments given raised "
                          f"{type(e).__name__}: {e}") from e
     trace, other = traces
-    latents, deterministic, observed = {}, [], []
+    latents, deterministic, observed = {}, [], {}
     for site_name, site in trace.nodes.items():
         if site["type"] == "param":
             raise ModelError(f"from_pyro: model {name!r} has pyro.param site {site_name!r}; bbvi fits latent "
@@ -75,12 +92,12 @@ def _latents(model, args, kwargs, name):
         if site["type"] != "sample":
             continue
         fn = site["fn"]
-        if site["infer"].get("_deterministic"):
+        if _computed(site):
             deterministic.append(site_name)
             continue
         if site["is_observed"]:
             if not site["infer"].get("is_auxiliary"):  # pyro.factor sites are auxiliary: no likelihood
-                observed.append(site_name)
+                observed[site_name] = site["value"].detach()
             continue
         support = _base_support(fn.support)
         before, after = _bounds(support), _bounds(_base_support(other.nodes[site_name]["fn"].support))
@@ -142,16 +159,18 @@ def _supports_fixed_at_every_discrete_value(model, args, kwargs, trace, latents)
 
 
 class _PyroJoint:
-    """The log-joint (and derived quantities) of a Pyro model, evaluated by Pyro on one particle's values: under
-    `torch.func.vmap` over the particle dimension (`vectorized=True`), or by bbvi's loop over particles."""
+    """The log-joint (and derived quantities, and simulated observed sites) of a Pyro model, evaluated by Pyro on
+    one particle's values: under `torch.func.vmap` over the particle dimension (`vectorized=True`), or by bbvi's
+    loop over particles."""
 
-    def __init__(self, model, latents, deterministic, vectorized):
+    def __init__(self, model, latents, deterministic, vectorized, observed=()):
         self.model, self.latents = model, list(latents)
-        self.deterministic, self.vectorized = deterministic, vectorized
+        self.deterministic, self.vectorized, self.observed = deterministic, vectorized, list(observed)
 
-    def _trace(self, z, data):
+    def _trace(self, z, data, model=None):
         import pyro.poutine as poutine
-        return poutine.trace(poutine.condition(self.model, data=z)).get_trace(*data["args"], **data["kwargs"])
+        return poutine.trace(poutine.condition(model or self.model, data=z)).get_trace(*data["args"],
+                                                                                       **data["kwargs"])
 
     def _terms(self, z, data):
         """Each sample site's log-probability (scale and mask applied) at one particle, flattened."""
@@ -166,12 +185,23 @@ class _PyroJoint:
         trace = self._trace(z, data)
         return {n: trace.nodes[n]["value"] for n in self.deterministic}
 
-    def _vmapped(self, fn, z, data):
+    def _simulated(self, z, data):
+        """One particle's draw of every observed site: the model run with its latents at z and its observed sites
+        drawn from their distributions instead of set to the data (what follows an observed site sees its draw,
+        as in pyro.infer.Predictive with the observations left out)."""
+        trace = self._trace(z, data, _simulating(self.observed)(self.model))
+        return {n: trace.nodes[n]["value"] for n in self.observed}
+
+    def _vmapped(self, fn, z, data, randomness="error"):
         """fn(one particle's z, data) for every particle at once. Pyro's validation is off inside: its checks
         branch on values, which vmap cannot do (the loop's run at the prior draws was validated)."""
         import pyro
         with pyro.validation_enabled(False):
-            return torch.func.vmap(lambda one: fn(one, data))({n: z[n] for n in self.latents})
+            return torch.func.vmap(lambda one: fn(one, data), randomness=randomness)({n: z[n] for n in self.latents})
+
+    def _looped(self, fn, z, data, names):
+        rows = [fn({n: z[n][s] for n in self.latents}, data) for s in range(z[self.latents[0]].shape[0])]
+        return {n: torch.stack([r[n] for r in rows]) for n in names}
 
     def __call__(self, z, data):
         return self._vmapped(self._terms, z, data) if self.vectorized else self._terms(z, data)
@@ -179,8 +209,38 @@ class _PyroJoint:
     def derived(self, z, data):
         if self.vectorized:
             return self._vmapped(self._derived, z, data)
-        rows = [self._derived({n: z[n][s] for n in self.latents}, data) for s in range(z[self.latents[0]].shape[0])]
-        return {n: torch.stack([r[n] for r in rows]) for n in self.deterministic}
+        return self._looped(self._derived, z, data, self.deterministic)
+
+    def predict(self, z, data, generator):
+        """The posterior predictive: every observed site simulated at each particle of z (`_simulated`), with
+        torch's global RNG seeded from `generator` and restored afterwards. Under torch.func.vmap (different
+        randomness per particle) where the model vectorizes and its observed distributions' samplers batch under
+        vmap (Normal, Bernoulli, Poisson, Binomial, Categorical, Gamma, LogNormal do; StudentT, Cauchy, Laplace,
+        Exponential and MultivariateNormal draw in place and do not): else one particle at a time, with the draws
+        of vectorize=False."""
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[generator.device] if generator.device.type == "cuda" else []):
+            if self.vectorized:
+                torch.manual_seed(seed)
+                try:
+                    return self._vmapped(self._simulated, z, data, randomness="different")
+                except Exception:  # noqa: BLE001 - a sampler vmap cannot batch; the loop re-raises the model's errors
+                    pass
+            torch.manual_seed(seed)   # the loop's draws are vectorize=False's
+            return self._looped(self._simulated, z, data, self.observed)
+
+
+def _simulating(observed):
+    """A Pyro handler that draws the `observed` sites from their distributions (their `.sample()`, which batches
+    under vmap where `rsample` of a Normal does not) instead of setting them to the data."""
+    from pyro.poutine.messenger import Messenger
+
+    class Simulate(Messenger):
+        def _pyro_sample(self, msg):
+            if msg["name"] in observed:
+                msg["is_observed"] = False
+                msg["value"] = msg["fn"].sample(*msg["args"], **msg["kwargs"])
+    return Simulate()
 
 
 _FIX = ("write the model so that it runs under torch.func.vmap: no Python branching on a latent's value (`if x > 0`, "
@@ -194,7 +254,10 @@ def from_pyro(model, *args, name=None, vectorize=True, **kwargs):
     latents from its unobserved sample sites. The model runs on all particles at once under torch.func.vmap,
     checked against one particle at a time at two prior draws; where that fails or disagrees it runs one particle
     at a time, with a warning that says why, what it costs and how to fix it (`model.pyro_vectorize_failure`
-    keeps the reason). `vectorize=False` runs it one particle at a time from the start, without the warning."""
+    keeps the reason). `vectorize=False` runs it one particle at a time from the start, without the warning.
+    Deterministic and reparameterized sites are derived quantities; `model.predict` simulates the observed sites
+    (`model.pyro_observed`; their values: `model.pyro_observed_data`), so `fit.to_arviz()` has a posterior
+    predictive and observed data."""
     if not callable(model):
         raise ModelError(f"from_pyro needs a Pyro model (a callable with pyro.sample statements), got {model!r}")
     if not isinstance(vectorize, bool):
@@ -202,7 +265,7 @@ def from_pyro(model, *args, name=None, vectorize=True, **kwargs):
     name = name or getattr(model, "__name__", "pyro_model")
     latents, deterministic, observed, draws = _latents(model, args, kwargs, name)
     data = {"args": tuple(args), "kwargs": dict(kwargs)}
-    one = _PyroJoint(model, latents, deterministic, False)
+    one = _PyroJoint(model, latents, deterministic, False, observed)
     alone, seconds = [], []
     try:
         with warnings.catch_warnings():  # vague priors' draws may overflow: Pyro's NaN warnings are ours, not news
@@ -216,7 +279,7 @@ def from_pyro(model, *args, name=None, vectorize=True, **kwargs):
                          f"{type(e).__name__}: {e}") from e
     why = None
     if vectorize:
-        joint = _PyroJoint(model, latents, deterministic, True)
+        joint = _PyroJoint(model, latents, deterministic, True, observed)
         probe = {n: torch.stack([t.nodes[n]["value"] for t in draws]) for n in latents}
         try:
             why = _disagreement(joint(probe, data), {n: torch.stack([a[n] for a in alone]) for n in alone[0]})
@@ -254,6 +317,7 @@ def _disagreement(together, alone):
 def _model(joint, latents, data, name, pyro_model, observed, failure):
     from .model import Model
     out = Model(joint, latents, data=data, name=name, derived=joint.derived if joint.deterministic else None,
-                vectorized=joint.vectorized)
+                vectorized=joint.vectorized, predict=joint.predict if joint.observed else None)
     out.pyro_model, out.pyro_observed, out.pyro_vectorize_failure = pyro_model, tuple(observed), failure
+    out.pyro_observed_data = observed
     return out

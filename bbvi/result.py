@@ -232,10 +232,11 @@ class Result:
           `log_likelihood` (a name or list of names) of a log-joint that returns a dict of factor terms; by default
           the observed sites of a `bbvi.from_pyro` model, else the factor 'obs' when there is one. Each
           (chain, draw, n);
-        - posterior_predictive: `predict(z, data, generator)` (or the model's `predict`) at the draws, its
-          generator seeded from `seed`: the same seed gives the same draws;
-        - observed_data: the model's data entries named in `observed_data` (default: every tensor in the data;
-          False: none).
+        - posterior_predictive: `predict(z, data, generator)` (or the model's `predict`; a `bbvi.from_pyro`
+          model's draws its observed sites) at the draws, its generator seeded from `seed`: the same seed gives
+          the same draws;
+        - observed_data: the model's data entries named in `observed_data` (default: every tensor in the data, or
+          a from_pyro model's observed sites' values; False: none).
 
         dims / coords as for `az.from_dict` name dimensions (e.g. dims={"theta": ["school"]},
         coords={"school": names}); others are named `{name}_dim_{i}` (with trailing `_` where that would clash with

@@ -142,3 +142,27 @@ def test_loo_on_importance_resampled_draws():
     assert "k-hat" in idata.posterior.attrs["draws"]
     with pytest.raises(bbvi.ConfigError, match="importance_resample must be True or False"):
         fit.to_arviz(importance_resample="yes")
+
+
+def _exact_loo_pointwise():
+    """log p(y_i | y_-i) of the conjugate regression: N(x_i' m_-i, SIGMA^2 + x_i' S_-i x_i), S_-i and m_-i the
+    posterior covariance and mean without row i."""
+    out = []
+    for i in range(N):
+        keep = torch.arange(N) != i
+        cov = torch.linalg.inv(X[keep].T @ X[keep] / SIGMA ** 2 + torch.eye(2, dtype=F64) / PRIOR_SD ** 2)
+        mean = cov @ X[keep].T @ Y[keep] / SIGMA ** 2
+        out.append(Normal(X[i] @ mean, (SIGMA ** 2 + X[i] @ cov @ X[i]).sqrt()).log_prob(Y[i]))
+    return torch.stack(out).numpy()
+
+
+def test_importance_resampled_loo_matches_the_exact_leave_one_out(fit):
+    """A Pyro user's daily work, 3: az.loo on to_arviz(importance_resample=True) against the exact leave-one-out
+    predictive densities of the conjugate regression (-36.74): within 0.25, 4 times the Monte Carlo sd of the
+    estimate over export seeds (measured: seed 0 off by -0.034; seeds 0-4 by -0.13 to 0.04, sd 0.063), each
+    observation's term within 0.08 (measured: at most 0.019 at seed 0, 0.043 over seeds 0-4). experiments/loo_vs_nuts.py measures the same against NUTS on eight schools and
+    a logistic regression."""
+    exact = _exact_loo_pointwise()
+    loo = az.loo(fit.to_arviz(num_draws=4000, seed=0, importance_resample=True), pointwise=True)
+    assert abs(loo.elpd_loo - exact.sum()) < 0.25, (loo.elpd_loo, exact.sum())
+    np.testing.assert_allclose(loo.loo_i.values, exact, rtol=0, atol=0.08)

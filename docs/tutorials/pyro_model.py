@@ -1,5 +1,6 @@
 """Bring a Pyro model: `bbvi.from_pyro` turns it into a `bbvi.Model`, and everything else works as for a log-joint
-written by hand (the fit, its checks, `to_arviz` with pointwise log-likelihoods for `az.loo`).
+written by hand (the fit, its checks, `to_arviz` with pointwise log-likelihoods for `az.loo`, observed data and a
+posterior predictive for `az.plot_ppc`).
 
 The model is Pyro's eight schools (noncentered), written as a Pyro user writes it: sample sites, a plate over the
 schools, an observed site, a deterministic site. Run it with
@@ -84,3 +85,12 @@ print(idata.posterior.attrs["draws"])
 loo = az.loo(idata, pointwise=True)
 print(f"elpd_loo {loo.elpd_loo:.2f} (se {loo.se:.2f}); Pareto k above 0.7: {int((loo.pareto_k > 0.7).sum())} of 8")
 assert math.isfinite(loo.elpd_loo)
+
+# The record also holds the observed site's data (observed_data) and its posterior predictive: the model run at
+# each draw with the observation left out, so Pyro draws `obs` from Normal(theta, sigma). Same names and dims, so
+# `az.plot_ppc(idata)` compares the two. A site made by `poutine.reparam` (e.g. theta of a centred model under
+# LocScaleReparam(0.)) is a derived quantity under its own name, beside its latent theta_decentered.
+print(idata.observed_data["obs"].values)
+y_rep = idata.posterior_predictive["obs"].values.reshape(-1, 8)
+print("posterior predictive mean per school:", y_rep.mean(0).round(1))
+assert idata.posterior_predictive["obs"].dims[2:] == idata.observed_data["obs"].dims
