@@ -5,7 +5,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 JOBS        ?= 2
 
-.PHONY: install test demo experiments bench lint clean docs verify-posteriordb
+.PHONY: install test test-fast demo experiments bench lint clean docs verify-posteriordb
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: install
 	$(PY) -m pytest -n $(JOBS) --durations=15 tests
+
+# The suite less the tests marked slow (6 s or more each on 2 cores): a quick loop while working; `make test` runs all.
+test-fast: install
+	$(PY) -m pytest -n $(JOBS) -m "not slow" tests
 
 demo: install
 	$(PY) -m bbvi demo --out results

@@ -47,6 +47,7 @@ def test_resume_checks_that_model_and_settings_match(tmp_path):
     with pytest.raises(bbvi.ConfigError, match="no checkpoint file"):
         bbvi.fit(model, steps=20, resume=str(tmp_path / "missing.pt"))
 
+@pytest.mark.slow
 def test_a_killed_fit_resumes_to_the_uninterrupted_result(tmp_path):
     """A subprocess fits with checkpoints and is killed with SIGKILL mid-fit; resuming here from its last
     checkpoint reproduces the uninterrupted fit bit for bit."""

@@ -147,6 +147,7 @@ model = bbvi.Model(log_joint, {"x": bbvi.Latent(shape=(2,))}, name="slow")
 '''
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_the_fit_resumes_from_the_command_line(tmp_path):
     """Reliability III, 11: the command line had no --checkpoint, --resume or --max-steps, and SIGTERM (what batch
     schedulers and `timeout` send) lost the whole fit. Now SIGTERM is handled like Ctrl-C: the fit so far is

@@ -39,6 +39,7 @@ def _close(a, b, tol):
 
 @pytest.mark.parametrize("estimator,family", [("reparam", "fullrank"), ("stl", "meanfield"),
                                               ("score", "meanfield")])
+@pytest.mark.slow
 def test_the_compiled_step_follows_the_eager_step(estimator, family, tmp_path):
     """300 steps from the zero start with a log-joint that is NaN at some particles: the same parameters and ELBO
     trace within 1e-9 (float64; the same particles, sums fused in another order), the same bad-particle count;

@@ -29,6 +29,7 @@ def test_latent_features_reach_the_meanfield_optimum():
     assert (probs(fit, "s")[..., 1] - mf["p_s"]).abs().max() < 0.02
 
 
+@pytest.mark.slow
 def test_changepoint_matches_the_exact_posterior():
     """Seen: total variation 0.022-0.026 between q(tau) and p(tau | y) over seeds 0-1; lam means within 0.013."""
     fit = bbvi.fit(discrete.changepoint, estimator="auto", steps=3000, dtype=torch.float64, diagnose=False)
@@ -69,6 +70,7 @@ def _n_mixture(with_w):
 
 
 @pytest.mark.parametrize("with_w", [False, True])
+@pytest.mark.slow
 def test_a_truncated_n_mixture_matches_exact_enumeration(with_w):
     """Reliability III, item 12: the first draw of N from q's uniform start fell below the largest count (seed 0:
     N = [0, 14, 3]), where the log-joint is -inf, and the fit was refused; init_values={'N': ...} was refused too

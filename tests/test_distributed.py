@@ -37,6 +37,7 @@ def _same(a, b):
     return all(torch.equal(a["params"][g][k], b["params"][g][k]) for g in a["params"] for k in a["params"][g])
 
 
+@pytest.mark.slow
 def test_two_processes_identical_resumable_and_equal_to_one_process(tmp_path):
     """2 ranks over gloo (minibatches of 250 from each rank's 1000 rows, 600 steps): the parameters and ELBO
     trace are bit-identical on both ranks; a fit whose rank 1 is killed (SIGKILL) at step 250 and resumed under
@@ -66,6 +67,7 @@ def test_two_processes_identical_resumable_and_equal_to_one_process(tmp_path):
     assert ((ratio - 1).abs() < 0.1).all(), ratio
 
 
+@pytest.mark.slow
 def test_a_callback_that_raises_on_one_rank_fails_every_rank_with_its_fit(tmp_path):
     """Reliability III, 9: when rank 1's callback raised, rank 0 finished its end-of-fit check and died with a raw
     gloo "Connection closed by peer", losing its fit. Now every rank ends with a FitError holding its fit at the

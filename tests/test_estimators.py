@@ -104,6 +104,7 @@ def test_estimators_are_unbiased(estimator, baseline):
     assert z.abs().max() < 4.5, f"{estimator}/{baseline}: z-scores {z.tolist()}"
 
 
+@pytest.mark.slow
 def test_baselines_keep_the_mean_and_cut_the_variance():
     fit = bbvi.fit(gaussian_model(), estimator="score", baseline=None, steps=0, init_strategy="zero", num_particles=16,
                    dtype=torch.float64)

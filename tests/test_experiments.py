@@ -19,6 +19,7 @@ EXPERIMENTS = ["yardstick", "defaults", "accuracy", "gradient_variance", "conver
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.slow
 def test_experiment_quick(name, tmp_path):
     import pandas as pd
     _quick(name, tmp_path)
@@ -61,6 +62,7 @@ def test_run_all_runs_every_experiment_and_gathers_their_tables(tmp_path):
     assert all(f"### {stem} table" in text for stem in run_all.PARTS) and "Run times (s): defaults 1" in text
 
 
+@pytest.mark.slow
 def test_bench_quick(tmp_path):
     import bench
     bench.main(["--out", str(tmp_path), "--quick"])

@@ -21,6 +21,7 @@ CONFIGS = [("score", "loo"), ("score", "ema"), ("score", "cv"), ("reparam", "def
 
 @pytest.mark.parametrize("model_name,estimator,baseline",
                          [(m, e, b) for m in MODELS for e, b in CONFIGS])
+@pytest.mark.slow
 def test_conjugate_posteriors(model_name, estimator, baseline):
     model, exact = MODELS[model_name]()
     fit = bbvi.fit(model, estimator=estimator, baseline=baseline, num_particles=16, steps=3000, lr=0.05,
@@ -33,6 +34,7 @@ def test_conjugate_posteriors(model_name, estimator, baseline):
     assert abs(draws.std().item() / sd - 1) < 0.12, (draws.std().item(), sd)
 
 
+@pytest.mark.slow
 def test_normal_normal_is_recovered_exactly_by_the_baselined_score_path():
     """The posterior is Gaussian, so q can equal it; then f = log p - log q is constant and a baseline removes
     all noise: the fitted parameters are the exact posterior to optimisation accuracy."""

@@ -20,6 +20,7 @@ def test_map_start_is_the_exact_posterior_for_a_gaussian_one():
 
 
 @pytest.mark.parametrize("family,estimator", [("meanfield", "score"), ("fullrank", "reparam")])
+@pytest.mark.slow
 def test_map_start_fits_a_concentrated_posterior(family, estimator):
     """sblrc-blr (posterior sds ~1e-3): from the zero start 5000 steps leave every config > 20 sd off (see the
     accuracy experiment); from the MAP start 3000 steps reach 0.1 sd (seen: 0.07 score, 0.05 full-rank)."""

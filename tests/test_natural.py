@@ -255,6 +255,7 @@ def test_unknown_optimizer_names_natural():
 
 @pytest.mark.parametrize("family", ["meanfield", "fullrank"])
 @pytest.mark.parametrize("estimator", ["reparam", "score"])
+@pytest.mark.slow
 def test_fit_with_the_natural_optimizer_recovers_a_gaussian(family, estimator):
     model = _gauss_model()
     fit = bbvi.fit(model, family=family, estimator=estimator, optimizer="natural", seed=0, progress=False,
@@ -339,6 +340,7 @@ def _errors(model, mean, sd, optimizer, estimator, cap, **kw):
 
 
 @pytest.mark.parametrize("estimator", ["score", "reparam"])
+@pytest.mark.slow
 def test_natural_reaches_the_meanfield_optimum_in_a_third_of_adams_steps(scaled, estimator):
     """Each optimizer with its own default step size under bbvi.Adaptive, from the zero start: natural's iterate
     is within 0.1 sd of the exact mean-field optimum at some step n (and its fit, capped at 1500 steps, returns

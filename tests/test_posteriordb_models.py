@@ -215,6 +215,7 @@ def torch_latents(name, row, model):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_log_joint_agrees_with_an_independent_scipy_evaluation(name):
     model = posteriordb.load(name).to("cpu", torch.float64)
     rows, d = ref_draws(name), data(name)

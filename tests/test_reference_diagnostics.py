@@ -130,6 +130,7 @@ def _correlated():
                       {"x": bbvi.Latent(shape=(2,))}, name="correlated")
 
 
+@pytest.mark.slow
 def test_khat_small_for_an_exact_family_and_large_for_meanfield_on_correlation():
     exact = bbvi.fit(_correlated(), family="fullrank", estimator="stl", steps=3000, dtype=torch.float64, diagnose=False)
     poor = bbvi.fit(_correlated(), family="meanfield", estimator="stl", steps=3000, dtype=torch.float64, diagnose=False)
@@ -168,6 +169,7 @@ def test_plots_write_non_empty_pngs(tmp_path, nn_reference):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_and_writes_its_outputs(tmp_path, monkeypatch):
     from bbvi.__main__ import main
     monkeypatch.setenv("BBVI_CACHE", str(tmp_path / "cache"))

@@ -10,6 +10,7 @@ from test_sums import _exact_gradient, _model, _random_fit
 F64 = torch.float64
 
 
+@pytest.mark.slow
 def test_relax_is_unbiased_and_its_training_lowers_the_variance():
     """3 switches and a 4-valued category at a random q, 2 particles: the mean of 3000 RELAX estimates (the
     surrogate training between them) within 4 standard errors of the exact gradient; over the last 2000 the

@@ -180,6 +180,7 @@ print(hashlib.sha256(torch.cat([d["mu"], d["y"]]).numpy().tobytes()).hexdigest()
 """
 
 
+@pytest.mark.slow
 def test_sample_is_bit_identical_across_processes_derived_included(tmp_path):
     """`fit.sample(n, seed=s)` from the same fit settings: the same bits in two fresh processes whose global RNGs
     differ, derived quantities that draw included."""
@@ -235,6 +236,7 @@ def test_tol_rel_obj_is_not_accepted_while_q_is_still_off():
     assert not _q_settled(state, seed=0)
 
 
+@pytest.mark.slow
 def test_a_ring_posterior_is_warned_for_what_was_seen_not_as_a_funnel():
     """Reliability III, 8: where the MAP start finds no mode on a ring (or a spike and slab) the warning blamed a
     funnel and suggested a non-centered parameterization, and with importance weights resting on a handful of

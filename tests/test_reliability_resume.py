@@ -147,6 +147,7 @@ def test_two_threads_saving_to_the_same_path(tmp_path):
 
 
 # ---- 4. custom schedules and optimizers, resumed in a new process ----------------------------------------------
+@pytest.mark.slow
 def test_a_custom_schedule_and_optimizer_resume_in_a_new_process(tmp_path):
     """Before: the fit's settings held str(schedule) and str(optimizer), which for a function show its memory
     address ('<function halving at 0x7f...>'): a resume in a new process found 'other settings' and refused."""

@@ -23,6 +23,7 @@ def test_the_tutorials_are_there():
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
+@pytest.mark.slow
 def test_tutorial_runs(path, tmp_path, monkeypatch):
     import matplotlib
     matplotlib.use("Agg")
