@@ -301,6 +301,9 @@ def _khat_verdict(reasons, khat, lo, hi, threshold, num_draws, moments, point):
     notes = []
     if point:
         pass  # k-hat of a point mass means nothing; said above
+    elif math.isnan(khat):
+        reasons.append(f"PSIS k-hat is not computable: fewer than 25 of q's {num_draws} draws have a finite "
+                       f"importance weight, so importance sampling cannot check q")
     elif not khat <= KHAT_UNUSABLE:
         reasons.append(f"PSIS k-hat is {khat:.2f} (> {KHAT_UNUSABLE}): q misses posterior mass badly, and "
                        f"importance sampling cannot check its means and sds")

@@ -81,6 +81,8 @@ def initial_discrete(model, init_values, device):
                               f"of shape {lat.shape} ({e})") from None
         if tuple(v.shape) != lat.shape:
             raise ConfigError(f"init_values[{name!r}] has shape {tuple(v.shape)}, latent has {lat.shape}")
+        if v.dtype == torch.bool:   # True/False for a boolean latent: 1/0
+            v = v.long()
         if v.is_complex() or not bool(((v == v.round()) & (v >= low) & (v <= low + k - 1)).all()):
             raise ConfigError(f"init_values[{name!r}] = {v.tolist()} is outside the support {lat.support} (whole "
                               f"numbers {low}..{low + k - 1})")

@@ -279,3 +279,270 @@ def test_auto_between_two_warned_fits_returns_the_higher_elbo_and_says_so():
     g, f = gaussian.reliability, flow.reliability
     flow_higher = f["elbo"] - g["elbo"] > 2 * (f["elbo_se"] ** 2 + g["elbo_se"] ** 2) ** 0.5
     assert (fit is flow) == flow_higher and "both were warned" in fit.settings["method"]
+
+
+# ---- Reliability III, review round: attacks on method='auto', batch and match and the fallback -----------------
+def _fit_quiet(model, **kw):
+    """(fit, texts of the ReliabilityWarnings it gave)."""
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fit = bbvi.fit(model, seed=kw.pop("seed", 0), progress=False, **kw)
+    return fit, [str(w.message) for w in seen if issubclass(w.category, bbvi.ReliabilityWarning)]
+
+
+@pytest.mark.xfail(strict=True, reason="open: the flow after a warned Gaussian has sds 0.72 x a Student-t(3)'s; its "
+                                       "check (k-hat 0.83, interval 0.58-1.09: borderline, a note) cannot see it, "
+                                       "nor can 64,000 draws (PSIS moves no sd by 20%)")
+def test_attack_1_a_student_t_posterior_is_fitted_or_warned():
+    """Attack 1: heavy tails, p = Student-t(3) in 1-D (sd sqrt(3) = 1.73, 1% quantile -4.54). Seen: the Gaussian is
+    warned (k-hat 1.14), the flow after it returned quietly with sd 1.25 (0.72 x) and 1% quantile -2.93; its check
+    reads k-hat 0.83 as borderline and importance sampling moves no sd. A silent wrong answer, left open."""
+    from torch.distributions import StudentT
+    model = bbvi.Model(lambda z, data: StudentT(3.0).log_prob(z["x"]), {"x": bbvi.Latent(shape=())}, name="t3")
+    fit, warned = _fit_quiet(model)
+    x = fit.sample(20000, seed=1)["x"]
+    assert warned or abs(x.std().item() / 3 ** 0.5 - 1) < 0.2, x.std().item()
+
+
+def test_attack_2_a_gamma_posterior_on_a_positive_latent_is_right():
+    """Attack 2: skewed and constrained: Gamma(2, 1) on a positive latent (mean 2, sd 1.41). Seen: batch and match's
+    log-normal q, quietly, mean 2.08 (0.06 sd off) and sd 1.55 (1.10 x): within 0.1 sd and 20% (20000 draws put
+    0.01 sd of Monte Carlo error on the mean), with no flow."""
+    from torch.distributions import Gamma, constraints
+    model = bbvi.Model(lambda z, data: Gamma(2.0, 1.0).log_prob(z["s"]),
+                       {"s": bbvi.Latent(shape=(), support=constraints.positive)}, name="gamma")
+    fit, warned = _fit_quiet(model)
+    s = fit.sample(20000, seed=1)["s"]
+    assert not fit.tried and (warned or (abs(s.mean().item() - 2) / 2 ** 0.5 < 0.1
+                                         and abs(s.std().item() / 2 ** 0.5 - 1) < 0.2))
+
+
+def test_attack_3_a_bimodal_posterior_is_warned_and_costs_no_flow():
+    """Attack 3: multimodal: 0.5 N(-4, 1) + 0.5 N(4, 1). Seen: q covers one mode; the warning names the other
+    mode (8 q-sds away, 50% of the mass) and no flow runs (a flow started at one mode does not find the other)."""
+    import math
+
+    def log_joint(z, data):
+        x = z["x"]
+        return torch.logaddexp(Normal(-4.0, 1.0).log_prob(x), Normal(4.0, 1.0).log_prob(x)) + math.log(0.5)
+    fit, warned = _fit_quiet(bbvi.Model(log_joint, {"x": bbvi.Latent(shape=())}, name="bimodal"))
+    assert len(warned) == 1 and "2 modes" in warned[0] and not fit.tried
+    assert fit.num_gradient_evals < 20000
+
+
+def test_attack_4_a_dirichlet_posterior_on_the_simplex_is_right():
+    """Attack 4: a simplex latent, p ~ Dirichlet(2, 3, 5): means 0.2, 0.3, 0.5, sds 0.121, 0.138, 0.151. Seen:
+    0.200, 0.301, 0.499 and 0.123, 0.139, 0.152, quietly (the check looked again with 64,000 draws)."""
+    from torch.distributions import Dirichlet, constraints
+    alpha = torch.tensor([2.0, 3.0, 5.0], dtype=F64)
+    model = bbvi.Model(lambda z, data: Dirichlet(alpha).log_prob(z["p"]),
+                       {"p": bbvi.Latent(shape=(3,), support=constraints.simplex)}, name="dirichlet")
+    fit, warned = _fit_quiet(model)
+    p = fit.sample(20000, seed=1)["p"]
+    mean, a0 = alpha / 10, 10.0
+    sd = (alpha * (a0 - alpha) / (a0 ** 2 * (a0 + 1))).sqrt()
+    assert warned or (((p.mean(0) - mean) / sd).abs().max() < 0.1 and ((p.std(0) / sd) - 1).abs().max() < 0.2)
+
+
+def test_attack_5_a_near_singular_gaussian_is_exact():
+    """Attack 5: near-singular posterior, correlation 0.9999 (condition number 2e4). Seen: batch and match lands on
+    it to 1e-13, no warning, no flow."""
+    cov = torch.tensor([[1.0, 0.9999], [0.9999, 1.0]], dtype=F64)
+    model = bbvi.Model(lambda z, data: MultivariateNormal(torch.zeros(2, dtype=F64), cov).log_prob(z["x"]),
+                       {"x": bbvi.Latent(shape=(2,))}, name="ridge")
+    fit, warned = _fit_quiet(model)
+    assert not warned and not fit.tried
+    assert torch.allclose(fit.unconstrained_mean(), torch.zeros(2, dtype=F64), atol=1e-9)
+    assert torch.allclose(fit.unconstrained_covariance(), cov, atol=1e-9)
+
+
+def test_attack_6_a_tiny_sd_at_a_huge_mean_is_exact_in_float64():
+    """Attack 6: N(1e8, 1e-3^2): float64's spacing at 1e8 is 1.5e-8, far below the sd. Seen: mean exact, sd 1e-3
+    to 1e-7, no warning."""
+    model = bbvi.Model(lambda z, data: Normal(1e8, 1e-3).log_prob(z["x"]), {"x": bbvi.Latent(shape=())}, name="far")
+    fit, warned = _fit_quiet(model)
+    assert not warned and abs(fit.unconstrained_mean().item() - 1e8) < 1e-6
+    assert abs(fit.unconstrained_covariance().sqrt().item() / 1e-3 - 1) < 1e-6
+
+
+def test_attack_7_ctrl_c_in_the_log_joint_during_batch_and_match_returns_the_fit_so_far():
+    """Attack 7: KeyboardInterrupt raised by the log-joint in the middle of batch and match. Seen: the fit so far,
+    status 'interrupted', no check, no flow, no traceback."""
+    calls = [0]
+
+    def log_joint(z, data):
+        calls[0] += 1
+        if calls[0] == 30:
+            raise KeyboardInterrupt
+        return MultivariateNormal(MEAN, COV).log_prob(z["x"])
+    fit, warned = _fit_quiet(bbvi.Model(log_joint, {"x": bbvi.Latent(shape=(3,))}, name="ctrl-c"))
+    assert fit.status == "interrupted" and 0 < fit.num_steps < 50 and not fit.tried and not warned
+    assert fit.settings["method"].startswith("bam")
+
+
+def test_attack_8_ctrl_c_during_the_fallback_flow_keeps_the_gaussian():
+    """Attack 8: KeyboardInterrupt from the log-joint at the flow's 100th step (after a warned Gaussian). Seen: the
+    Gaussian is returned, completed, with its warning, which says the flow was interrupted; the interrupted flow
+    is in fit.tried."""
+    import math
+    steps = [0]
+
+    def log_joint(z, data):
+        x = z["x"]
+        if x.shape[0] == 64 and x.requires_grad:   # the flow's steps: 64 particles (batch and match's: 32)
+            steps[0] += 1
+            if steps[0] == 100:
+                raise KeyboardInterrupt
+        return torch.logaddexp(Normal(0.0, 1.0).log_prob(x) + math.log(0.7), Normal(2.0, 1.5).log_prob(x) + math.log(0.3))
+    fit, warned = _fit_quiet(bbvi.Model(log_joint, {"x": bbvi.Latent(shape=())}, name="skewed"))
+    assert isinstance(fit.family, bbvi.FullRank) and fit.status == "completed" and fit.num_steps == 50
+    assert len(warned) == 1 and "was interrupted (Ctrl-C)" in warned[0]
+    assert fit.tried[0]["result"].status == "interrupted"
+
+
+def test_attack_9_a_callback_that_stops_the_flow_does_not_lose_the_gaussian():
+    """Attack 9: a callback that stops the fallback flow at its 5th step. Seen: both fits are compared on their
+    ELBOs (the 5-step flow is warned too); the Gaussian is returned with one warning naming both, the stopped flow
+    in fit.tried."""
+    model, _, _ = _skewed(0.3, 2.0, 1.5)
+    fit, warned = _fit_quiet(model, callbacks=[lambda s: isinstance(s.family, bbvi.Flow) and s.step == 5])
+    assert isinstance(fit.family, bbvi.FullRank) and len(warned) == 1 and "was warned too" in warned[0]
+    flow = fit.tried[0]["result"]
+    assert flow.status == "stopped by callback" and flow.num_steps == 5
+
+
+def test_attack_10_the_default_with_its_fallback_is_bit_for_bit_reproducible():
+    """Attack 10: the same default call twice (seed 3, a skewed target whose Gaussian goes on to a flow). Seen: the
+    same flow, ELBO trace, k-hat and evaluation count, bit for bit."""
+    model, _, _ = _skewed(0.3, 2.0, 1.5)
+    a, _ = _fit_quiet(model, seed=3)
+    b, _ = _fit_quiet(model, seed=3)
+    assert isinstance(a.family, bbvi.Flow) and torch.equal(a.elbo, b.elbo)
+    for name, value in a.params["continuous"].items():
+        assert torch.equal(b.params["continuous"][name], value)
+    assert a.reliability["khat"] == b.reliability["khat"] and a.num_gradient_evals == b.num_gradient_evals
+    assert a.settings["method"].split("s, ")[0] == b.settings["method"].split("s, ")[0]
+
+
+def test_attack_11_a_checkpointed_default_fit_that_went_on_to_a_flow_resumes_to_the_same_flow(tmp_path):
+    """Attack 11: checkpoint= on a default fit that goes on to a flow (the checkpoint holds batch and match's fit;
+    the flow is not checkpointed), then resume= from it. Seen: the resumed call redoes the check and the flow and
+    returns the uninterrupted call's flow, bit for bit."""
+    model, _, _ = _skewed(0.3, 2.0, 1.5)
+    want, _ = _fit_quiet(model)
+    path = tmp_path / "auto.pt"
+    _fit_quiet(model, checkpoint=path)
+    got, _ = _fit_quiet(model, resume=path)
+    assert isinstance(got.family, bbvi.Flow) and torch.equal(got.elbo, want.elbo)
+    for name, value in want.params["continuous"].items():
+        assert torch.equal(got.params["continuous"][name], value)
+    assert got.num_gradient_evals == want.num_gradient_evals
+
+
+def test_attack_12_num_particles_1_under_the_default_runs_the_fit_that_takes_it():
+    """Attack 12: bbvi.fit(model, num_particles=1), no method given. Seen: ConfigError "method='bam' needs at least
+    2 particles" for a method the user never named. Fixed: method='auto' runs the stochastic-gradient fit there,
+    which takes one particle; method='bam' itself still refuses it."""
+    fit, _ = _fit_quiet(_gaussian(), num_particles=1, steps=200)
+    assert fit.num_particles == 1 and "method" not in fit.settings
+    with pytest.raises(bbvi.ConfigError, match="needs at least 2 particles"):
+        bbvi.fit(_gaussian(), method="bam", num_particles=1)
+
+
+def test_attack_13_a_num_particles_that_is_not_an_int_is_a_config_error():
+    """Attack 13: num_particles='x' (and 1.5, True) under the default and under method='bam'. Seen: a raw
+    TypeError ("'<' not supported between 'str' and 'int'") from batch and match's init, and for 1.5 a message
+    about batch and match. Fixed: the default hands them to the stochastic-gradient fit's check (ConfigError
+    "must be an int >= 1"); method='bam' refuses them itself."""
+    for bad in ("x", 1.5):
+        with pytest.raises(bbvi.ConfigError, match="num_particles must be an int >= 1"):
+            bbvi.fit(_gaussian(), num_particles=bad)
+        with pytest.raises(bbvi.ConfigError, match="needs at least 2 particles"):
+            bbvi.fit(_gaussian(), method="bam", num_particles=bad)
+
+
+def test_attack_14_batch_and_match_from_a_far_zero_start_is_warned_not_silent():
+    """Attack 14: init_strategy='zero' with init_values 100 sds from a Gaussian target: batch and match's steps from
+    a narrow q far away are small (q's scale bounds them) and 50 steps end near (104, 103, 96), not at (1, -2, 0.5).
+    Seen: the end-of-fit check warns (k-hat far above 1). (The default then spends 2000 flow steps, which end warned
+    too.)"""
+    fit, warned = _fit_quiet(_gaussian(), method="bam", init_strategy="zero",
+                             init_values={"x": torch.full((3,), 100.0)})
+    assert (fit.unconstrained_mean() - MEAN).abs().max() > 10 and len(warned) == 1 and "k-hat" in warned[0]
+
+
+def test_attack_15_half_precision_is_refused_before_batch_and_match_runs():
+    """Attack 15: dtype=torch.float16 and bfloat16 under the default. Seen: ConfigError naming the precision."""
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(bbvi.ConfigError, match="too coarse for a fit"):
+            bbvi.fit(_gaussian(), dtype=dtype)
+
+
+def test_attack_16_batch_and_match_in_float32_is_right_to_float32():
+    """Attack 16: the default in float32. Seen: batch and match in float32, q's mean and covariance the target's
+    to 1e-4, no warning."""
+    fit, warned = _fit_quiet(_gaussian(), dtype=torch.float32)
+    assert fit.params["continuous"]["loc"].dtype == torch.float32 and not warned
+    assert torch.allclose(fit.unconstrained_mean().double(), MEAN, atol=1e-4)
+    assert torch.allclose(fit.unconstrained_covariance().double(), COV, atol=1e-4)
+
+
+def test_attack_17_batch_and_match_with_steps_0_is_its_laplace_start():
+    """Attack 17: method='bam', steps=0. Seen: no step, q the MAP/Laplace start, exact on a Gaussian target, checked
+    without a warning."""
+    fit, warned = _fit_quiet(_gaussian(), method="bam", steps=0)
+    assert fit.num_steps == 0 and not warned
+    assert torch.allclose(fit.unconstrained_mean(), MEAN, atol=1e-6)
+    assert torch.allclose(fit.unconstrained_covariance(), COV, atol=1e-6)
+
+
+def test_attack_18_a_0_dim_latent_beside_a_vector_latent_is_exact():
+    """Attack 18: a () latent a ~ N(0, 1) and a (2,) latent b ~ N(a, 1): jointly Gaussian with covariance
+    [[1, 1, 1], [1, 2, 1], [1, 1, 2]]. Seen: batch and match exact to 1e-8."""
+    def log_joint(z, data):
+        return Normal(0.0, 1.0).log_prob(z["a"]) + Normal(z["a"][..., None], 1.0).log_prob(z["b"]).sum(-1)
+    model = bbvi.Model(log_joint, {"a": bbvi.Latent(shape=()), "b": bbvi.Latent(shape=(2,))}, name="nested")
+    fit, warned = _fit_quiet(model)
+    cov = torch.tensor([[1.0, 1.0, 1.0], [1.0, 2.0, 1.0], [1.0, 1.0, 2.0]], dtype=F64)
+    assert not warned and torch.allclose(fit.unconstrained_covariance(), cov, atol=1e-8)
+    assert fit.unconstrained_mean().abs().max() < 1e-8
+
+
+def test_attack_19_empty_data_gives_the_prior():
+    """Attack 19: a data tensor of 0 rows. Seen: batch and match returns the prior N(0, 1) exactly, no warning."""
+    def log_joint(z, data):
+        return Normal(0.0, 1.0).log_prob(z["m"]) + Normal(z["m"][..., None], 1.0).log_prob(data["y"]).sum(-1)
+    model = bbvi.Model(log_joint, {"m": bbvi.Latent(shape=())}, data={"y": torch.zeros(0, dtype=F64)}, name="empty")
+    fit, warned = _fit_quiet(model)
+    assert not warned and abs(fit.unconstrained_mean().item()) < 1e-10
+    assert abs(fit.unconstrained_covariance().item() - 1) < 1e-10
+
+
+def test_attack_20_a_log_joint_that_is_nan_at_random_is_warned():
+    """Attack 20: a log-joint that returns NaN for a random 10% of particles (N(1, 2^2) elsewhere). Seen: q is right
+    (the finite particles' matching), and the warning says 10% of draws and particles were NaN; the flow tried
+    after it raised on its start (NaN there) and is said, not raised."""
+    import math
+    gen = torch.Generator().manual_seed(5)
+
+    def log_joint(z, data):
+        x = z["x"]
+        bad = torch.rand(x.shape, generator=gen, dtype=x.dtype) < 0.1
+        return torch.where(bad, torch.full_like(x, math.nan), Normal(1.0, 2.0).log_prob(x))
+    fit, warned = _fit_quiet(bbvi.Model(log_joint, {"x": bbvi.Latent(shape=())}, name="nan-at-random"))
+    assert len(warned) == 1 and "NaN log-joint" in warned[0]
+    assert abs(fit.unconstrained_mean().item() - 1) < 0.05 and abs(fit.unconstrained_covariance().sqrt().item() / 2 - 1) < 0.05
+
+
+def test_attack_21_a_support_the_model_does_not_declare_is_warned():
+    """Attack 21: a half-normal written on an unconstrained latent (log-joint -inf below 0), started at x = 1. Seen:
+    the warning names the share of q's draws where the log-joint is -inf."""
+    import math
+
+    def log_joint(z, data):
+        x = z["x"]
+        return torch.where(x > 0, Normal(0.0, 1.0).log_prob(x), torch.full_like(x, -math.inf))
+    fit, warned = _fit_quiet(bbvi.Model(log_joint, {"x": bbvi.Latent(shape=())}, name="undeclared"),
+                             init_values={"x": 1.0})
+    assert warned and "where the log-joint is -inf" in warned[-1]

@@ -1,6 +1,7 @@
 """Reliability, part 1: bad models and bad arguments get bbvi's own errors (fuzzed with hypothesis).
 The error messages themselves are checked in test_model.py and test_fit_options.py."""
 
+import pytest
 import torch
 from torch.distributions import constraints
 
@@ -43,3 +44,27 @@ def test_fuzzed_arguments_fit_or_raise_bbvi_errors(shape, support, family, estim
         return
     draws = fit.sample(4)["x"]
     assert draws.shape == (4,) + latent.shape
+
+
+def test_attack_34_callbacks_that_are_not_a_list_of_callables_are_refused():
+    """Attack 34 (Reliability III review): callbacks=a bare function, [None] and 'x' under the default. Seen: a
+    ConfigError each (the bare function told to be wrapped in a list) before any step."""
+    from torch.distributions import Normal
+    model = bbvi.Model(lambda z, d: Normal(0., 1.).log_prob(z["m"]), {"m": bbvi.Latent()}, name="n")
+    with pytest.raises(bbvi.ConfigError, match=r"got the callable '<lambda>' itself: pass callbacks=\[it\]"):
+        bbvi.fit(model, callbacks=lambda s: False)
+    for bad in ([None], "x"):
+        with pytest.raises(bbvi.ConfigError, match=r"callbacks must be callables \(state\) -> bool"):
+            bbvi.fit(model, callbacks=bad)
+
+
+def test_attack_35_an_option_batch_and_match_has_no_use_for_is_refused_under_method_bam():
+    """Attack 35: method='bam' with optimizer='sgd', and an optimizer name that does not exist under the default.
+    Seen: a ConfigError saying batch and match takes no optimizer (its updates are closed-form), and one listing
+    the optimizers."""
+    from torch.distributions import Normal
+    model = bbvi.Model(lambda z, d: Normal(0., 1.).log_prob(z["m"]), {"m": bbvi.Latent()}, name="n")
+    with pytest.raises(bbvi.ConfigError, match="method='bam' takes no optimizer='sgd': batch and match updates q"):
+        bbvi.fit(model, method="bam", optimizer="sgd")
+    with pytest.raises(bbvi.ConfigError, match=r"optimizer must be one of \['adagrad', 'adam'"):
+        bbvi.fit(model, optimizer="nadam", steps=5)

@@ -141,3 +141,36 @@ def test_an_unchecked_checkpoint_with_wrong_fields_is_refused_naming_the_field(t
         with pytest.raises(bbvi.ConfigError, match="old.pt' is not a usable bbvi checkpoint: " + match):
             resume(**change)
     assert_same_fit(resume(), bbvi.fit(model, steps=40, resume=path, diagnose=False))
+
+
+def _normal_mean():
+    y = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    return bbvi.Model(lambda z, d: Normal(0., 1.).log_prob(z["m"]) + Normal(z["m"][..., None], 1.).log_prob(d).sum(-1),
+                      {"m": bbvi.Latent()}, data=y, name="normal")
+
+
+def test_attack_32_resuming_a_default_checkpoint_with_other_settings_is_refused_naming_them(tmp_path):
+    """Attack 32 (Reliability III review): a checkpoint of the default (batch and match) resumed with another seed,
+    dtype, num_particles or method. Seen: a ConfigError naming the setting that differs (saved, now), or, for
+    method='sgd', the family and plan; nothing runs."""
+    path = str(tmp_path / "bam.pt")
+    bbvi.fit(_normal_mean(), seed=0, checkpoint=path, diagnose=False, progress=False)
+    for change, said in [(dict(seed=1), r"\{'seed': \('0', '1'\)\}"),
+                         (dict(dtype=torch.float32), r"'dtype': \('torch.float64', 'torch.float32'\)"),
+                         (dict(num_particles=40), r"'num_particles': \('32', '40'\)"),
+                         (dict(method="sgd"), "saved by a fit with family .*FullRank"),
+                         (dict(method="bam", steps=80), r"'steps': \('50', '80'\)")]:
+        with pytest.raises(bbvi.ConfigError, match=said):
+            bbvi.fit(_normal_mean(), **{"seed": 0, **change}, resume=path, diagnose=False, progress=False)
+
+
+def test_attack_33_a_folder_or_a_file_of_junk_is_no_checkpoint(tmp_path):
+    """Attack 33: checkpoint= an existing folder, resume= a missing file and resume= a file of junk bytes. Seen: a
+    ConfigError each, naming the path and what to pass; no traceback from torch.load."""
+    with pytest.raises(bbvi.ConfigError, match="is a directory; bbvi writes one file there"):
+        bbvi.fit(_normal_mean(), checkpoint=str(tmp_path), diagnose=False)
+    with pytest.raises(bbvi.ConfigError, match="no checkpoint file at"):
+        bbvi.fit(_normal_mean(), resume=str(tmp_path / "missing.pt"), diagnose=False)
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    with pytest.raises(bbvi.ConfigError, match="is not a readable bbvi checkpoint"):
+        bbvi.fit(_normal_mean(), resume=str(tmp_path / "junk.pt"), diagnose=False)

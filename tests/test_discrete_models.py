@@ -108,3 +108,18 @@ def test_init_values_start_a_discrete_latent():
             bbvi.fit(model, steps=2, init_values={"N": bad}, dtype=torch.float64)
     with pytest.raises(bbvi.ModelError, match=r"-inf at the initial point \{'N': \[2, 1, 7\]\}"):
         bbvi.fit(model, steps=2, init_values={"N": [2, 1, 7]}, dtype=torch.float64)
+
+
+def test_attack_36_init_values_true_or_false_start_a_boolean_latent():
+    """Attack 36 (Reliability III review): init_values={'k': True} (a Python bool or a bool tensor) for a boolean
+    latent. Seen: a raw NotImplementedError ('"round_vml_cpu" not implemented for 'Bool'') from the support check.
+    Fixed: True and False are 1 and 0; 2 is still outside the support."""
+    from torch.distributions import Bernoulli, Normal, constraints
+
+    def log_joint(z, data):
+        return Normal(0.0, 1.0).log_prob(z["m"]) + Bernoulli(0.3).log_prob(z["k"])
+    model = bbvi.Model(log_joint, {"m": bbvi.Latent(), "k": bbvi.Latent(support=constraints.boolean)}, name="mixed")
+    for value in (True, False, torch.tensor(True)):
+        assert bbvi.fit(model, steps=2, init_values={"k": value}, diagnose=False, progress=False).num_steps == 2
+    with pytest.raises(bbvi.ConfigError, match="outside the support"):
+        bbvi.fit(model, steps=2, init_values={"k": 2}, diagnose=False)

@@ -326,3 +326,44 @@ def test_a_discrete_q_over_two_points_that_is_wrong_is_still_warned():
     from 0.5 to 0.127, and the check says so."""
     fit, warned = _recording(lambda: bbvi.fit(_coin(), steps=2, lr=1e-12, seed=0))
     assert len(warned) == 1 and "importance sampling moves the mean of fair" in warned[0]
+
+
+# ---- Reliability III, review round: attacks on the end-of-fit check ---------------------------------------------
+def _exact_gaussian_fit():
+    mean = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    cov = torch.tensor([[1.0, 0.8], [0.8, 2.0]], dtype=torch.float64)
+    model = bbvi.Model(lambda z, d: MultivariateNormal(mean, cov).log_prob(z["x"]), {"x": bbvi.Latent(shape=(2,))},
+                       name="mvn")
+    return bbvi.fit(model, method="bam", seed=0, diagnose=False, progress=False)   # exact to 1e-12
+
+
+def test_attack_23_too_few_draws_for_k_hat_are_said_as_such():
+    """Attack 23: check_reliability(fit, num_draws=10) on an exact q. Seen: the warning "PSIS k-hat is nan (> 1.0):
+    q misses posterior mass badly" about a q that equals the posterior. Fixed: k-hat not computable is said as
+    such (fewer than 25 draws with a finite weight), still a warning (nothing was checked)."""
+    r = bbvi.diagnostics.check_reliability(_exact_gaussian_fit(), num_draws=10, warn=False)
+    assert math.isnan(r["khat"]) and len(r["warnings"]) == 1
+    assert "k-hat is not computable: fewer than 25 of q's 10 draws" in r["warnings"][0]
+    assert "misses posterior mass" not in r["warnings"][0]
+
+
+def test_attack_24_an_exact_q_reads_as_exact_at_any_number_of_draws():
+    """Attack 24: the check on q = the posterior (batch and match on a Gaussian, exact to 1e-12) at 30 to 16000 draws, where k-hat's
+    threshold runs from 0.32 to 0.7. Seen: constant weights, k-hat -inf, no warning and no note at every size."""
+    fit = _exact_gaussian_fit()
+    for n in (30, 100, 1000, 16000):
+        r = bbvi.diagnostics.check_reliability(fit, num_draws=n, warn=False)
+        assert r["khat"] == -math.inf and not r["warnings"] and not r["notes"], (n, r["warnings"], r["notes"])
+
+
+def test_attack_25_a_mean_field_q_of_a_correlated_posterior_is_warned_even_with_no_step():
+    """Attack 25: the default's stochastic-gradient branch (steps=0 asks for it) on a Gaussian with correlation
+    0.8: q is the mean-field start, whose sds cannot reach the posterior's. Seen: the mean-field limit is the
+    warning (sd about 1.37 x what a factorised q can reach), with family='fullrank' or the default as the fix."""
+    cov = torch.tensor([[1.0, 0.8, 0.1], [0.8, 2.0, -0.3], [0.1, -0.3, 0.5]], dtype=torch.float64)
+    model = bbvi.Model(lambda z, d: MultivariateNormal(torch.zeros(3, dtype=torch.float64), cov).log_prob(z["x"]),
+                       {"x": bbvi.Latent(shape=(3,))}, name="correlated")
+    with pytest.warns(bbvi.ReliabilityWarning, match=r"q is MeanField: .* x\[1\] at about 1\.37 x .*"
+                                                     r"family='fullrank', or the default method='auto'"):
+        fit = bbvi.fit(model, steps=0, seed=0, progress=False)
+    assert type(fit.family).__name__ == "MeanField"

@@ -5,7 +5,8 @@ no learning rate: on the 36 yardstick posteriors it is as right as the stochasti
 of its gradient evaluations (docs/accuracy.md, "The field's yardstick"). It applies when
 - no family is given (family=None) and no option of the stochastic-gradient fit is (estimator, baseline, lr,
   optimizer, schedule, steps, max_steps, clip_grad, tol_rel_obj, subsample_size, distributed, compile): those ask
-  for that fit, and get it as before;
+  for that fit, and get it as before; nor num_particles=1 (batch and match needs two particles a step; the
+  stochastic-gradient fit refuses what is not an int >= 1);
 - the latents are all continuous and torch can differentiate the log-joint (the scores);
 - there are at most MAX_DIM continuous coordinates (a full-rank Gaussian's D x D covariance and D particles a
   step: measured exact on Gaussian targets up to D = 200 in about a second).
@@ -45,6 +46,9 @@ def choose(model, family, options):
         return sgd, f"family={family!r} given"
     if given:
         return sgd, f"{', '.join(given)} given"
+    n = options.get("num_particles")
+    if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 2):
+        return sgd, f"num_particles={n!r} given (batch and match needs 2 or more)"
     if model.discrete:
         return sgd, f"discrete latents {sorted(model.discrete)}"
     if model.dim > MAX_DIM:

@@ -56,7 +56,7 @@ def init(model, family="fullrank", estimator="auto", baseline=DEFAULT, *, num_pa
     # slowly (measured on Gaussian targets from the zero start: D = 100, B = 32 is 2.3 sd off after 50 steps,
     # B = 100 exact to 1e-13 after 25; D = 200, B = 200 likewise)
     num = max(BATCH, model.dim) if num_particles is None else num_particles
-    if num < 2:
+    if not isinstance(num, int) or isinstance(num, bool) or num < 2:
         raise ConfigError(f"method='bam' needs at least 2 particles a step (their covariance), got num_particles={num}")
     if max_steps is not None and steps is None:
         steps = max_steps
