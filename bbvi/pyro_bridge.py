@@ -158,6 +158,14 @@ def _supports_fixed_at_every_discrete_value(model, args, kwargs, trace, latents)
                                      f"(1 + 9 k) * Uniform(0, 1))")
 
 
+def _fills_obs_mask(name, trace):
+    """Whether the latent site `name` is Pyro's obs_mask missing-data site: `{y}_unobserved` beside an observed
+    `{y}_observed` (pyro.primitives._masked_observe)."""
+    base = name[:-len("_unobserved")] if name.endswith("_unobserved") else None
+    site = trace.nodes.get(f"{base}_observed") if base else None
+    return site is not None and site["type"] == "sample" and site["is_observed"]
+
+
 class _PyroJoint:
     """The log-joint (and derived quantities, and simulated observed sites) of a Pyro model, evaluated by Pyro on
     one particle's values: under `torch.func.vmap` over the particle dimension (`vectorized=True`), or by bbvi's
@@ -173,13 +181,23 @@ class _PyroJoint:
                                                                                        **data["kwargs"])
 
     def _terms(self, z, data):
-        """Each sample site's log-probability (scale and mask applied) at one particle, flattened."""
+        """Each sample site's log-probability (scale and mask applied) at one particle, flattened. A missing-data
+        site of Pyro's obs_mask (`{name}_unobserved`, a latent over every row whose density Pyro masks out where the
+        row is observed) keeps its own distribution's density there too: those entries affect nothing (the site
+        `{name}` takes the observed values there), and without a density the posterior would be improper."""
+        from pyro.distributions.util import scale_and_mask
         from pyro.poutine.util import site_is_subsample
         trace = self._trace(z, data)
         trace.compute_log_prob()
-        return {n: site["log_prob"].reshape(-1) if site["log_prob"].numel() > 1 else site["log_prob"].reshape(())
-                for n, site in trace.nodes.items()
-                if site["type"] == "sample" and not site_is_subsample(site) and not site["infer"].get("_deterministic")}
+        out = {}
+        for n, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
+                continue
+            lp = site["log_prob"]
+            if n in self.latents and _fills_obs_mask(n, trace):
+                lp = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], None)
+            out[n] = lp.reshape(-1) if lp.numel() > 1 else lp.reshape(())
+        return out
 
     def _derived(self, z, data):
         trace = self._trace(z, data)
