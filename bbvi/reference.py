@@ -214,16 +214,23 @@ def _exit_reason(code):
     return f"exit code {code}"
 
 
-def _run_chains(args_list, parallel, poll=0.5, progress=False):
+def _run_chains(args_list, parallel, poll=0.5, progress=False, lines=None):
     """The chains' results in order. In parallel, each chain runs in a forked process; the parent waits on the
     queue `poll` seconds at a time and checks that every chain not yet heard from is alive, so that a chain
     whose process dies (a segfault, os._exit, the OOM killer) raises SamplerError naming it, never hangs.
-    progress (parallel): one tqdm bar over every chain's iterations, updated at each poll."""
+    progress (parallel): one tqdm bar over every chain's iterations, updated at each poll. lines: the model's name
+    where no bar shows because stderr is not a terminal (a log file, a pipe): then a line on stderr every
+    bbvi.fit.LOG_EVERY_S seconds ($BBVI_PROGRESS_EVERY) with the iterations done of all, and one when they end."""
     if not parallel:
         return [_run_chain(*a) for a in args_list]
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    counts = ctx.Array("q", max(a[1] for a in args_list) + 1, lock=False) if progress else None
+    counts = (ctx.Array("q", max(a[1] for a in args_list) + 1, lock=False) if progress or lines is not None
+              else None)
+    total = sum(a[3] + a[4] for a in args_list)
+    every = float(os.environ.get("BBVI_PROGRESS_EVERY", 10.0))
+    began = logged = time.perf_counter()
+    said = False
     procs = {a[1]: ctx.Process(target=_chain_in_child, args=(queue, a, counts), daemon=True) for a in args_list}
     bar = None
     if progress:
@@ -237,6 +244,10 @@ def _run_chains(args_list, parallel, poll=0.5, progress=False):
             if bar is not None:
                 bar.n = sum(counts)
                 bar.refresh()
+            if lines is not None and time.perf_counter() - logged >= every:
+                logged, said = time.perf_counter(), True
+                print(f"bbvi.nuts of {lines!r}: {sum(counts)} of {total} iterations ({len(procs)} chains in "
+                      f"parallel, warm-up included), {logged - began:.0f} s", file=sys.stderr, flush=True)
             try:
                 chain, payload = queue.get(timeout=poll)
             except queue_module.Empty:
@@ -258,6 +269,9 @@ def _run_chains(args_list, parallel, poll=0.5, progress=False):
                 raise SamplerError(f"bbvi.nuts: chain {chain} failed: {message[1]}{detail}")
             results[chain] = message[1]
         ok = True
+        if said:
+            print(f"bbvi.nuts of {lines!r}: {len(procs)} chains done, {time.perf_counter() - began:.1f} s",
+                  file=sys.stderr, flush=True)
     finally:
         if bar is not None:
             bar.n = sum(counts)
@@ -292,7 +306,8 @@ def nuts(model, num_draws=1000, num_warmup=1000, num_chains=4, seed=0, *, target
     or whose process dies raises SamplerError naming it. Cached in `cache_dir` (default: $BBVI_CACHE if set,
     else .bbvi_cache/nuts under the current working directory) unless use_cache=False; a cache that cannot be
     written is a warning, and the draws are returned. progress: a progress bar over the iterations of every chain
-    (default: when stderr is a terminal). full_mass: adapt a dense mass matrix in warm-up (Stan's dense_e metric)
+    (default: when stderr is a terminal; where it is not, a log file or a pipe, chains run in parallel write a line
+    to stderr every 10 s, $BBVI_PROGRESS_EVERY, with the iterations done of all). full_mass: adapt a dense mass matrix in warm-up (Stan's dense_e metric)
     instead of a diagonal one: far fewer leapfrog steps where the posterior's coordinates are strongly correlated
     (an intercept against an uncentred predictor), each a little dearer.
 
@@ -303,6 +318,7 @@ def nuts(model, num_draws=1000, num_warmup=1000, num_chains=4, seed=0, *, target
     latent: independent draws from the exact posterior by enumeration, no NUTS (sample_stats: lp = log p(x, k)).
     posterior.attrs["discrete"] says which; a larger joint support is a ModelError naming each latent's size."""
     import arviz as az
+    lines = model.name if progress is None and not sys.stderr.isatty() else None   # a log file: lines, no bar
     if progress is None:
         progress = sys.stderr.isatty()
     for name, v in [("num_draws", num_draws), ("num_warmup", num_warmup), ("num_chains", num_chains)]:
@@ -341,7 +357,7 @@ def nuts(model, num_draws=1000, num_warmup=1000, num_chains=4, seed=0, *, target
     else:
         args = [(summed or m64, c, seed, num_draws, num_warmup, target_accept, max_tree_depth,
                  progress and not parallel, full_mass) for c in range(num_chains)]
-        chains = _run_chains(args, parallel, progress=progress)
+        chains = _run_chains(args, parallel, progress=progress, lines=lines)
         u = torch.from_numpy(np.stack([c["u"] for c in chains])).reshape(-1, m64.dim)   # (chains * draws, D)
         discrete = summed.draw(u, generator) if summed else {}
         stats = {k: np.stack([c[k] for c in chains]) for k in ("diverging", "step_size", "n_steps", "tree_depth",

@@ -196,6 +196,25 @@ def test_progress_shows_up_in_a_log_file_when_no_bar_shows(tmp_path):
     assert "check follows" not in lines[-1]   # diagnose=False: no check follows (the line said one did)
 
 
+def test_nuts_progress_shows_up_in_a_log_file_when_no_bar_shows():
+    """A Pyro user's daily work, 4: a 4-minute bbvi.nuts printed nothing to a log file. With stderr a pipe and
+    progress=None, chains run in parallel now write a line every 10 s ($BBVI_PROGRESS_EVERY; here 0: every poll)
+    with the iterations done of all, and one when they end."""
+    import os
+    import subprocess
+    import sys
+    code = ("import bbvi, torch\n"
+            "m = bbvi.Model(lambda z, d: torch.distributions.Normal(0., 1.).log_prob(z['x']).sum(-1), "
+            "{'x': bbvi.Latent(shape=(2,))}, name='logged')\n"
+            "bbvi.nuts(m, num_draws=50, num_warmup=50, num_chains=2, parallel=True, use_cache=False)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, BBVI_PROGRESS_EVERY="0"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("bbvi.nuts of 'logged'")]
+    assert any(" of 200 iterations (2 chains in parallel, warm-up included)" in line for line in lines), lines[:3]
+    assert lines[-1].startswith("bbvi.nuts of 'logged': 2 chains done")
+
+
 def test_plots_say_how_many_parameters_they_leave_out_and_draw_whole_numbers_as_bars():
     """A Pyro user's daily work, 6b: plot_marginals kept 30 panels and plot_pair 4 coordinates silently, and drew an
     integer latent as a comb of histogram spikes. Now the cap is warned and in the figure's title (with
