@@ -413,11 +413,14 @@ def test_attack_9_a_callback_that_stops_the_flow_does_not_lose_the_gaussian():
 
 def test_attack_10_the_default_with_its_fallback_is_bit_for_bit_reproducible():
     """Attack 10: the same default call twice (seed 3, a skewed target whose Gaussian goes on to a flow). Seen: the
-    same flow, ELBO trace, k-hat and evaluation count, bit for bit."""
+    same returned fit, ELBO trace, k-hat and evaluation count, bit for bit. (Since the flow after a Gaussian with
+    k-hat above 1 must show a k-hat clearly below the threshold, seed 3's flow is warned and the Gaussian, warned
+    too and not lower in ELBO by 2 se, is returned, the flow in fit.tried: a flow ran either way.)"""
     model, _, _ = _skewed(0.3, 2.0, 1.5)
     a, _ = _fit_quiet(model, seed=3)
     b, _ = _fit_quiet(model, seed=3)
-    assert isinstance(a.family, bbvi.Flow) and torch.equal(a.elbo, b.elbo)
+    ran = a if isinstance(a.family, bbvi.Flow) else a.tried[0]["result"]
+    assert isinstance(ran.family, bbvi.Flow) and torch.equal(a.elbo, b.elbo)
     for name, value in a.params["continuous"].items():
         assert torch.equal(b.params["continuous"][name], value)
     assert a.reliability["khat"] == b.reliability["khat"] and a.num_gradient_evals == b.num_gradient_evals
