@@ -2,6 +2,7 @@
 a reference is comparison.py, whose compare and reference_warnings are re-exported here); PSIS k-hat of the fit (Yao, Vehtari, Simpson & Gelman 2018, "Yes, but did it work?: evaluating variational
 inference")."""
 import math
+import time
 
 import numpy as np
 import torch
@@ -163,13 +164,15 @@ def check_reliability(result, num_draws=None, seed=0, warn=True, search=None):
     draws on) warns only together with a mean or sd that importance sampling moves (a Gaussian q's k-hat is often
     above 0.7 while its means and sds are right), or above 1; otherwise it is a note in `notes`. The dict also holds
     the ELBO estimated from the check's draws ('elbo', 'elbo_se': the mean of log p - log q and its standard error)
-    and what the warning suggests ('tries'); warn=False stores it all and warns nothing (`warn_unreliable` does).
+    and what the warning suggests ('tries'), and its wall time ('seconds', which fit.summary() puts beside the
+    fit's); warn=False stores it all and warns nothing (`warn_unreliable` does).
     search: the mode search's findings to use instead of running it again (`mode_search_of` an earlier check)."""
     from .subsample import sizes
     if num_draws is None:
         rows = sum(sizes(result.model).values())
         num_draws = max(2000, min(16000, int(2e9 // rows))) if rows else 16000
         num_draws = min(num_draws, max(CHECK_DRAWS_MIN, 2 * result.num_fit_evals))   # a cost like the fit's
+    began = time.perf_counter()
     u, k, log_w = result.weighted_draws(num_draws, seed)
     est = khat_estimate(log_w.double().cpu().numpy())
     smoothed, khat, (khat_lo, khat_hi) = est["smoothed"], est["khat"], est["khat_interval"]
@@ -258,6 +261,7 @@ def check_reliability(result, num_draws=None, seed=0, warn=True, search=None):
             "mode_search_evals": search["num_evals"], "mode_search_ran": search.get("ran", True),
             "max_psis_shift": worst_shift, "extreme_psis_sd_ratio": worst_ratio,
             "start": (start.strategy + (f" ({start.note})" if start.note else "")) if start is not None else "?"}
+    info["seconds"] = time.perf_counter() - began
     result.reliability = info
     if reasons and not search.get("ran", True):   # a check that could not run says so where it matters
         reasons.append(f"other modes were not looked for ({search['note']})")

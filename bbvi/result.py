@@ -352,6 +352,9 @@ class Result:
                  f"{self.num_check_evals} by its check"
                  + "".join(f", {t['result'].num_gradient_evals} by {t['method']}, tried and not returned"
                            for t in self.tried) + ")"]
+        if "seconds" in r:   # the check's cost beside the fit's, so that neither dominates unsaid
+            lines.append(f"end-of-fit check: {r['seconds']:.2f} s for {r['num_draws']} draws and the mode search, "
+                         f"against {self.wall_time:.2f} s for the fit's steps (diagnose=False skips it)")
         lines += [f"WARNING: {w}" for w in r["warnings"]] or ["no reliability warnings"]
         lines += [f"note: {n}" for n in r.get("notes", [])]
         if r.get("mode_search"):

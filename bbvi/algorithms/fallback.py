@@ -77,6 +77,7 @@ def look_closer(gaussian):
     earlier = r["num_draws"] + r.get("earlier_draws", 0)
     again = check_reliability(gaussian, num_draws=draws, warn=False, search=mode_search_of(r))
     again["earlier_draws"] = earlier
+    again["seconds"] += r.get("seconds", 0.0)   # both looks
     again["notes"].append(f"{first}: looked again with {draws} draws" +
                           (": see the warnings" if again["warnings"] else ": importance sampling moves nothing"))
     return True
