@@ -128,6 +128,7 @@ KHAT_MAX, SHIFT_MAX, SD_RATIO_MAX, BAD_PARTICLES_MAX = 0.7, 0.1, 1.2, 0.05
 MIN_IS_ESS = 20          # below it the importance-weighted means and sds are not reported (they rest on a few draws)
 CHECK_DRAWS_MIN = 4000   # the check's draws at least (a fit of few evaluations: batch and match, Laplace)
 KHAT_UNUSABLE = 1.0   # above it importance sampling's estimates have no mean: the moment checks mean nothing
+NOT_CONVERGED = "the fit did not converge in"   # how the check's reason for a fit stopped at max_steps begins
 
 
 def khat_threshold(num_draws):
@@ -237,7 +238,7 @@ def check_reliability(result, num_draws=None, seed=0, warn=True, search=None):
                        f"cover: k-hat cannot see a mode q never draws from. q fits {search['modes'][0]['mass']:.0%}")
     if result.status == "max_steps":
         last = result.levels[-1] if result.levels else {}
-        reasons.append(f"the fit did not converge in {result.num_steps} steps (max_steps; last change between "
+        reasons.append(f"{NOT_CONVERGED} {result.num_steps} steps (max_steps; last change between "
                        f"averaged levels {last.get('change', float('nan')):.3g} of q's sd)")
     start = result.start
     if start is not None and start.no_mode:

@@ -175,22 +175,27 @@ def test_nuts_shows_progress_over_parallel_chains(capsys, tmp_path):
     assert "NUTS, 2 chains" in err and "100/100" in err, err[-300:]
 
 
-def test_progress_shows_up_in_a_log_file_when_no_bar_shows(tmp_path):
-    """A Pyro user's daily work, 4: with progress=None and stderr not a terminal (a log file) a fit printed nothing
-    for minutes. Now it writes a line to stderr every 10 s ($BBVI_PROGRESS_EVERY; here 0: every step): the step,
-    of how many at most where that is known, the ELBO's recent mean, the seconds, and a last line when it ends.
-    Run with stderr a pipe, as a batch job runs it."""
+def _logged_lines(call, prefix):
+    """The stderr lines starting with `prefix` of `call` on a 2-D standard normal model named 'logged', run in a
+    fresh process whose stderr is a pipe (as a batch job's), with $BBVI_PROGRESS_EVERY=0 (a line at every chance)."""
     import os
     import subprocess
     import sys
     code = ("import bbvi, torch\n"
             "m = bbvi.Model(lambda z, d: torch.distributions.Normal(0., 1.).log_prob(z['x']).sum(-1), "
-            "{'x': bbvi.Latent(shape=(2,))}, name='logged')\n"
-            "bbvi.fit(m, seed=0, diagnose=False)\n")
+            f"{{'x': bbvi.Latent(shape=(2,))}}, name='logged')\n{call}\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, BBVI_PROGRESS_EVERY="0"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("bbvi fit of 'logged'")]
+    return [line for line in proc.stderr.splitlines() if line.startswith(prefix)]
+
+
+def test_progress_shows_up_in_a_log_file_when_no_bar_shows(tmp_path):
+    """A Pyro user's daily work, 4: with progress=None and stderr not a terminal (a log file) a fit printed nothing
+    for minutes. Now it writes a line to stderr every 10 s ($BBVI_PROGRESS_EVERY; here 0: every step): the step,
+    of how many at most where that is known, the ELBO's recent mean, the seconds, and a last line when it ends.
+    Run with stderr a pipe, as a batch job runs it."""
+    lines = _logged_lines("bbvi.fit(m, seed=0, diagnose=False)", "bbvi fit of 'logged'")
     assert any("(bam): step 10 of at most 50, ELBO" in line for line in lines), lines[:3]
     assert lines[-1].startswith("bbvi fit of 'logged': completed after 50 steps")
     assert "check follows" not in lines[-1]   # diagnose=False: no check follows (the line said one did)
@@ -200,17 +205,8 @@ def test_nuts_progress_shows_up_in_a_log_file_when_no_bar_shows():
     """A Pyro user's daily work, 4: a 4-minute bbvi.nuts printed nothing to a log file. With stderr a pipe and
     progress=None, chains run in parallel now write a line every 10 s ($BBVI_PROGRESS_EVERY; here 0: every poll)
     with the iterations done of all, and one when they end."""
-    import os
-    import subprocess
-    import sys
-    code = ("import bbvi, torch\n"
-            "m = bbvi.Model(lambda z, d: torch.distributions.Normal(0., 1.).log_prob(z['x']).sum(-1), "
-            "{'x': bbvi.Latent(shape=(2,))}, name='logged')\n"
-            "bbvi.nuts(m, num_draws=50, num_warmup=50, num_chains=2, parallel=True, use_cache=False)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, BBVI_PROGRESS_EVERY="0"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("bbvi.nuts of 'logged'")]
+    lines = _logged_lines("bbvi.nuts(m, num_draws=50, num_warmup=50, num_chains=2, parallel=True, use_cache=False)",
+                          "bbvi.nuts of 'logged'")
     assert any(" of 200 iterations (2 chains in parallel, warm-up included)" in line for line in lines), lines[:3]
     assert lines[-1].startswith("bbvi.nuts of 'logged': 2 chains done")
 

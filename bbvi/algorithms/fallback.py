@@ -64,15 +64,15 @@ def look_closer(gaussian):
     the mode search's findings kept), whose importance-weighted moments resolve a 0.1-sd shift. Measured: a skewed
     1-D target whose Gaussian is 0.11 sd off (k-hat 0.72, nothing moved at 4000 draws) is warned at 64000 (the mean
     moved by 0.14 of q's sd), while on eight schools noncentered (k-hat 0.73 at 64000), hmm_drive_1 and
-    logmesquite_logvolume (k-hat 0.61 and 0.37 at 64000) nothing moves: their Gaussians are right. Cost: 0.2-9 s
-    here. Returns whether it looked again."""
+    logmesquite_logvolume (k-hat 0.61 and 0.37 at 64000) nothing moves: their Gaussians are right. Cost: 0.2-16 s
+    here."""
     from ..diagnostics import check_draws_cap, check_reliability, mode_search_of
     r = gaussian.reliability
     cap = check_draws_cap(gaussian)
     draws = LOOK_CLOSER_DRAWS if cap is None else min(LOOK_CLOSER_DRAWS, cap)
     inconclusive = not r.get("warnings") and r.get("khat", 0.0) > r.get("khat_threshold", float("inf"))
     if not inconclusive or draws <= 2 * r["num_draws"]:
-        return False
+        return
     first = f"k-hat {r['khat']:.2f} above {r['khat_threshold']:.2f} at {r['num_draws']} draws with nothing moved"
     earlier = r["num_draws"] + r.get("earlier_draws", 0)
     again = check_reliability(gaussian, num_draws=draws, warn=False, search=mode_search_of(r))
@@ -80,7 +80,6 @@ def look_closer(gaussian):
     again["seconds"] += r.get("seconds", 0.0)   # both looks
     again["notes"].append(f"{first}: looked again with {draws} draws" +
                           (": see the warnings" if again["warnings"] else ": importance sampling moves nothing"))
-    return True
 
 
 def needed(gaussian):
@@ -97,9 +96,10 @@ def _settled_at_budget(flow):
     check found nothing else, has settled as far as the check can tell: its 'did not converge' becomes a note (the
     user set no max_steps to raise; measured on mesquite: 0.018 of q's sd at 2000 steps, 0.03 sd from the reference,
     converged at 2400)."""
-    r, tol = flow.reliability, Adaptive().tol
+    from ..diagnostics import NOT_CONVERGED
+    r, tol = flow.reliability, Adaptive.tol   # the rule the flow ran with: Adaptive's defaults
     change = flow.levels[-1].get("change", float("nan")) if flow.levels else float("nan")
-    late = [w for w in r["warnings"] if w.startswith("the fit did not converge in")]
+    late = [w for w in r["warnings"] if w.startswith(NOT_CONVERGED)]
     if flow.status == "max_steps" and late and len(r["warnings"]) == 1 and change < tol:
         r["warnings"].remove(late[0])
         r["notes"].append(f"{late[0]}: the budget of method='auto''s flow, and below the rule's tolerance ({tol} of "
