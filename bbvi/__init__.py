@@ -25,6 +25,7 @@ from .estimators.expectation import expectation
 from .families import FullRank, LowRank, MeanField
 from .flows import Flow
 from .fit import FitState, fit, init, step
+from .fit_options import FitOptions
 from .model import Latent, Model
 from .result import Result
 
@@ -56,6 +57,6 @@ def compare(fit_result, reference, **kwargs):
     return _compare(fit_result, reference, **kwargs)
 
 
-__all__ = ["Model", "Latent", "fit", "init", "step", "FitState", "Result", "load", "nuts", "compare", "from_pyro", "MeanField",
+__all__ = ["Model", "Latent", "fit", "init", "step", "FitState", "FitOptions", "Result", "load", "nuts", "compare", "from_pyro", "MeanField",
            "FullRank", "LowRank", "Flow", "Score", "Reparam", "STL", "Auto", "ARM", "DisARM", "VIMCO", "Concrete", "RELAX", "EMA", "LOO", "CV", "BBVIError",
            "ModelError", "ConfigError", "FitError", "SamplerError", "ReliabilityWarning", "Adaptive", "constraints", "expectation"]

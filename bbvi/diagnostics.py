@@ -248,8 +248,9 @@ def check_reliability(result, num_draws=None, seed=0, warn=True, search=None):
     if seen and result.num_bad_particles > BAD_PARTICLES_MAX * seen:
         reasons.append(f"{result.num_bad_particles} of {seen} particles ({result.num_bad_particles / seen:.0%}) "
                        f"had a NaN/inf log-joint or gradient, or raised ({result.last_exception or 'no exception'})"
-                       + ("; the fit ran in float32: try dtype=torch.float64" if "float32" in
-                          result.settings.get("dtype", "") else ""))
+                       + ("; the fit ran in float32: try dtype=torch.float64" if any(
+                          t.dtype == torch.float32 for group in result.params.values() for t in group.values())
+                          else ""))
     tries = _tries(result, search)
     finite = log_w[~torch.isnan(log_w)].double()
     info = {"elbo": float(finite.mean()) if len(finite) else float("nan"),

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import dataclasses
 import warnings
 
 import torch
@@ -22,6 +23,8 @@ from .checkpoint import Keeper, load_checkpoint, read_checkpoint, save_checkpoin
 from .errors import ConfigError, FitError
 from .convergence import RelativeTolerance, q_settled
 from .estimators import DEFAULT, resolve_estimator
+from .estimators.auto import Auto
+from .fit_options import FitOptions
 from .result import Result
 from .state import FitState
 from .saving import check_writable, describe, read
@@ -45,7 +48,7 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     """Fit q to the posterior of `model`: by batch and match (a full-rank Gaussian from the scores, no learning rate)
     where every latent is continuous, torch can differentiate the log-joint, there are at most 200 continuous
     coordinates and no option of the stochastic-gradient fit is given (method='auto', bbvi.algorithms.auto;
-    `fit.settings['method']` says which ran and why), else by stochastic gradient ascent on the ELBO. Where the
+    `fit.options.method` says which ran and `fit.options.why` why), else by stochastic gradient ascent on the ELBO. Where the
     end-of-fit check warns about batch and match's Gaussian (after a closer look with 64,000 draws where it was
     inconclusive), a normalizing flow started at that Gaussian goes on for at most 2000 steps and the check decides
     which q is returned; the other is in `fit.tried` (bbvi.algorithms.fallback; diagnose=False skips both).
@@ -104,7 +107,8 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     step on they follow the new length's curve; an adaptive fit that had converged or reached max_steps goes on
     with a new level from its averaged q, at the next learning rate after convergence, at the same one after
     the cap) a UserWarning says why it differs. Either way `fit.settings['extended']` records it. A length
-    below the steps already run is a ConfigError. Returns a bbvi Result.
+    below the steps already run is a ConfigError. Returns a bbvi Result; its `options` (bbvi.FitOptions) hold what
+    it ran with, typed, and its `settings` their text record (what checkpoints compare and a saved fit keeps).
     """
     from .model import Model
     if unknown:
@@ -118,23 +122,20 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     algorithm = resolve_method(method)
     if family is None:
         family = getattr(algorithm, "default_family", "meanfield")
-    settings = dict(model=model.name, family=None, num_particles=num_particles,
-                    steps=steps, lr=lr, optimizer=setting(optimizer), schedule=setting(schedule),
-                    clip_grad=clip_grad, tol_rel_obj=tol_rel_obj, seed=seed, device=str(device),
-                    init_strategy=init_strategy, max_steps=max_steps)
-    if subsample_size is not None:  # written only when set: checkpoints of full-data fits compare as before
-        settings["subsample_size"] = subsample_size
-        if subsample_cv:   # written only when on: checkpoints of plain minibatch fits compare as before
-            settings["subsample_cv"] = True
+    options = FitOptions(model=model.name, num_particles=num_particles, steps=steps, lr=lr,
+                         optimizer=setting(optimizer), schedule=setting(schedule), clip_grad=clip_grad,
+                         tol_rel_obj=tol_rel_obj, seed=seed, device=str(device), init_strategy=init_strategy,
+                         max_steps=max_steps, subsample_size=subsample_size,
+                         subsample_cv=subsample_cv and subsample_size is not None, compile=compile)
     comm = None
     if distributed:
         from .distributed import connect
         comm, device = connect(device)
-        settings["distributed"] = comm.world_size   # a checkpoint resumes on as many ranks
+        options = dataclasses.replace(options, distributed=comm.world_size)   # a checkpoint resumes on as many ranks
     grad_mode = torch.is_grad_enabled()
     began = time.perf_counter()
-    if method not in ("sgd", "auto"):  # written only when set: checkpoints of 'sgd' fits compare as before
-        settings["method"] = getattr(algorithm, "name", None) or setting(algorithm)
+    if method not in ("sgd", "auto"):
+        options = dataclasses.replace(options, method=getattr(algorithm, "name", None) or setting(algorithm))
         if compile:
             raise ConfigError(f"compile=True compiles the stochastic-gradient step (method='sgd'), not "
                               f"method={method!r}")
@@ -145,22 +146,20 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     if compile:
         from .compiled import CompiledStep
         state.compiled = CompiledStep(state)   # a ConfigError for what it does not cover
-        settings["compile"] = True            # written only when set: checkpoints of eager fits compare as before
     start_s = time.perf_counter() - began
-    settings["num_particles"] = state.num_particles   # None above: the algorithm's default (sgd: the family's)
-    settings["family"] = describe(state.family)
-    _describe_plan(settings, state, algorithm, estimator, baseline)
+    resolved = resolve_estimator(estimator, baseline)
+    options = options.resolved(state, algorithm, describe(resolved), isinstance(resolved, Auto))
     tracker = state.tracker
     cap = tracker.rule.max_steps if tracker is not None else (steps if steps is not None else state.cap)
     converged = RelativeTolerance(tol_rel_obj, check_every, cap)
     if resume is not None:
-        _resume(state, resume, settings, converged, check_every=check_every, schedule=schedule, lr=lr, steps=steps,
+        options = _resume(state, resume, options, converged, check_every=check_every, schedule=schedule, lr=lr, steps=steps,
                 max_steps=max_steps, extendable=getattr(state.algorithm or algorithm, "extendable", False))
     status, callback_error, save_error, wall = _run(
-        state, algorithm, cap, converged, settings, seed=seed, callbacks=callbacks, checkpoint=checkpoint,
+        state, algorithm, cap, converged, options, seed=seed, callbacks=callbacks, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, max_consecutive_failures=max_consecutive_failures, progress=progress,
         grad_mode=grad_mode, checking=diagnose)
-    result = Result.from_state(state, settings=settings, status=status, wall_time=wall, start_time=start_s)
+    result = Result.from_state(state, options=options, status=status, wall_time=wall, start_time=start_s)
     _raise_if_failed(result, state, status, callback_error, save_error, checkpoint)
     if diagnose and status != "interrupted":
         from .diagnostics import check_reliability
@@ -218,26 +217,12 @@ def _check_loop_options(tol_rel_obj, steps, check_every, max_consecutive_failure
     return callbacks
 
 
-def _describe_plan(settings, state, algorithm, estimator, baseline):
-    """What the fit records of its estimator, its plan, dtype and start (and what the algorithm adds)."""
-    objective = getattr(state.plan.whole, "objective", None)  # a step whose value is not the ELBO (VIMCO)
-    if objective is not None:
-        settings["objective"] = objective
-    bias = getattr(state.plan.whole, "bias", None)  # an estimator biased by design (Concrete) says so
-    if bias is not None:
-        settings["bias"] = bias
-    settings.update(estimator=describe(resolve_estimator(estimator, baseline)), plan=repr(state.plan),
-                    dtype=str(next(iter(state.leaves())).dtype), start=state.start.strategy)
-    if callable(getattr(algorithm, "settings", None)):
-        settings.update(algorithm.settings(state))
-
-
-def _resume(state, resume, settings, converged, *, check_every, schedule, lr, steps, max_steps, extendable):
+def _resume(state, resume, options, converged, *, check_every, schedule, lr, steps, max_steps, extendable):
     """Load the checkpoint `resume` into the state; for an algorithm whose length a resume may change
-    (`extendable`: the stochastic-gradient fit), a new length is an extension, noted in settings['extended'] (and
-    warned about where it differs from a single fit of that length)."""
+    (`extendable`: the stochastic-gradient fit), a new length is an extension, noted in the options' `extended`
+    (and warned about where it differs from a single fit of that length). Returns the options."""
     comm, tracker = state.comm, state.tracker
-    ck = read_checkpoint(state, resume, settings, length_may_differ=extendable)
+    ck = read_checkpoint(state, resume, options.record(), length_may_differ=extendable)
     change = (_length_change(ck, resume, state, schedule=schedule, lr=lr, steps=steps, max_steps=max_steps)
               if extendable else None)
     load_checkpoint(state, ck)
@@ -259,11 +244,10 @@ def _resume(state, resume, settings, converged, *, check_every, schedule, lr, st
         if reopen is not None:
             tracker.reopen(state, next_rate=reopen == "next")
         notes.append(note)
-    if notes:
-        settings["extended"] = " | then ".join(notes)
+    return dataclasses.replace(options, extended=" | then ".join(notes)) if notes else options
 
 
-def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpoint, checkpoint_every,
+def _run(state, algorithm, cap, converged, options, *, seed, callbacks, checkpoint, checkpoint_every,
          max_consecutive_failures, progress, grad_mode, checking=True):
     """The loop: steps until the algorithm, the rule, a callback, the convergence test or Ctrl-C stops it, with
     checkpoints and a progress bar: (status, the callback's exception, the checkpoint's write error, seconds)."""
@@ -291,13 +275,13 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
                 keeper.undo(state, kept)
                 raise
             if checkpoint is not None and state.step % checkpoint_every == 0:
-                save_error = _write_checkpoint(state, checkpoint, settings)
+                save_error = _write_checkpoint(state, checkpoint, options.record())
                 if save_error is not None:
                     status = "failed"
                     break
             if lines and time.perf_counter() - logged >= every:   # not on a terminal: a line now and then
                 logged, said = time.perf_counter(), True
-                print(f"bbvi fit of {model.name!r} ({settings.get('method', 'sgd').split(' ')[0]}): step "
+                print(f"bbvi fit of {model.name!r} ({options.method}): step "
                       f"{state.step}{f' of at most {total}' if total else ''}, ELBO "
                       f"{torch.stack(state.elbo[-50:]).nanmean().item():.6g} (mean of the last 50), "
                       f"{logged - began:.0f} s", file=sys.stderr, flush=True)
@@ -344,7 +328,7 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
               + ("; the end-of-fit check follows" if checking and status != "interrupted" else ""), file=sys.stderr,
               flush=True)
     if checkpoint is not None and save_error is None:
-        save_error = _write_checkpoint(state, checkpoint, settings)
+        save_error = _write_checkpoint(state, checkpoint, options.record())
     return status, callback_error, save_error, time.perf_counter() - began
 
 

@@ -128,7 +128,7 @@ def _estimator_words(result):
                 words += f" (decay {baseline.decay:g})"
         if getattr(plan, "sum_over", ()):
             words += ", exact sums over " + ", ".join(plan.sum_over)
-    if str(settings.get("estimator", "")).startswith("Auto("):
+    if getattr(getattr(result, "options", None), "auto_estimator", False):
         words = "auto: " + words
     return words
 

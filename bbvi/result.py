@@ -58,11 +58,16 @@ class Result:
     num_particles: int = 0   # particles a step drew (typed: `settings` is the fit's record as text)
     subsample_cv: bool = False   # a minibatch fit with control variates
     tried: list = dataclasses.field(default_factory=list)   # fits the same call ran and did not return (see below)
+    options: object = None   # bbvi.FitOptions: what the fit ran with, typed (`settings` is their text record)
 
     @classmethod
-    def from_state(cls, state, *, settings, status, wall_time, start_time=0.0):
+    def from_state(cls, state, *, options=None, settings=None, status, wall_time, start_time=0.0):
+        """The Result of a fit at `state`, with its typed `options` (bbvi.FitOptions; or, from a loop of one's
+        own, a `settings` dict alone)."""
+        settings = options.record() if options is not None else dict(settings or {})
         return cls(model=state.model, family=state.family, discrete=state.discrete, plan=state.plan,
-                   report=state.report, params=_detached(state.params), settings=dict(settings), status=status,
+                   report=state.report, params=_detached(state.params), settings=settings, status=status,
+                   options=options,
                    num_steps=state.step, wall_time=wall_time, **state.record.result_fields(),
                    baseline_state={k: v.detach().clone() for k, v in state.baseline_state.items()},
                    start=state.start, levels=state.tracker.report() if state.tracker is not None else [],
@@ -375,6 +380,7 @@ class Result:
             "num_bad_particles": self.num_bad_particles, "wall_time": self.wall_time,
             "num_rescaled_steps": self.num_rescaled_steps, "num_particles": self.num_particles,
             "subsample_cv": self.subsample_cv, "batch": self.batch,
+            **({"options": self.options.saved()} if self.options is not None else {}),
             "baseline_state": {k: v.detach().cpu() for k, v in self.baseline_state.items()},
             "preconditioner": [t.cpu() for t in self.model.preconditioner] if self.model.preconditioner else [],
         }, path)

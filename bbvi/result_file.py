@@ -2,6 +2,7 @@
 (latents and their order, the family), as a Result. Writing it is `Result.save`."""
 
 from .errors import ConfigError
+from .fit_options import FitOptions
 from .result import Result
 from .saving import check_signature, object_from, plan_from, read
 from .subsample import sizes
@@ -68,7 +69,8 @@ def load_result(path, model, device="cpu", family=None):
                                                                              model),
                   # typed since 2026-12-07; a file from before holds them only as the settings' text
                   num_particles=saved.get("num_particles", None) or int(saved["settings"]["num_particles"]),
-                  subsample_cv=saved.get("subsample_cv", saved["settings"].get("subsample_cv") == "True"))
+                  subsample_cv=saved.get("subsample_cv", saved["settings"].get("subsample_cv") == "True"),
+                  options=FitOptions.from_saved(saved))
 
 
 def _saved_batch(text, model):

@@ -1,4 +1,6 @@
 """Every option of bbvi.fit changes behaviour; faults are survived or reported; seeds reproduce bit for bit."""
+import dataclasses
+
 import arviz as az
 import pytest
 import torch
@@ -105,3 +107,35 @@ def test_result_api():
     assert "w[5]" in text and "s " in text and "completed after 100 steps" in text
     with pytest.raises(bbvi.ConfigError):
         fit.sample(0)
+
+
+def test_fit_options_are_typed_and_settings_are_their_text_record(tmp_path):
+    """fit.options holds what the fit ran with, typed (the readers take these, not the text); fit.settings is its
+    record; a saved fit reads them back typed, and a file saved before they were (settings as text only) reads them
+    back from the text, to the same record."""
+    model, _ = gamma_poisson()
+    for kw, method, why in [(dict(), "bam", True), (dict(method="sgd", steps=20), "sgd", False),
+                            (dict(method="laplace"), "laplace", False),
+                            (dict(steps=20, dtype=torch.float32, subsample_size=None), "sgd", False)]:
+        fit = bbvi.fit(model, diagnose=False, **kw)
+        o = fit.options
+        assert isinstance(o, bbvi.FitOptions) and o.method == method and bool(o.why) == why
+        assert o.dtype == kw.get("dtype", torch.float64) and o.num_particles == fit.num_particles
+        assert fit.settings == o.record() and ("method" in fit.settings) == (method != "sgd")
+        assert o.auto_estimator == (method == "sgd")   # estimator='auto' chose the stochastic-gradient fit's
+        fit.save(tmp_path / "f.pt")
+        assert bbvi.load(tmp_path / "f.pt", model).options == o
+        old = bbvi.FitOptions.from_record({k: str(v) for k, v in fit.settings.items()})   # a file from before
+        assert {k: str(v) for k, v in old.record().items()} == {k: str(v) for k, v in fit.settings.items()}
+        assert (old.method, old.why, old.dtype) == (o.method, o.why, o.dtype)
+
+
+def test_a_call_that_ran_two_fits_says_so_in_its_options():
+    """The text a fallback writes (what the call ran, in order) is the options' `ran`, and the method stays a name."""
+    o = bbvi.FitOptions(model="m", method="bam", why="continuous latents")
+    assert o.record()["method"] == "bam (method='auto': continuous latents)"
+    said = o.record()["method"] + "; then a flow: 100 steps; returned: the flow"
+    ran = dataclasses.replace(o, ran=said)
+    assert ran.record()["method"] == said
+    back = bbvi.FitOptions.from_record({k: str(v) for k, v in ran.record().items()})
+    assert (back.method, back.why, back.ran) == ("bam", "continuous latents", said)

@@ -84,7 +84,7 @@ def step(state):
 def settings(state):
     if state.algorithm is sgd:
         return {}
-    return {"method": f"bam (method='auto': {state.why})", **bam.settings(state)}
+    return {"method": "bam", "why": state.why, **bam.settings(state)}
 
 
 
@@ -95,7 +95,7 @@ def after_check(result, *, stacklevel, **options):
     options: bbvi.fit itself (`fit`), and its seed, device, dtype, progress, callbacks and
     max_consecutive_failures."""
     from ..diagnostics import warn_unreliable
-    if result.settings.get("method", "").startswith("bam"):
+    if result.options.method == "bam":
         fallback.look_closer(result)
         if fallback.needed(result):
             return fallback.go_on(result, stacklevel=stacklevel + 1, **options)

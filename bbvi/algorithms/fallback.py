@@ -15,6 +15,7 @@ Either way the other fit is kept in `fit.tried` and its evaluations count in `fi
 never returns the worse of two quietly. A flow started at the Gaussian need not find the Gaussian's mean and scales
 again: measured on dogs_log, where the Gaussian was 0.16 sd off, 650 steps took it to 0.003 sd (experiments in the
 closing note of issue 33 and the README's yardstick block)."""
+import dataclasses
 import time
 
 import torch
@@ -149,7 +150,7 @@ def go_on(gaussian, *, fit, seed, device, dtype, progress, callbacks, max_consec
     tried = f"a flow started at batch and match's Gaussian (at most {BUDGET_STEPS} steps)"
     if failure:
         g["warnings"].append(f"{tried} {failure}")
-        gaussian.settings["method"] += f"; then {tried}, which {failure}"
+        _say_ran(gaussian, gaussian.settings["method"] + f"; then {tried}, which {failure}")
         if flow is not None:
             gaussian.tried.append({"result": flow, "method": "flow", "why": failure})
         warn_unreliable(gaussian, stacklevel=stacklevel)
@@ -172,9 +173,15 @@ def go_on(gaussian, *, fit, seed, device, dtype, progress, callbacks, max_consec
         g["warnings"].append(f"{tried} was warned too ({'; '.join(f['warnings'])}); its {elbos} is not higher "
                              f"by twice its standard error, so the Gaussian is returned (the flow is "
                              f"fit.tried[0]['result'])")
-    chosen.settings["method"] = (gaussian.settings["method"] + f"; then {tried}: {ran}; returned: "
-                                 f"{'the flow' if chosen is flow else 'the Gaussian'}, {why}")
+    _say_ran(chosen, gaussian.settings["method"] + f"; then {tried}: {ran}; returned: "
+                     f"{'the flow' if chosen is flow else 'the Gaussian'}, {why}")
     other = gaussian if chosen is flow else flow
     chosen.tried.append({"result": other, "method": "bam" if other is gaussian else "flow", "why": why})
     warn_unreliable(chosen, stacklevel=stacklevel)
     return chosen
+
+
+def _say_ran(result, words):
+    """The result's options (and so its settings' 'method') say what the call ran, in order."""
+    result.options = dataclasses.replace(result.options, ran=words)
+    result.settings["method"] = result.options.record()["method"]

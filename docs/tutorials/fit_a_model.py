@@ -51,12 +51,13 @@ model = bbvi.Model(log_joint, latents={"a": bbvi.Latent(), "b": bbvi.Latent()},
 # step size to tune. The seed (0 by default) makes the fit reproducible bit for bit.
 fit = bbvi.fit(model)
 
-# `fit.settings["method"]` says which algorithm ran and why; `fit.status` is 'completed' (its 50 steps ran).
+# `fit.options` holds what the fit ran with (`fit.settings` is its text record): `.method` says which algorithm
+# ran and `.why` why; `fit.status` is 'completed' (its 50 steps ran).
 # A model with discrete latents, or a log-joint torch cannot differentiate, gets the stochastic-gradient fit
 # instead (method='sgd': an adaptive step size that stops by itself, status 'converged').
-print("method:", fit.settings["method"])
+print("method:", fit.options.method, "-", fit.options.why)
 print("status:", fit.status, "after", fit.num_steps, "steps,", fit.num_gradient_evals, "gradient evaluations")
-assert fit.settings["method"].startswith("bam"), fit.settings["method"]
+assert fit.options.method == "bam", fit.options
 assert fit.status == "completed", fit.status
 
 # The summary: means, sds and 5%/95% quantiles from draws of q, with PSIS k-hat (how well q covers the
