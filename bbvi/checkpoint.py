@@ -162,3 +162,18 @@ class Keeper:
                 return
             except KeyboardInterrupt:
                 continue
+
+
+def write_checkpoint(state, path, settings):
+    """Write a checkpoint; the exception when that fails (the fit goes on to be returned in a FitError). On a
+    data-parallel fit every rank calls it: rank 0 writes every rank's own state, and a failure fails every rank."""
+    comm, error = state.comm, None
+    ranks = comm.gather(state.rank_state_dict()) if comm is not None else None
+    if comm is None or comm.rank == 0:
+        try:
+            save_checkpoint(state, path, settings, ranks=ranks)
+        except Exception as e:  # noqa: BLE001 - a full disk or a removed folder must not lose the fit
+            error = e
+    if comm is not None and comm.any(error is not None) and error is None:
+        error = OSError(f"rank 0 could not write {str(path)!r}")
+    return error

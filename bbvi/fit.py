@@ -9,17 +9,17 @@ convergence test, callbacks, checkpoints, a progress bar, fault handling and the
 - `tol_rel_obj`: Stan ADVI's convergence test on the ELBO, on running means of the per-step estimates over
   windows of `check_every` steps: stop when the mean or the median of recent relative changes falls below it.
 """
+import dataclasses
 import os
 import signal
 import sys
 import threading
 import time
-import dataclasses
 import warnings
 
 import torch
 
-from .checkpoint import Keeper, load_checkpoint, read_checkpoint, save_checkpoint, setting
+from .checkpoint import Keeper, load_checkpoint, read_checkpoint, setting, write_checkpoint
 from .errors import ConfigError, FitError
 from .convergence import RelativeTolerance, q_settled
 from .estimators import DEFAULT, resolve_estimator
@@ -27,9 +27,8 @@ from .estimators.auto import Auto
 from .fit_options import FitOptions
 from .result import Result
 from .state import FitState
-from .saving import check_writable, describe, read
-from .options import (_check_positive_int, _length_change, _positive_number,
-                      _refuse_unknown)
+from .saving import describe, read
+from .options import _length_change, _refuse_unknown, check_loop_options
 from .algorithms import resolve_method
 from .algorithms.sgd import init, step
 
@@ -115,7 +114,7 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
         _refuse_unknown("fit", unknown, fit)
     if not isinstance(model, Model):
         init(model)  # raises the ConfigError that says what a model is
-    callbacks = _check_loop_options(tol_rel_obj, steps, check_every, max_consecutive_failures, checkpoint_every,
+    callbacks = check_loop_options(tol_rel_obj, steps, check_every, max_consecutive_failures, checkpoint_every,
                                     checkpoint, resume, callbacks, subsample_cv, distributed, compile)
     if method == "auto" and (tol_rel_obj is not None or distributed or compile or _saved_by_sgd(resume)):
         method = "sgd"   # options, or a checkpoint, of the stochastic-gradient fit (bbvi.algorithms.auto)
@@ -186,37 +185,6 @@ def _saved_by_sgd(resume):
         return False   # read again, and refused with its reason, where the fit loads it
 
 
-def _check_loop_options(tol_rel_obj, steps, check_every, max_consecutive_failures, checkpoint_every, checkpoint,
-                        resume, callbacks, subsample_cv, distributed, compile):
-    """ConfigError for a loop option of the wrong kind; the callbacks as a tuple."""
-    if tol_rel_obj is not None and not _positive_number(tol_rel_obj):
-        raise ConfigError(f"tol_rel_obj must be None or a positive number, got {tol_rel_obj!r}")
-    if tol_rel_obj is not None and steps is None:
-        raise ConfigError("tol_rel_obj (Stan ADVI's test) needs steps=N as its cap; steps=None already stops on "
-                          "its own (bbvi.Adaptive)")
-    _check_positive_int("check_every", check_every)
-    _check_positive_int("max_consecutive_failures", max_consecutive_failures)
-    _check_positive_int("checkpoint_every", checkpoint_every)
-    for name, path in (("checkpoint", checkpoint), ("resume", resume)):
-        if path is not None and not isinstance(path, (str, os.PathLike)):
-            raise ConfigError(f"{name} must be a file path, got {path!r}")
-    if checkpoint is not None:
-        check_writable(checkpoint, "checkpoint")
-    if callable(callbacks):
-        raise ConfigError(f"callbacks must be a list of callables (state) -> bool, got the callable "
-                          f"{getattr(callbacks, '__name__', callbacks)!r} itself: pass callbacks=[it]")
-    try:
-        callbacks = tuple(callbacks)
-    except TypeError:
-        raise ConfigError(f"callbacks must be a list of callables (state) -> bool, got {callbacks!r}") from None
-    if not all(callable(c) for c in callbacks):
-        raise ConfigError("callbacks must be callables (state) -> bool")
-    for name, value in (("subsample_cv", subsample_cv), ("distributed", distributed), ("compile", compile)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be True or False, got {value!r}")
-    return callbacks
-
-
 def _resume(state, resume, options, converged, *, check_every, schedule, lr, steps, max_steps, extendable):
     """Load the checkpoint `resume` into the state; for an algorithm whose length a resume may change
     (`extendable`: the stochastic-gradient fit), a new length is an extension, noted in the options' `extended`
@@ -275,7 +243,7 @@ def _run(state, algorithm, cap, converged, options, *, seed, callbacks, checkpoi
                 keeper.undo(state, kept)
                 raise
             if checkpoint is not None and state.step % checkpoint_every == 0:
-                save_error = _write_checkpoint(state, checkpoint, options.record())
+                save_error = write_checkpoint(state, checkpoint, options.record())
                 if save_error is not None:
                     status = "failed"
                     break
@@ -328,7 +296,7 @@ def _run(state, algorithm, cap, converged, options, *, seed, callbacks, checkpoi
               + ("; the end-of-fit check follows" if checking and status != "interrupted" else ""), file=sys.stderr,
               flush=True)
     if checkpoint is not None and save_error is None:
-        save_error = _write_checkpoint(state, checkpoint, options.record())
+        save_error = write_checkpoint(state, checkpoint, options.record())
     return status, callback_error, save_error, time.perf_counter() - began
 
 
@@ -389,18 +357,3 @@ def _unusable_q(result):
         if not bool(torch.isfinite(u).all()) or worse:
             return f"its draws of {worse or 'the unconstrained coordinates'} are NaN/inf"
     return ""
-
-
-def _write_checkpoint(state, path, settings):
-    """Write a checkpoint; the exception when that fails (the fit goes on to be returned in a FitError). On a
-    data-parallel fit every rank calls it: rank 0 writes every rank's own state, and a failure fails every rank."""
-    comm, error = state.comm, None
-    ranks = comm.gather(state.rank_state_dict()) if comm is not None else None
-    if comm is None or comm.rank == 0:
-        try:
-            save_checkpoint(state, path, settings, ranks=ranks)
-        except Exception as e:  # noqa: BLE001 - a full disk or a removed folder must not lose the fit
-            error = e
-    if comm is not None and comm.any(error is not None) and error is None:
-        error = OSError(f"rank 0 could not write {str(path)!r}")
-    return error

@@ -1,14 +1,16 @@
 """fit's and init's options: their checks and defaults (the particle count, the step-size schedule or the
-adaptive rule, the device, the memory a fit needs, misspelt keywords), and what a resume with a new length means
+adaptive rule, the device, the memory a fit needs, misspelt keywords, the loop's own options), and what a resume with a new length means
 (`_length_change`). The values they check go into a FitState (fit.py)."""
 import dataclasses
 import math
+import os
 
 import torch
 
 from .convergence import Adaptive
 from .errors import ConfigError
 from .family_names import resolve_family
+from .saving import check_writable
 
 DEFAULT_DTYPE = torch.float64
 
@@ -264,3 +266,34 @@ def full_rank_options(method, model, family, options, unused, why):
                           f"model {model.name!r} are discrete: use method='sgd' (also what the default method='auto' "
                           f"runs there), which fits their factors too")
     return {k: v for k, v in options.items() if k not in unused}
+
+
+def check_loop_options(tol_rel_obj, steps, check_every, max_consecutive_failures, checkpoint_every, checkpoint,
+                        resume, callbacks, subsample_cv, distributed, compile):
+    """ConfigError for a loop option of the wrong kind; the callbacks as a tuple."""
+    if tol_rel_obj is not None and not _positive_number(tol_rel_obj):
+        raise ConfigError(f"tol_rel_obj must be None or a positive number, got {tol_rel_obj!r}")
+    if tol_rel_obj is not None and steps is None:
+        raise ConfigError("tol_rel_obj (Stan ADVI's test) needs steps=N as its cap; steps=None already stops on "
+                          "its own (bbvi.Adaptive)")
+    _check_positive_int("check_every", check_every)
+    _check_positive_int("max_consecutive_failures", max_consecutive_failures)
+    _check_positive_int("checkpoint_every", checkpoint_every)
+    for name, path in (("checkpoint", checkpoint), ("resume", resume)):
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"{name} must be a file path, got {path!r}")
+    if checkpoint is not None:
+        check_writable(checkpoint, "checkpoint")
+    if callable(callbacks):
+        raise ConfigError(f"callbacks must be a list of callables (state) -> bool, got the callable "
+                          f"{getattr(callbacks, '__name__', callbacks)!r} itself: pass callbacks=[it]")
+    try:
+        callbacks = tuple(callbacks)
+    except TypeError:
+        raise ConfigError(f"callbacks must be a list of callables (state) -> bool, got {callbacks!r}") from None
+    if not all(callable(c) for c in callbacks):
+        raise ConfigError("callbacks must be callables (state) -> bool")
+    for name, value in (("subsample_cv", subsample_cv), ("distributed", distributed), ("compile", compile)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
+    return callbacks
