@@ -37,8 +37,8 @@ Why a second copy of the step rather than a trace of the eager one (algorithms/s
 host in the middle (the verdict's one sync decides whether to redo the step with the particles' check, to rescale,
 to skip), calls the estimator through Python objects that branch on the plan, and steps a torch.optim optimizer
 whose Python loop make_fx would unroll into the graph; none of that traces into one branch-free graph. `pure`,
-inside `CompiledStep.__init__` (88 lines, the longest function here), is that graph's one function: make_fx traces
-a single closure, so it stays whole. It covers reparam, STL and score with LOO on the Gaussian families with Adam
+inside `CompiledStep.__init__`, is that graph's one function (make_fx traces a single callable; the guards and
+Adam's update it calls, `_guarded` and `_adam`, trace into the same graph, operation for operation). It covers reparam, STL and score with LOO on the Gaussian families with Adam
 (`check`); compiling the eager path itself is not done (not measured).
 """
 import math
@@ -86,6 +86,39 @@ def check(state):
     if why is not None:
         raise ConfigError(f"{SUPPORTED}; here {why}. Use compile=False (the eager step) for this fit")
     return plan.continuous.name
+
+
+def _guarded(flat, elbo, clip, limit):
+    """The eager step's checks inside the graph, on the descent direction `flat` (one tensor a parameter):
+    clip_grad, then (flat, ok: the ELBO and the norm are finite, huge: the norm is above the overflow `limit`,
+    the direction rescaled to it)."""
+    norm = torch.stack([g.norm() for g in flat]).norm()
+    if clip is not None:
+        coef = (clip / (norm + 1e-6)).clamp(max=1.0)
+        flat = [g * coef for g in flat]
+        norm = norm * coef
+    ok = torch.isfinite(elbo + norm)
+    huge = ok & (norm > limit)
+    flat = [torch.where(huge, g * (limit / norm), g) for g in flat]
+    return flat, ok, huge
+
+
+def _adam(params, flat, exp_avg, exp_avg_sq, steps, ok, lr, beta1, beta2, eps):
+    """torch.optim.Adam's update (default flags) of every parameter, as tensors: (parameters, first moments,
+    second moments), each unchanged where not `ok`. steps: the step counts after this step."""
+    out_p, out_m, out_v = [], [], []
+    for p, g, m, v, t in zip(params, flat, exp_avg, exp_avg_sq, steps):
+        m2 = m.lerp(g, 1 - beta1)
+        v2 = v * beta2 + (1 - beta2) * g * g
+        tt = t.to(p.dtype)
+        bias1 = 1 - beta1 ** tt
+        bias2_sqrt = (1 - beta2 ** tt).sqrt()
+        denom = v2.sqrt() / bias2_sqrt + eps
+        p2 = p - (lr / bias1) * m2 / denom
+        out_p.append(torch.where(ok, p2, p))
+        out_m.append(torch.where(ok, m2, m))
+        out_v.append(torch.where(ok, v2, v))
+    return out_p, out_m, out_v
 
 
 class CompiledStep:
@@ -150,28 +183,10 @@ class CompiledStep:
                 infeasible = lp.new_zeros((), dtype=torch.bool)
                 num_bad = S - n + dropped
             # the ascent direction is the gradient; Adam minimises -ELBO
-            flat = [-grads[name] for name in params]
-            norm = torch.stack([g.norm() for g in flat]).norm()
-            if clip is not None:
-                coef = (clip / (norm + 1e-6)).clamp(max=1.0)
-                flat = [g * coef for g in flat]
-                norm = norm * coef
-            ok = torch.isfinite(elbo + norm)
-            huge = ok & (norm > limit)
-            flat = [torch.where(huge, g * (limit / norm), g) for g in flat]
+            flat, ok, huge = _guarded([-grads[name] for name in params], elbo, clip, limit)
             new_steps = [torch.where(ok, s + 1, s) for s in steps]
-            out_p, out_m, out_v = [], [], []
-            for p, g, m, v, t in zip(params.values(), flat, exp_avg, exp_avg_sq, new_steps):
-                m2 = m.lerp(g, 1 - beta1)
-                v2 = v * beta2 + (1 - beta2) * g * g
-                tt = t.to(p.dtype)
-                bias1 = 1 - beta1 ** tt
-                bias2_sqrt = (1 - beta2 ** tt).sqrt()
-                denom = v2.sqrt() / bias2_sqrt + adam_eps
-                p2 = p - (lr / bias1) * m2 / denom
-                out_p.append(torch.where(ok, p2, p))
-                out_m.append(torch.where(ok, m2, m))
-                out_v.append(torch.where(ok, v2, v))
+            out_p, out_m, out_v = _adam(list(params.values()), flat, exp_avg, exp_avg_sq, new_steps, ok, lr,
+                                        beta1, beta2, adam_eps)
             flags = torch.stack([ok.to(elbo.dtype), huge.to(elbo.dtype), num_bad.to(elbo.dtype),
                                  infeasible.to(elbo.dtype)])
             return (*out_p, *out_m, *out_v, *new_steps, elbo.detach(), flags)

@@ -1,6 +1,7 @@
-"""Reading a fit on its own: PSIS k-hat, the end-of-fit reliability check, importance resampling (comparing it with
-a reference is comparison.py, whose compare and reference_warnings are re-exported here); PSIS k-hat of the fit (Yao, Vehtari, Simpson & Gelman 2018, "Yes, but did it work?: evaluating variational
-inference")."""
+"""Reading a fit on its own: PSIS k-hat of the fit (Yao, Vehtari, Simpson & Gelman 2018, "Yes, but did it work?:
+evaluating variational inference"), the end-of-fit reliability check, importance resampling. The k-hat of a set of
+weights (psis, khat_estimate, khat_reading, collapsed) is khat.py; comparing a fit with a reference is
+comparison.py (compare and reference_warnings); both are re-exported here."""
 import math
 import time
 
@@ -11,95 +12,11 @@ from .comparison import ESS_MIN, RHAT_MAX, compare, reference_warnings  # noqa: 
 from .comparison import _comparison_class
 from .comparison import labels as _labels
 from .errors import FitError
+from .khat import KHAT_BATCHES, TAIL_ATOMS_MIN, khat_estimate, khat_reading, psis  # noqa: F401  (re-exported)
+from .khat import collapsed
 
 __all__ = ["compare", "reference_warnings", "fit_diagnostics", "psis", "resample", "importance_resample", "khat_reading",
            "check_reliability"]
-
-def khat_reading(khat, interval=None):
-    """Yao et al.'s reading of k-hat (good < 0.5 <= usable < 0.7 <= not reliable). With `interval` (lo, hi), its
-    Monte Carlo uncertainty (`khat_estimate`), the reading at 0.7 is that of the whole interval: 'borderline' when
-    it straddles 0.7, so that the reading does not flip between 'good' and 'not reliable' from one set of draws to
-    the next."""
-    if math.isnan(khat):
-        return "not computable (fewer than 25 finite weights)"
-    if khat == -math.inf:
-        return ("good: no tail: the importance weights are constant (q equals the posterior up to its normalisation) "
-                "or take a few values (a discrete q over a few points: the effective sample size says how well q "
-                "covers the posterior)")
-    if not math.isfinite(khat):
-        return ("not reliable: the importance weights are unbounded (q puts mass where the log-joint is -inf, "
-                "or its tails are far lighter than the posterior's)")
-    lo, hi = (khat, khat) if interval is None else interval
-    if hi < 0.7 and khat < 0.5:  # good and usable are both trusted: the point estimate separates them
-        return "good: q is close to the posterior; importance sampling could correct what is left"
-    if hi < 0.7:
-        return "usable: q is fair; PSIS-corrected estimates are reliable"
-    if lo < 0.7:
-        return (f"borderline: k-hat {khat:.2f} could be on either side of 0.7 ({lo:.2f}-{hi:.2f}); treat q's tails "
-                f"and sds as unverified")
-    return "not reliable: q misses important posterior mass; do not trust its tails or sds"
-
-
-def collapsed(u):
-    """Indices of the continuous coordinates in which q's draws u (S, D) do not vary: q has collapsed to a point
-    there (a step size too large can shrink q's scales to 1e-20), so its weights are constant for a reason that
-    says nothing about the posterior."""
-    if u.shape[1] == 0 or u.shape[0] < 2:
-        return []
-    u = u.detach().double()
-    sd, scale = u.std(0), u.abs().mean(0).clamp_min(1.0)
-    return torch.nonzero(~(sd > 1e-10 * scale)).flatten().tolist()
-
-
-KHAT_BATCHES = 16
-TAIL_ATOMS_MIN = 5   # distinct values in the Pareto tail below which there is no tail to fit (psis)
-
-
-def khat_estimate(log_weights, batches=KHAT_BATCHES):
-    """PSIS k-hat of all the draws and its Monte Carlo uncertainty: dict 'khat' (pooled), 'khat_se', 'khat_interval'
-    (khat +- 2 se) and 'smoothed' (the pooled Pareto-smoothed log weights).
-
-    The se comes from `batches` disjoint batches of the draws: k-hat's sampling sd shrinks as S^-1/4 (the Pareto
-    tail holds ~3 sqrt(S) draws), so se(pooled) = sd(batch k-hats) * batches^-1/4. Measured on eight schools
-    (16000 draws, 10 seeds): pooled k-hat 0.45-0.70, intervals ~0.3 wide, 19 of 20 covering the median. What it
-    cannot see: a weight tail so heavy that most batches never reach it (a Gaussian q in log space of a Gamma
-    posterior gave pooled k-hats 0.46-3.5 across seeds)."""
-    lw = np.asarray(log_weights, dtype=np.float64)
-    smoothed, khat = psis(lw)
-    se = float("nan")
-    n = len(lw) // batches
-    if math.isfinite(khat) and n >= 25:
-        ks = np.array([psis(lw[i * n:(i + 1) * n])[1] for i in range(batches)])
-        ks = ks[np.isfinite(ks)]
-        if len(ks) >= 2:
-            se = float(ks.std(ddof=1) * batches ** -0.25)
-    interval = (khat - 2 * se, khat + 2 * se) if math.isfinite(se) else (khat, khat)
-    return {"khat": khat, "khat_se": se, "khat_interval": interval, "smoothed": smoothed}
-
-
-def psis(log_weights):
-    """Pareto-smoothed log importance weights (normalised) and k-hat, via arviz.psislw. With fewer than 25
-    finite weights the Pareto tail would hold under 5 draws (min(S / 5, 3 sqrt S)) and k-hat is not defined:
-    the weights come back as they are, with k-hat NaN. Constant weights (q equal to the posterior) have no tail:
-    k-hat -inf (arviz's fit degenerates to inf there); nor do weights whose tail takes fewer than TAIL_ATOMS_MIN
-    distinct values (a discrete q over a few points): k-hat -inf, and the effective sample size (check_reliability)
-    says how well q covers the posterior."""
-    import arviz as az
-    lw = np.asarray(log_weights, dtype=np.float64)
-    finite = np.isfinite(lw)
-    if finite.sum() < 25:
-        return lw, float("nan")
-    lw = np.where(finite, lw, -np.inf)
-    if np.ptp(lw[finite]) <= 1e-9 * max(1.0, float(np.abs(lw[finite]).max())):
-        # constant weights (q is the posterior): the Pareto fit degenerates (arviz gives inf); no tail at all
-        return lw - np.logaddexp.reduce(lw), -math.inf
-    tail = np.sort(lw[finite])[-int(min(finite.sum() / 5, 3 * math.sqrt(finite.sum()))):]
-    if len(np.unique(tail)) < TAIL_ATOMS_MIN:
-        # a discrete q over a few points: the weights take a few values, and the Pareto fit of a "tail" of a few
-        # atoms degenerates too (measured: a one-coin model, q within 0.003 of the exact posterior, k-hat inf)
-        return lw - np.logaddexp.reduce(lw), -math.inf
-    smoothed, khat = az.psislw(lw, reff=1.0)
-    return np.asarray(smoothed), float(khat)
 
 
 def fit_diagnostics(result, num_draws=16000, seed=0):
@@ -168,20 +85,14 @@ def check_reliability(result, num_draws=None, seed=0, warn=True, search=None):
     and what the warning suggests ('tries'), and its wall time ('seconds', which fit.summary() puts beside the
     fit's); warn=False stores it all and warns nothing (`warn_unreliable` does).
     search: the mode search's findings to use instead of running it again (`mode_search_of` an earlier check)."""
-    from .subsample import sizes
     if num_draws is None:
-        rows = sum(sizes(result.model).values())
-        num_draws = max(2000, min(16000, int(2e9 // rows))) if rows else 16000
-        num_draws = min(num_draws, max(CHECK_DRAWS_MIN, 2 * result.num_fit_evals))   # a cost like the fit's
+        num_draws = _default_draws(result)
     began = time.perf_counter()
     u, k, log_w = result.weighted_draws(num_draws, seed)
     est = khat_estimate(log_w.double().cpu().numpy())
     smoothed, khat, (khat_lo, khat_hi) = est["smoothed"], est["khat"], est["khat_interval"]
-    w = (np.exp(smoothed - np.logaddexp.reduce(smoothed[np.isfinite(smoothed)])) if khat < math.inf else None)  # -inf: no tail
-    w2 = np.sum(np.where(np.isfinite(w), w, 0.0) ** 2) if w is not None else 0.0
-    ess = float(1.0 / w2) if w2 > 0 else float("nan")
-    if not math.isfinite(ess):
-        w = None
+    ess = _is_ess(smoothed, khat)
+    weighed = math.isfinite(ess)   # the weights can be read (their moments, below)
     reasons = []
     point = collapsed(u)
     if point:
@@ -190,30 +101,11 @@ def check_reliability(result, num_draws=None, seed=0, warn=True, search=None):
         reasons.append(f"q has collapsed to a point in {len(point)} of {u.shape[1]} unconstrained coordinates (its "
                        f"draws do not vary): its sds say nothing about the posterior's; a step size too large does "
                        f"this (try a smaller lr, or steps=None)")
-    nan_share = float(torch.isnan(log_w).double().mean())
-    if nan_share > BAD_PARTICLES_MAX:
-        reasons.append(f"{nan_share:.0%} of q's draws have a NaN log-joint: the check cannot weigh them")
-    steps_run = max(result.num_steps, 1)
-    if result.num_failed_steps > BAD_PARTICLES_MAX * steps_run:
-        reasons.append(f"{result.num_failed_steps} of {result.num_steps} steps failed (NaN/inf ELBO or gradient) and "
-                       f"were skipped")
-    outside = float((log_w == -math.inf).double().mean())
-    if outside > 0:
-        reasons.append(f"{outside:.2%} of q's draws fall where the log-joint is -inf (outside the posterior's "
-                       f"support), where the posterior has no mass")
-    few = w is not None and ess < MIN_IS_ESS   # the weights rest on a few draws: their moments say nothing
-    worst_shift, worst_ratio = (_psis_extremes(result, u, k, smoothed, ess) if w is not None and not few
+    reasons += _draw_faults(result, log_w)
+    few = weighed and ess < MIN_IS_ESS   # the weights rest on a few draws: their moments say nothing
+    worst_shift, worst_ratio = (_psis_extremes(result, u, k, smoothed, ess) if weighed and not few
                                 else ((None, 0.0), (None, 1.0)))
-    moments = []
-    if few:
-        moments.append(f"importance sampling's effective sample size is {ess:.1f} of {num_draws} draws: the "
-                       f"weights rest on a few draws, so q misses much of the posterior's mass (its means and sds "
-                       f"cannot be checked)")
-    if worst_shift[0] is not None:
-        moments.append(f"importance sampling moves the mean of {worst_shift[0]} by {worst_shift[1]:+.2f} of q's sd "
-                       f"(more than {SHIFT_MAX})")
-    if worst_ratio[0] is not None:
-        moments.append(f"importance sampling puts the sd of {worst_ratio[0]} at {worst_ratio[1]:.2f} x q's")
+    moments = _moment_reasons(few, ess, num_draws, worst_shift, worst_ratio)
     threshold = khat_threshold(num_draws)
     notes = _khat_verdict(reasons, khat, khat_lo, khat_hi, threshold, num_draws, moments, point)
     reasons += moments
@@ -223,34 +115,11 @@ def check_reliability(result, num_draws=None, seed=0, warn=True, search=None):
     if notes and not reasons:   # k-hat alone: a known false alarm for Gaussian q (ANCHORS: pymc-extras, Stan)
         notes[-1] += ("; importance sampling moves no mean by more than 0.1 of q's sd and no sd by more than 20%, "
                       "so the means and sds stand: not a warning")
-    from .modes import FAR_MASS, MIN_MASS, WIDEN, other_modes
     if search is None:
-        search = other_modes(result, u, seed=seed) if not point else {"modes": [], "note": "no mode search: q is a "
-                                                                         "point", "num_evals": 0}
-    if search.get("far_mass", 0.0) > FAR_MASS or search.get("far_mass", 0.0) != search.get("far_mass", 0.0):
-        reasons.append(f"importance sampling from q widened {WIDEN:g}x puts {search['far_mass']:.0%} of the "
-                       f"posterior's mass outside q's 99.9% region (torch cannot differentiate the log-joint, so no "
-                       f"mode search ran): another mode, or tails far heavier than q's, that q does not cover")
-    if search["modes"] and search["modes"][0]["mass"] < 1 - MIN_MASS:
-        away = max(search["modes"][1:], key=lambda m: m["mass"])
-        reasons.append(f"the log density has {len(search['modes'])} modes: besides q's, one {away['distance']:.1f} "
-                       f"q-sds away holds about {away['mass']:.0%} of the mass (Laplace estimate), which q does not "
-                       f"cover: k-hat cannot see a mode q never draws from. q fits {search['modes'][0]['mass']:.0%}")
-    if result.status == "max_steps":
-        last = result.levels[-1] if result.levels else {}
-        reasons.append(f"{NOT_CONVERGED} {result.num_steps} steps (max_steps; last change between "
-                       f"averaged levels {last.get('change', float('nan')):.3g} of q's sd)")
+        search = _mode_search(result, u, seed, point)
+    reasons += _mode_reasons(search)
+    reasons += _fit_faults(result)
     start = result.start
-    if start is not None and start.no_mode:
-        reasons.append(f"the MAP start found no proper mode ({start.note}): the density may be a funnel, a ring or "
-                       f"a spike, or improper, and a Gaussian q fits such a shape badly")
-    seen = result.num_steps * result.num_particles
-    if seen and result.num_bad_particles > BAD_PARTICLES_MAX * seen:
-        reasons.append(f"{result.num_bad_particles} of {seen} particles ({result.num_bad_particles / seen:.0%}) "
-                       f"had a NaN/inf log-joint or gradient, or raised ({result.last_exception or 'no exception'})"
-                       + ("; the fit ran in float32: try dtype=torch.float64" if any(
-                          t.dtype == torch.float32 for group in result.params.values() for t in group.values())
-                          else ""))
     tries = _tries(result, search)
     finite = log_w[~torch.isnan(log_w)].double()
     info = {"elbo": float(finite.mean()) if len(finite) else float("nan"),
@@ -270,6 +139,105 @@ def check_reliability(result, num_draws=None, seed=0, warn=True, search=None):
     if reasons and warn:
         warn_unreliable(result, stacklevel=3)
     return info
+
+
+def _default_draws(result):
+    """check_reliability's num_draws: 16000, at most check_draws_cap (at least 2000), and at most twice the fit's
+    gradient evaluations (at least CHECK_DRAWS_MIN)."""
+    cap = check_draws_cap(result)
+    num_draws = max(2000, min(16000, cap)) if cap is not None else 16000
+    return min(num_draws, max(CHECK_DRAWS_MIN, 2 * result.num_fit_evals))   # a cost like the fit's
+
+
+def _is_ess(smoothed, khat):
+    """The importance-sampling effective sample size of the Pareto-smoothed log weights; NaN where the weights
+    cannot be read (k-hat inf or NaN, no finite weight). k-hat -inf (no tail) reads them as they are."""
+    if not khat < math.inf:
+        return float("nan")
+    w = np.exp(smoothed - np.logaddexp.reduce(smoothed[np.isfinite(smoothed)]))
+    w2 = np.sum(np.where(np.isfinite(w), w, 0.0) ** 2)
+    ess = float(1.0 / w2) if w2 > 0 else float("nan")
+    return ess if math.isfinite(ess) else float("nan")
+
+
+def _draw_faults(result, log_w):
+    """The check's reasons from its draws' log weights (NaN, -inf) and the fit's failed steps."""
+    reasons = []
+    nan_share = float(torch.isnan(log_w).double().mean())
+    if nan_share > BAD_PARTICLES_MAX:
+        reasons.append(f"{nan_share:.0%} of q's draws have a NaN log-joint: the check cannot weigh them")
+    steps_run = max(result.num_steps, 1)
+    if result.num_failed_steps > BAD_PARTICLES_MAX * steps_run:
+        reasons.append(f"{result.num_failed_steps} of {result.num_steps} steps failed (NaN/inf ELBO or gradient) and "
+                       f"were skipped")
+    outside = float((log_w == -math.inf).double().mean())
+    if outside > 0:
+        reasons.append(f"{outside:.2%} of q's draws fall where the log-joint is -inf (outside the posterior's "
+                       f"support), where the posterior has no mass")
+    return reasons
+
+
+def _moment_reasons(few, ess, num_draws, worst_shift, worst_ratio):
+    """What importance sampling says of q's means and sds: too few effective draws to say, or the mean it moves
+    furthest and the sd it rescales most (`_psis_extremes`)."""
+    moments = []
+    if few:
+        moments.append(f"importance sampling's effective sample size is {ess:.1f} of {num_draws} draws: the "
+                       f"weights rest on a few draws, so q misses much of the posterior's mass (its means and sds "
+                       f"cannot be checked)")
+    if worst_shift[0] is not None:
+        moments.append(f"importance sampling moves the mean of {worst_shift[0]} by {worst_shift[1]:+.2f} of q's sd "
+                       f"(more than {SHIFT_MAX})")
+    if worst_ratio[0] is not None:
+        moments.append(f"importance sampling puts the sd of {worst_ratio[0]} at {worst_ratio[1]:.2f} x q's")
+    return moments
+
+
+def _mode_search(result, u, seed, point):
+    """The mode search's findings (modes.other_modes from the check's draws u); none where q is a point."""
+    from .modes import other_modes
+    if point:
+        return {"modes": [], "note": "no mode search: q is a point", "num_evals": 0}
+    return other_modes(result, u, seed=seed)
+
+
+def _mode_reasons(search):
+    """The check's reasons from the mode search: mass far outside q (no gradient: widened q's importance
+    sampling), or another mode holding more than MIN_MASS of the mass."""
+    from .modes import FAR_MASS, MIN_MASS, WIDEN
+    reasons = []
+    if search.get("far_mass", 0.0) > FAR_MASS or search.get("far_mass", 0.0) != search.get("far_mass", 0.0):
+        reasons.append(f"importance sampling from q widened {WIDEN:g}x puts {search['far_mass']:.0%} of the "
+                       f"posterior's mass outside q's 99.9% region (torch cannot differentiate the log-joint, so no "
+                       f"mode search ran): another mode, or tails far heavier than q's, that q does not cover")
+    if search["modes"] and search["modes"][0]["mass"] < 1 - MIN_MASS:
+        away = max(search["modes"][1:], key=lambda m: m["mass"])
+        reasons.append(f"the log density has {len(search['modes'])} modes: besides q's, one {away['distance']:.1f} "
+                       f"q-sds away holds about {away['mass']:.0%} of the mass (Laplace estimate), which q does not "
+                       f"cover: k-hat cannot see a mode q never draws from. q fits {search['modes'][0]['mass']:.0%}")
+    return reasons
+
+
+def _fit_faults(result):
+    """The check's reasons from the fit itself: stopped at max_steps, a MAP start that found no mode, too many bad
+    particles."""
+    reasons = []
+    if result.status == "max_steps":
+        last = result.levels[-1] if result.levels else {}
+        reasons.append(f"{NOT_CONVERGED} {result.num_steps} steps (max_steps; last change between "
+                       f"averaged levels {last.get('change', float('nan')):.3g} of q's sd)")
+    start = result.start
+    if start is not None and start.no_mode:
+        reasons.append(f"the MAP start found no proper mode ({start.note}): the density may be a funnel, a ring or "
+                       f"a spike, or improper, and a Gaussian q fits such a shape badly")
+    seen = result.num_steps * result.num_particles
+    if seen and result.num_bad_particles > BAD_PARTICLES_MAX * seen:
+        reasons.append(f"{result.num_bad_particles} of {seen} particles ({result.num_bad_particles / seen:.0%}) "
+                       f"had a NaN/inf log-joint or gradient, or raised ({result.last_exception or 'no exception'})"
+                       + ("; the fit ran in float32: try dtype=torch.float64" if any(
+                          t.dtype == torch.float32 for group in result.params.values() for t in group.values())
+                          else ""))
+    return reasons
 
 
 def mode_search_of(info):

@@ -71,33 +71,8 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         warnings.warn(f"{note}: pass dtype=torch.float64 to fit in double precision", UserWarning, stacklevel=3)
     model = model.to(device, dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
-    loc = torch.zeros(model.dim, device=device, dtype=dtype)
-    fixed = {}
-    if init_values:
-        loc = initial_loc(model, init_values, loc)
-        fixed = initial_discrete(model, init_values, device)
-    discrete = Discrete.for_model(model)
-    params = {"continuous": family.init(model.dim, loc, generator) if model.dim else {},
-              "discrete": discrete.init(device, dtype)}
-    for group in params.values():
-        for t in group.values():
-            t.requires_grad_(True)
-
-    with torch.no_grad():
-        probe = _probe_count(model)
-        u, k = draw(model, family, discrete, params, probe, generator)
-        u[0] = loc
-        for name, v in fixed.items():
-            k[name][0] = v
-    try:
-        report = model.check(u, k, particles=False)  # the particle check comes after the start (check_particles)
-    except NotFiniteStart:
-        # a discrete latent's first draw may be where the posterior is 0 (an N-mixture's N below the largest
-        # count): particle 0 takes the first of a few more draws at which the log density is finite
-        if len(fixed) == len(model.discrete) or not finite_start(
-                model, loc, k, fixed, torch.Generator(device=device).manual_seed(seed)):
-            raise
-        report = model.check(u, k, particles=False)
+    discrete, params, loc, fixed = _initial_params(model, family, init_values, generator, device, dtype)
+    u, k, report = _first_check(model, family, discrete, params, loc, fixed, generator, seed, device)
     plan = plan_for(estimator, model, report, num_particles)
     batch = check_subsample(subsample_size, model, report)
     structure = None
@@ -132,6 +107,45 @@ def init(model, family="meanfield", estimator="auto", baseline=DEFAULT, *, num_p
         state.tracker = rule.tracker(state)
         state.schedule = state.tracker.factor
     return state
+
+
+def _initial_params(model, family, init_values, generator, device, dtype):
+    """(discrete, params, loc, fixed): q's discrete factors and its parameters at their start (continuous ones
+    from family.init at loc, every tensor requiring grad), the continuous start loc (zeros, or `init_values`)
+    and the discrete latents' given starting values."""
+    loc = torch.zeros(model.dim, device=device, dtype=dtype)
+    fixed = {}
+    if init_values:
+        loc = initial_loc(model, init_values, loc)
+        fixed = initial_discrete(model, init_values, device)
+    discrete = Discrete.for_model(model)
+    params = {"continuous": family.init(model.dim, loc, generator) if model.dim else {},
+              "discrete": discrete.init(device, dtype)}
+    for group in params.values():
+        for t in group.values():
+            t.requires_grad_(True)
+    return discrete, params, loc, fixed
+
+
+def _first_check(model, family, discrete, params, loc, fixed, generator, seed, device):
+    """(u, k, report): the log-joint checked once (model.check, the particle check left for after the start) on
+    a probe's draws from q whose particle 0 is the start (loc and the `fixed` discrete values)."""
+    with torch.no_grad():
+        probe = _probe_count(model)
+        u, k = draw(model, family, discrete, params, probe, generator)
+        u[0] = loc
+        for name, v in fixed.items():
+            k[name][0] = v
+    try:
+        report = model.check(u, k, particles=False)  # the particle check comes after the start (check_particles)
+    except NotFiniteStart:
+        # a discrete latent's first draw may be where the posterior is 0 (an N-mixture's N below the largest
+        # count): particle 0 takes the first of a few more draws at which the log density is finite
+        if len(fixed) == len(model.discrete) or not finite_start(
+                model, loc, k, fixed, torch.Generator(device=device).manual_seed(seed)):
+            raise
+        report = model.check(u, k, particles=False)
+    return u, k, report
 
 
 def _made(opt, optimizer):
