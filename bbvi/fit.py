@@ -273,7 +273,7 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
     total = cap if cap is not None else state.cap   # an algorithm of a fixed length (bam) knows its own
     if show:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=state.step, desc=f"bbvi {model.name}", leave=False)
+        bar = tqdm(total=_total(tracker, total)[0], initial=state.step, desc=f"bbvi {model.name}", leave=False)
     lines = progress is None and not show and not sys.stderr.isatty() and (comm is None or comm.rank == 0)
     every = float(os.environ.get("BBVI_PROGRESS_EVERY", LOG_EVERY_S))
     logged, said = time.perf_counter(), False
@@ -298,14 +298,11 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
             if lines and time.perf_counter() - logged >= every:   # not on a terminal: a line now and then
                 logged, said = time.perf_counter(), True
                 print(f"bbvi fit of {model.name!r} ({settings.get('method', 'sgd').split(' ')[0]}): step "
-                      f"{state.step}{f' of at most {total}' if total else ''}, ELBO "
+                      f"{state.step}{_total(tracker, total)[1]}, ELBO "
                       f"{torch.stack(state.elbo[-50:]).nanmean().item():.6g} (mean of the last 50), "
                       f"{logged - began:.0f} s", file=sys.stderr, flush=True)
             if bar is not None:
-                bar.update(1)
-                if state.step % 50 == 0:
-                    bar.set_postfix(elbo=f"{torch.stack(state.elbo[-50:]).nanmean().item():.4g}",
-                                    **({"lr": f"{tracker.lr:.3g}"} if tracker is not None else {}))
+                _advance(bar, state)
             if state.consecutive_failures >= max_consecutive_failures:
                 status = "failed"
                 break
@@ -346,6 +343,29 @@ def _run(state, algorithm, cap, converged, settings, *, seed, callbacks, checkpo
     if checkpoint is not None and save_error is None:
         save_error = _write_checkpoint(state, checkpoint, settings)
     return status, callback_error, save_error, time.perf_counter() - began
+
+
+def _total(tracker, total):
+    """(the total a progress display shows, the words after the step count): a fixed length's (steps=N, or an
+    algorithm's own, as bam's) exactly; for the adaptive rule its running estimate (`_Tracker.estimate`)."""
+    if tracker is None:
+        return total, f" of at most {total}" if total else ""
+    about = tracker.estimate()
+    return about, f" of about {about} (the adaptive rule's estimate; at most {total})"
+
+
+def _advance(bar, state):
+    """One step on the bar; its total follows the adaptive rule's estimate, and every 50 steps the ELBO's recent
+    mean and the learning rate show beside it."""
+    bar.update(1)
+    tracker = state.tracker
+    about = tracker.estimate() if tracker is not None else bar.total
+    if about != bar.total:
+        bar.total = about
+        bar.refresh()
+    if state.step % 50 == 0:
+        bar.set_postfix(elbo=f"{torch.stack(state.elbo[-50:]).nanmean().item():.4g}",
+                        **({"lr": f"{tracker.lr:.3g}"} if tracker is not None else {}))
 
 
 def _sigterm_as_interrupt():
