@@ -20,7 +20,8 @@ Huggins (2024, "A framework for improving the reliability of black-box variation
     window's, at first) means the step size diverges: back to the best average, Adam's moments reset, lr cut by
     decay^2, the reference measured again (at most MAX_RESTARTS times).
 
-The rule stops at `max_steps` otherwise (status "max_steps"), reporting the average of the last level.
+The rule stops at `max_steps` otherwise (status "max_steps"), reporting the average of the last level. Its tracker's
+`estimate()` forecasts how many steps the fit will run, for the progress bar and log lines (display only).
 Cost is counted in steps; every step evaluates the log-joint (and its gradient) at num_particles points.
 
 `RelativeTolerance` is Stan ADVI's test (`tol_rel_obj`) on running means of the ELBO, for fixed-step fits.

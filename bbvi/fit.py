@@ -34,6 +34,7 @@ __all__ = ["init", "step", "fit", "FitState"]
 
 # Where no bar shows because stderr is not a terminal (a log file, a pipe, a batch job) and progress=None, a line on
 # stderr every LOG_EVERY_S seconds of a fit (none for a fit shorter than that); $BBVI_PROGRESS_EVERY overrides it.
+# Its total, as the bar's, is a fixed length's (steps=N, bam) or the adaptive rule's running estimate (`_total`).
 LOG_EVERY_S = 10.0
 
 
@@ -73,7 +74,10 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     its cap). clip_grad: max global gradient norm. tol_rel_obj: with steps=N, stop early when the ELBO's
     relative change (Stan ADVI's test) falls below it, checked every `check_every` steps. callbacks: a list of
     callables (state) -> bool, called after every step; True stops the fit. progress: tqdm bar (default: when
-    stderr is a terminal). init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
+    stderr is a terminal; else, with progress=None, a line on stderr every 10 s, $BBVI_PROGRESS_EVERY); the total
+    it shows is a fixed length's own, or for the adaptive rule its running estimate (`Adaptive`'s tracker,
+    `estimate`; within 2x of the steps run once its first level has tested R-hat, on the defaults test models),
+    at most max_steps. init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
     'map' (q starts at the MAP with Laplace scales, or a ConfigError says why it cannot). init_values: {latent:
     constrained value}; a discrete latent's value is where the first check evaluates the log-joint (without it,
     the first of a few draws from q's uniform start at which the log-joint is finite). subsample_size: B
