@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import Keeper, load_checkpoint, read_checkpoint, setting, write_checkpoint
 from .errors import ConfigError, FitError
-from .convergence import RelativeTolerance, q_settled
+from .relative_tolerance import RelativeTolerance, q_settled
 from .estimators import DEFAULT, resolve_estimator
 from .estimators.auto import Auto
 from .fit_options import FitOptions
@@ -36,6 +36,7 @@ __all__ = ["init", "step", "fit", "FitState"]
 
 # Where no bar shows because stderr is not a terminal (a log file, a pipe, a batch job) and progress=None, a line on
 # stderr every LOG_EVERY_S seconds of a fit (none for a fit shorter than that); $BBVI_PROGRESS_EVERY overrides it.
+# Its total, as the bar's, is a fixed length's (steps=N, bam) or the adaptive rule's running estimate (`_total`).
 LOG_EVERY_S = 10.0
 
 
@@ -75,7 +76,10 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     its cap). clip_grad: max global gradient norm. tol_rel_obj: with steps=N, stop early when the ELBO's
     relative change (Stan ADVI's test) falls below it, checked every `check_every` steps. callbacks: a list of
     callables (state) -> bool, called after every step; True stops the fit. progress: tqdm bar (default: when
-    stderr is a terminal). init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
+    stderr is a terminal; else, with progress=None, a line on stderr every 10 s, $BBVI_PROGRESS_EVERY); the total
+    it shows is a fixed length's own, or for the adaptive rule its running estimate (`Adaptive`'s tracker,
+    `estimate`; within 2x of the steps run once its first level has tested R-hat, on the defaults test models),
+    at most max_steps. init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
     'map' (q starts at the MAP with Laplace scales, or a ConfigError says why it cannot). init_values: {latent:
     constrained value}; a discrete latent's value is where the first check evaluates the log-joint (without it,
     the first of a few draws from q's uniform start at which the log-joint is finite). subsample_size: B
@@ -225,7 +229,7 @@ def _run(state, algorithm, cap, converged, options, *, seed, callbacks, checkpoi
     total = cap if cap is not None else state.cap   # an algorithm of a fixed length (bam) knows its own
     if show:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=state.step, desc=f"bbvi {model.name}", leave=False)
+        bar = tqdm(total=_total(tracker, total)[0], initial=state.step, desc=f"bbvi {model.name}", leave=False)
     lines = progress is None and not show and not sys.stderr.isatty() and (comm is None or comm.rank == 0)
     every = float(os.environ.get("BBVI_PROGRESS_EVERY", LOG_EVERY_S))
     logged, said = time.perf_counter(), False
@@ -250,14 +254,11 @@ def _run(state, algorithm, cap, converged, options, *, seed, callbacks, checkpoi
             if lines and time.perf_counter() - logged >= every:   # not on a terminal: a line now and then
                 logged, said = time.perf_counter(), True
                 print(f"bbvi fit of {model.name!r} ({options.method}): step "
-                      f"{state.step}{f' of at most {total}' if total else ''}, ELBO "
+                      f"{state.step}{_total(tracker, total)[1]}, ELBO "
                       f"{torch.stack(state.elbo[-50:]).nanmean().item():.6g} (mean of the last 50), "
                       f"{logged - began:.0f} s", file=sys.stderr, flush=True)
             if bar is not None:
-                bar.update(1)
-                if state.step % 50 == 0:
-                    bar.set_postfix(elbo=f"{torch.stack(state.elbo[-50:]).nanmean().item():.4g}",
-                                    **({"lr": f"{tracker.lr:.3g}"} if tracker is not None else {}))
+                _advance(bar, state)
             if state.consecutive_failures >= max_consecutive_failures:
                 status = "failed"
                 break
@@ -298,6 +299,29 @@ def _run(state, algorithm, cap, converged, options, *, seed, callbacks, checkpoi
     if checkpoint is not None and save_error is None:
         save_error = write_checkpoint(state, checkpoint, options.record())
     return status, callback_error, save_error, time.perf_counter() - began
+
+
+def _total(tracker, total):
+    """(the total a progress display shows, the words after the step count): a fixed length's (steps=N, or an
+    algorithm's own, as bam's) exactly; for the adaptive rule its running estimate (`_Tracker.estimate`)."""
+    if tracker is None:
+        return total, f" of at most {total}" if total else ""
+    about = tracker.estimate()
+    return about, f" of about {about} (the adaptive rule's estimate; at most {total})"
+
+
+def _advance(bar, state):
+    """One step on the bar; its total follows the adaptive rule's estimate, and every 50 steps the ELBO's recent
+    mean and the learning rate show beside it."""
+    bar.update(1)
+    tracker = state.tracker
+    about = tracker.estimate() if tracker is not None else bar.total
+    if about != bar.total:
+        bar.total = about
+        bar.refresh()
+    if state.step % 50 == 0:
+        bar.set_postfix(elbo=f"{torch.stack(state.elbo[-50:]).nanmean().item():.4g}",
+                        **({"lr": f"{tracker.lr:.3g}"} if tracker is not None else {}))
 
 
 def _sigterm_as_interrupt():
