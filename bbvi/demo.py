@@ -80,7 +80,7 @@ def demo(out, quick=False):
     plots.plot_elbo(mf, path=os.path.join(out, "elbo.png"))
     plots.plot_marginals(mf, ref, path=os.path.join(out, "marginals.png"))
     plots.plot_pair(fits["fullrank, reparam"], ref, path=os.path.join(out, "pair.png"),
-                    var_names=["mu", "tau", "theta_trans"], max_params=4)
+                    var_names=["mu", "tau", "theta_trans[0]", "theta_trans[1]"])
     plots.plot_gradient_variance(variances, path=os.path.join(out, "gradient_variance.png"))
     lines += ["", "Figures: `elbo.png`, `marginals.png` (mean-field score fit over NUTS), `pair.png` (full-rank "
               "fit over NUTS), `gradient_variance.png`.", "",

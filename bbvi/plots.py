@@ -30,15 +30,20 @@ def _save(fig, path):
 
 
 def _flat(draws, names=None):
-    """dict name -> (n, *shape) -> ordered dict label -> (n,) numpy, scalars only."""
+    """dict name -> (n, *shape) -> ordered dict label -> (n,) numpy, scalars only. `names` may name a latent (all its
+    scalars) or one scalar of it by its label ('theta[0]')."""
     out = {}
-    order = [n for n in names if n in draws] if names is not None else list(draws)
-    for name in order:
-        v = draws[name]
+    for name in (names if names is not None else list(draws)):
+        base = name.split("[")[0]
+        if base not in draws:
+            continue
+        v = draws[base]
         a = np.asarray(torch.as_tensor(v).detach().double().cpu())
         a = a.reshape(a.shape[0], -1)
         for j in range(a.shape[1]):
-            out[name if a.shape[1] == 1 and np.ndim(v) == 1 else f"{name}[{j}]"] = a[:, j]
+            label = base if a.shape[1] == 1 and np.ndim(v) == 1 else f"{base}[{j}]"
+            if name in (base, label):
+                out[label] = a[:, j]
     return out
 
 
@@ -323,7 +328,8 @@ def plot_pair(result, reference=None, path=None, var_names=None, num_draws=2000,
     black outline histogram on it; a legend names which is which. A parameter whose draws are all positive and
     span more than two orders of magnitude gets log axes; one whose draws are all whole numbers (a boolean or integer
     latent) gets bars of P(value) on the diagonal. Where more than `max_params` scalars exist, a UserWarning and the
-    figure's title say how many were left out, and that var_names= chooses which."""
+    figure's title say how many were left out, and that var_names= chooses which: latents by name, or single scalars
+    of one by their label ('theta[3]')."""
     from matplotlib.lines import Line2D
     plt = _plt()
     fit, note = _cap(_flat(result.sample(num_draws, seed) if hasattr(result, "sample") else result, var_names),

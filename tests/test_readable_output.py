@@ -287,6 +287,18 @@ def test_plots_say_how_many_parameters_they_leave_out_and_draw_whole_numbers_as_
     assert len(diagonal.patches) == 6
 
 
+def test_var_names_choose_single_scalars_of_a_vector_latent():
+    """var_names takes one scalar of a latent by its label ('theta[3]'), as the plots label them: the demo's pair plot
+    of eight schools shows mu, tau and two of the eight theta_trans without leaving anything out (it warned)."""
+    g = torch.Generator().manual_seed(0)
+    draws = {"theta": torch.randn(300, 40, generator=g), "mu": torch.randn(300, generator=g)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.plot_pair(draws, var_names=["mu", "theta[0]", "theta[3]"])
+    assert "left out" not in fig._suptitle.get_text() and len(fig.axes) == 9
+    assert [ax.get_xlabel() for ax in fig.axes[6:]] == ["mu", "theta[0]", "theta[3]"]
+
+
 def test_the_summary_says_what_the_check_cost_beside_the_fit():
     """Reliability III, slow list: the end-of-fit check at N = 1e6 took 87 s against 3.7 s for the fit, and nothing
     said so. The summary now gives the check's seconds and draws beside the fit's seconds, for every fit."""
