@@ -33,13 +33,46 @@ parameters, Adam's state, its step counts, lr) are the fit's own tensors, kept i
 one of them is replaced (a restart of the optimizer, a checkpoint loaded); the outputs are copied into them in one
 call, so a step that raises changes nothing.
 
-Why a second copy of the step rather than a trace of the eager one (algorithms/sgd.py): the eager step reads the
-host in the middle (the verdict's one sync decides whether to redo the step with the particles' check, to rescale,
-to skip), calls the estimator through Python objects that branch on the plan, and steps a torch.optim optimizer
-whose Python loop make_fx would unroll into the graph; none of that traces into one branch-free graph. `pure`,
-inside `CompiledStep.__init__`, is that graph's one function (make_fx traces a single callable; the guards and
-Adam's update it calls, `_guarded` and `_adam`, trace into the same graph, operation for operation). It covers reparam, STL and score with LOO on the Gaussian families with Adam
-(`check`); compiling the eager path itself is not done (not measured).
+Why a second copy of the step rather than a trace of the eager one (algorithms/sgd.py): measured, it is 2-6 times
+faster per step, and a traced eager step with Adam compiled follows the eager one less closely (issue 34, "compile
+what the eager path runs"; experiments/compile_study.py; torch 2.13.0 CPU, 2026-12-07, one thread, on a 2-core
+machine shared with other work, so the absolute times moved by up to 2x from run to run: the ratios inside one row,
+timed interleaved in one process, are what to read). The traced contender runs bbvi.step unchanged, its host
+verdict, skip-and-count, redone steps, Record and torch.optim.Adam's state included, with the estimator
+(estimate_parts on the step's fast path) under torch.compile, its backward by AOTAutograd, and Adam's step compiled
+as PyTorch's compiled-optimizer recipe does (torch.compile of a function calling opt.step()). Per step, ms (median
+of 5 rounds of 100 steps; 16 particles, float64, Inductor's caches off), compile s in brackets:
+
+    model (latents)       family     estimator   eager    CompiledStep   traced eager
+    logreg N=1000 (10)    meanfield  reparam     1.66     0.38 (21)      2.33 (12)
+    logreg N=1000 (10)    fullrank   reparam     0.91     0.26 (21)      0.97 (11)
+    logreg N=1000 (10)    meanfield  score+LOO   0.52     0.12 (12)      0.50 (6)
+    logreg N=1000 (10)    fullrank   score+LOO   0.68     0.16 (14)      0.59 (7)
+    diamonds N=5000 (26)  meanfield  reparam     4.70     0.71 (19)      1.47 (9)
+    diamonds N=5000 (26)  fullrank   reparam     4.19     0.70 (19)      1.47 (17)
+    diamonds N=5000 (26)  meanfield  score+LOO   1.41     0.24 (12)      0.60 (6)
+    diamonds N=5000 (26)  fullrank   score+LOO   1.68     0.29 (13)      0.81 (8)
+
+(an earlier run of the reparam rows, under heavier load, gave CompiledStep 2.3-5.4 times faster than the traced
+step). At small N the traced step costs what the eager one does (on diamonds it is 2-3 times faster than eager,
+CompiledStep 6-7): its arithmetic is a small part of the step, and it keeps the eager step's Python and adds
+dynamo's: the estimator's graph break at torch.randn(generator=...) (dynamo cannot put a torch.Generator in a graph;
+five breaks with the resumed frames), the two torch._dynamo.graph_break() that torch.optim.Optimizer's step makes on
+purpose (pytorch issue 104053), so three to five compiled regions, each with its guards, plus the autograd engine's
+backward. Drawing the noise first (the randn out of the region, one region fewer) left it 2-4 times slower than
+CompiledStep (1.67, 1.03, 1.53, 1.50 ms on the reparam rows). torch.compile of the whole of sgd._update breaks at
+Generator.get_state(), at the verdict's host read (.tolist()) and at .item(), and was slower than eager (1.0-1.5
+against 0.8-1.2 ms on logreg). Agreement after 200 steps of the cosine schedule, max |parameter difference| from the
+eager fit (float64): CompiledStep 4e-16 to 4e-15 (4e-11 on logreg fullrank score); the traced estimator with Adam
+left eager the same (0 to 5e-11); with Adam compiled 4e-6 to 3e-5 on every row, because the compiled
+torch.optim.Adam computes its bias corrections from its float32 `step` tensor as tensors, not as Python floats (one
+step alone differs by 3e-7 at lr 0.05; with float64 `step` tensors by 6e-17), so such a fit does not follow the
+eager one within rounding. (diamonds fullrank score differs by 0.7 for every compiled contender, the estimator-only
+one too: that fit's noisy trajectory amplifies rounding.) None recompiled as lr changed at every step. The copy
+stays, and so does the make_fx + Inductor route, which keeps the whole step, Adam included, one graph with one host
+read. `pure`, inside `CompiledStep.__init__`, is that graph's one function (make_fx traces a single callable; the
+guards and Adam's update it calls, `_guarded` and `_adam`, trace into the same graph, operation for operation). It
+covers reparam, STL and score with LOO on the Gaussian families with Adam (`check`).
 """
 import math
 
