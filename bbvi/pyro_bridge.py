@@ -33,6 +33,7 @@ import torch
 from torch.distributions import constraints
 
 from .errors import ModelError
+from .replay import Replay
 
 __all__ = ["from_pyro"]
 
@@ -174,6 +175,10 @@ class _PyroJoint:
     def __init__(self, model, latents, deterministic, vectorized, observed=()):
         self.model, self.latents = model, list(latents)
         self.deterministic, self.vectorized, self.observed = deterministic, vectorized, list(observed)
+        self._replay = Replay(self._vmapped_terms)   # the vectorized log-joint's aten graph, once a call recurs
+
+    def _vmapped_terms(self, z, data):
+        return self._vmapped(self._terms, z, data)
 
     def _trace(self, z, data, model=None):
         import pyro.poutine as poutine
@@ -222,7 +227,7 @@ class _PyroJoint:
         return {n: torch.stack([r[n] for r in rows]) for n in names}
 
     def __call__(self, z, data):
-        return self._vmapped(self._terms, z, data) if self.vectorized else self._terms(z, data)
+        return self._replay(z, data) if self.vectorized else self._terms(z, data)
 
     def derived(self, z, data):
         if self.vectorized:
