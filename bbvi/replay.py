@@ -41,9 +41,12 @@ class Replay:
 
 
 def _signature(z, data):
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-    if (torch._C._functorch.peek_interpreter_stack() is not None or _get_current_dispatch_mode() is not None
-            or torch._C._is_torch_function_mode_enabled()):
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+        if (torch._C._functorch.peek_interpreter_stack() is not None or _get_current_dispatch_mode() is not None
+                or torch._C._is_torch_function_mode_enabled()):
+            return None
+    except (ImportError, AttributeError):   # a torch without these hooks: the function runs as it is
         return None
     inputs = []
     for k, v in z.items():
@@ -59,13 +62,19 @@ def _record(fn, z, data, out):
     from torch.fx.experimental.proxy_tensor import make_fx
     try:
         graph = make_fx(lambda z, data: fn(z, data))(z, data)   # (a bound method would count self)
-        graph.graph.eliminate_dead_code()
+        graph.graph.eliminate_dead_code(_kept)
         graph.recompile()
         again = graph(z, data)
     except Exception:  # noqa: BLE001 - what make_fx cannot record runs as it is
         return None
     return graph if isinstance(again, dict) and again.keys() == out.keys() and all(
         _identical(again[k], out[k]) for k in out) else None
+
+
+def _kept(node):
+    """FX's impure nodes (in-place ops, asserts), and any op that returns nothing: a check that raises
+    (torch.linalg.cholesky's _linalg_check_errors)."""
+    return node.is_impure() or (isinstance(node.target, torch._ops.OpOverload) and not node.target._schema.returns)
 
 
 def _identical(a, b):
