@@ -15,12 +15,14 @@ values from the model's own trace. The model's posterior predictive is its `pred
 posterior_predictive, the observed sites' values in observed_data, so `az.plot_ppc` runs): each observed site drawn
 from its distribution at each draw, the model run with the latents conditioned and the observations left out
 (what follows an observed site sees its draw, as in `pyro.infer.Predictive` with `y=None`), under vmap where the
-site's sampler batches, reproducible by seed. The vectorized run is checked against one particle at a time
-at two prior draws (their finite entries equal, their non-finite entries in the same places). A model that vmap
-cannot run (Python control flow on latent values, in-place writes of latents) or that disagrees runs one particle
-at a time instead, with one warning naming the reason, the measured cost and the fix (`model.vectorized` says
-which; `model.pyro_vectorize_failure` keeps the reason). The model's arguments travel as the bbvi model's data,
-so a fit casts their floating tensors to its dtype and device.
+site's sampler batches, reproducible by seed. Once a call signature (particles, dtypes, data) has come back 100
+times, the vectorized log-joint runs as the aten graph make_fx recorded from that run (bbvi.replay: no Pyro
+handlers or vmap wrapping per step; the same values and gradients bit for bit). The vectorized run is checked
+against one particle at a time at two prior draws (their finite entries equal, their non-finite entries in the
+same places). A model that vmap cannot run (Python control flow on latent values, in-place writes of latents) or
+that disagrees runs one particle at a time instead, with one warning naming the reason, the measured cost and the
+fix (`model.vectorized` says which; `model.pyro_vectorize_failure` keeps the reason). The model's arguments travel
+as the bbvi model's data, so a fit casts their floating tensors to its dtype and device.
 
 Refused with a ModelError: `pyro.param` sites (bbvi fits latents; make it a pyro.sample with a prior, or pass a
 constant), a support that depends on other latents (Uniform(0, tau) with a latent tau), unbounded discrete sites
@@ -33,6 +35,7 @@ import torch
 from torch.distributions import constraints
 
 from .errors import ModelError
+from .replay import Replay
 
 __all__ = ["from_pyro"]
 
@@ -174,6 +177,10 @@ class _PyroJoint:
     def __init__(self, model, latents, deterministic, vectorized, observed=()):
         self.model, self.latents = model, list(latents)
         self.deterministic, self.vectorized, self.observed = deterministic, vectorized, list(observed)
+        self._replay = Replay(self._vmapped_terms)   # the vectorized log-joint's aten graph, once a call recurs
+
+    def _vmapped_terms(self, z, data):
+        return self._vmapped(self._terms, z, data)
 
     def _trace(self, z, data, model=None):
         import pyro.poutine as poutine
@@ -222,7 +229,7 @@ class _PyroJoint:
         return {n: torch.stack([r[n] for r in rows]) for n in names}
 
     def __call__(self, z, data):
-        return self._vmapped(self._terms, z, data) if self.vectorized else self._terms(z, data)
+        return self._replay(z, data) if self.vectorized else self._terms(z, data)
 
     def derived(self, z, data):
         if self.vectorized:

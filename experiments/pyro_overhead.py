@@ -3,9 +3,11 @@
 Two models in the idioms a Pyro user writes: a logistic regression (N=500, D=30) with `X @ beta + b`, and
 varying intercepts (radon-like: 85 groups, N=919) with `alpha[county]`. Each is fitted by SGD (bbvi.init /
 bbvi.step: MeanField, 16 particles, the pathwise gradient) for `--steps` steps after 5 warm-up steps; the
-fastest of `--repeats` timed blocks (the two models' blocks interleaved) is reported, in ms per step, with how
-from_pyro ran the model (vectorized or one particle at a time). Run from the repository root with bbvi on the
-path: PYTHONPATH=. python experiments/pyro_overhead.py [--steps 50] [--repeats 5]
+fastest of `--repeats` timed blocks (the models' blocks interleaved) is reported, in ms per step, with how
+from_pyro ran the model (vectorized or one particle at a time). A third column times from_pyro without its
+recorded graph (bbvi.replay: the vmapped Pyro run on every call, as before the graph): the same fit, bit for bit.
+Run from the repository root with bbvi on the path:
+PYTHONPATH=. python experiments/pyro_overhead.py [--steps 50] [--repeats 5]
 """
 import argparse
 import time
@@ -103,9 +105,12 @@ def main():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pm = make_pyro()
+            eager = make_pyro()
+        eager.log_joint._replay = eager.log_joint._vmapped_terms   # every call the vmapped Pyro run
         how = "vectorized" if pm.vectorized else "one particle at a time"
-        fp, hand = per_step([pm, make_hand()], a.steps, a.repeats)
-        print(f"{label}: from_pyro {fp:.2f} ms/step ({how}), by hand {hand:.2f} ms/step, ratio {fp / hand:.2f}")
+        fp, hand, fe = per_step([pm, make_hand(), eager], a.steps, a.repeats)
+        print(f"{label}: from_pyro {fp:.2f} ms/step ({how}), by hand {hand:.2f} ms/step, ratio {fp / hand:.2f}; "
+              f"without the recorded graph {fe:.2f} ms/step, ratio {fe / hand:.2f}")
 
 
 if __name__ == "__main__":
