@@ -179,13 +179,16 @@ class _Tracker:
           level's end (a small change, and the level stationary or the last change small too), one where it is
           expected at the next level's end (the change after the first level is small), else two.
 
-        The estimate is poorest before the first level's `min_level_steps` (R-hat not yet tested): it says
-        400 + 600 = 1000 at the defaults (right within 2x for fits of 500 to 2000 steps), or 400 where the average
-        has hardly moved from the start (one level expected)."""
+        None (no estimate yet) in the first level's first 2 x `min_level_steps`: before `min_level_steps` the rule
+        has tested no R-hat and an estimate would be a prior (400 + 600 = 1000 at the defaults, 2.2 x the steps of a
+        450-step fit), and R-hat over the first 100-200 iterates is noisy (seen: 1900 at step 200 of a fit that ran
+        500)."""
         rule, n = self.rule, len(self.summaries)
         step = self.level_start + n
         if self.converged:
             return step
+        if n < 2 * rule.min_level_steps and not any(not h["restarted"] for h in self.history):
+            return None
         key = (self.level_start, n // rule.window)
         if self._forecast[0] != key:
             self._forecast = (key, self._expect(n))
