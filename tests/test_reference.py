@@ -1,6 +1,7 @@
-"""Reliability II (issue 16), NUTS and reference findings: each test failed before its fix (what happened
-before is in each test's docstring), except test_parallel_chains_still_match_serial_ones, a guard that the
-rewritten wait for the chains still returns every chain in order."""
+"""bbvi/reference.py (bbvi.nuts, its cache and key: fingerprint.py), arviz_names.py, stan_draws.py (from_draws).
+Findings of issue 16: each test failed before its fix (what happened before is in each test's docstring), except
+test_parallel_chains_still_match_serial_ones, a guard that the rewritten wait for the chains still returns every
+chain in order."""
 import contextlib
 import faulthandler
 import math
