@@ -15,7 +15,7 @@ from torch.distributions import Normal
 import bbvi
 from fitcheck import assert_same_fit
 from models.conjugate import gamma_poisson
-from targets import two_latents
+from targets import std_normal, two_latents
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -38,7 +38,7 @@ def test_resume_checks_that_model_and_settings_match(tmp_path):
     bbvi.fit(model, steps=20, checkpoint=path)
     with pytest.raises(bbvi.ConfigError, match="other settings.*lr"):
         bbvi.fit(model, steps=20, lr=0.1, resume=path)
-    other = bbvi.Model(lambda z, d: Normal(0.0, 1.0).log_prob(z["x"]), {"x": bbvi.Latent()}, name="other")
+    other = std_normal(name="other")
     with pytest.raises(bbvi.ConfigError, match="saved for model 'gamma_poisson'"):
         bbvi.fit(other, steps=20, resume=path)
     with pytest.raises(bbvi.ConfigError, match="plan"):

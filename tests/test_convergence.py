@@ -3,9 +3,10 @@ before its fix (issue 16; what happened before is in its docstring)."""
 import warnings
 
 import torch
-from torch.distributions import MultivariateNormal, constraints
+from torch.distributions import constraints
 
 import bbvi
+from targets import mvn
 
 
 def test_a_discrete_only_fit_raises_no_torch_warning():
@@ -33,8 +34,7 @@ def test_tol_rel_obj_is_not_accepted_while_q_is_still_off():
     from bbvi.convergence import q_settled as _q_settled
     from bbvi.fit import init
     cov = torch.tensor([[1.0, 0.3], [0.3, 2.0]], dtype=torch.float64)
-    target = MultivariateNormal(torch.tensor([1.0, -1.0], dtype=torch.float64), cov)
-    model = bbvi.Model(lambda z, d: target.log_prob(z["x"]), {"x": bbvi.Latent((2,))}, name="gauss2")
+    model = mvn(torch.tensor([1.0, -1.0], dtype=torch.float64), cov, name="gauss2")
     state = init(model, family="fullrank", steps=100, init_strategy="map")  # the Laplace start is exact here
     assert _q_settled(state, seed=0)
     with torch.no_grad():

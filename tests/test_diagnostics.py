@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.distributions import MultivariateNormal, Normal
+from torch.distributions import Normal
 
 import bbvi
 import bbvi.diagnostics
 from fitcheck import recording
-from targets import std2
+from targets import mvn, std2
 
 
 def test_an_infinite_khat_reads_as_not_reliable():
@@ -29,8 +29,7 @@ def correlated(rho):
     the posterior's variance is 1 + rho, so q/p variance is 1 - rho there and the weights' Pareto index is
     k = 1 - (1 - rho) = rho."""
     cov = torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64)
-    target = MultivariateNormal(torch.zeros(2, dtype=torch.float64), cov)
-    return bbvi.Model(lambda z, d: target.log_prob(z["x"]), {"x": bbvi.Latent((2,))}, name=f"rho{rho}")
+    return mvn(torch.zeros(2, dtype=torch.float64), cov, name=f"rho{rho}")
 
 
 @pytest.mark.parametrize("rho, allowed", [(0.0, {"good"}), (0.7, {"usable", "borderline"}),
@@ -210,8 +209,7 @@ def test_a_discrete_q_over_two_points_that_is_wrong_is_still_warned():
 def _exact_gaussian_fit():
     mean = torch.tensor([1.0, -2.0], dtype=torch.float64)
     cov = torch.tensor([[1.0, 0.8], [0.8, 2.0]], dtype=torch.float64)
-    model = bbvi.Model(lambda z, d: MultivariateNormal(mean, cov).log_prob(z["x"]), {"x": bbvi.Latent(shape=(2,))},
-                       name="mvn")
+    model = mvn(mean, cov, name="mvn")
     return bbvi.fit(model, method="bam", seed=0, diagnose=False, progress=False)   # exact to 1e-12
 
 
@@ -239,8 +237,7 @@ def test_attack_25_a_mean_field_q_of_a_correlated_posterior_is_warned_even_with_
     0.8: q is the mean-field start, whose sds cannot reach the posterior's. Seen: the mean-field limit is the
     warning (sd about 1.37 x what a factorised q can reach), with family='fullrank' or the default as the fix."""
     cov = torch.tensor([[1.0, 0.8, 0.1], [0.8, 2.0, -0.3], [0.1, -0.3, 0.5]], dtype=torch.float64)
-    model = bbvi.Model(lambda z, d: MultivariateNormal(torch.zeros(3, dtype=torch.float64), cov).log_prob(z["x"]),
-                       {"x": bbvi.Latent(shape=(3,))}, name="correlated")
+    model = mvn(torch.zeros(3, dtype=torch.float64), cov, name="correlated")
     with pytest.warns(bbvi.ReliabilityWarning, match=r"q is MeanField: .* x\[1\] at about 1\.37 x .*"
                                                      r"family='fullrank', or the default method='auto'"):
         fit = bbvi.fit(model, steps=0, seed=0, progress=False)

@@ -8,6 +8,7 @@ from torch.distributions import MultivariateNormal, Normal
 
 import bbvi
 from bbvi.estimators import estimate
+from targets import mvn
 
 D = 3
 TARGET_MEAN = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
@@ -16,9 +17,7 @@ PRECISION = torch.linalg.inv(TARGET_COV)
 
 
 def gaussian_model(cov=TARGET_COV):
-    def log_joint(z, data):
-        return MultivariateNormal(TARGET_MEAN, cov).log_prob(z["x"])
-    return bbvi.Model(log_joint, {"x": bbvi.Latent(shape=(D,))}, name="gauss")
+    return mvn(TARGET_MEAN, cov, name="gauss")
 
 
 def state_at(estimator, baseline="default", loc=(0.2, -1.0, 1.0), log_scale=(-0.5, 0.1, 0.3), S=16, model=None):

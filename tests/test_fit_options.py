@@ -9,7 +9,7 @@ from torch.distributions import Normal, constraints
 
 import bbvi
 from models.conjugate import gamma_poisson, normal_normal
-from targets import two_latents
+from targets import std_normal, two_latents
 
 
 @pytest.mark.parametrize("option", [dict(optimizer="adagrad"), dict(optimizer="sgd", lr=0.001),
@@ -143,11 +143,6 @@ def test_a_call_that_ran_two_fits_says_so_in_its_options():
     assert (back.method, back.why, back.ran) == ("bam", "continuous latents", said)
 
 
-def _std(shape=()):
-    return bbvi.Model(lambda z, d: Normal(0, 1).log_prob(z["x"]).reshape(z["x"].shape[0], -1).sum(-1),
-                      {"x": bbvi.Latent(shape=shape)})
-
-
 # ---- #9: device types that are neither cpu nor an available accelerator -------------------------------------
 @pytest.mark.parametrize("device", ["meta", "mps", "xpu", "hpu"])
 def test_unusable_device_is_a_config_error(device):
@@ -156,7 +151,7 @@ def test_unusable_device_is_a_config_error(device):
     if device == "mps" and torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
     with pytest.raises(bbvi.ConfigError, match=repr(device)):
-        bbvi.fit(_std((2,)), steps=5, device=device)
+        bbvi.fit(std_normal((2,)), steps=5, device=device)
 
 
 # ---- #18: num_particles far beyond the machine's memory -----------------------------------------------------
@@ -165,7 +160,7 @@ def test_num_particles_beyond_memory_is_a_config_error():
     families.py). Now a ConfigError up front that names num_particles and suggests a value that fits."""
     t = time.perf_counter()
     with pytest.raises(bbvi.ConfigError, match=r"num_particles=10000000000") as err:
-        bbvi.fit(_std((2,)), steps=1, num_particles=10 ** 10)
+        bbvi.fit(std_normal((2,)), steps=1, num_particles=10 ** 10)
     assert time.perf_counter() - t < 30
     assert "GiB" in str(err.value) and "num_particles <=" in str(err.value)
 
@@ -209,7 +204,6 @@ def test_a_schedule_that_would_descend_is_refused(factor):
 
 def test_a_fullrank_family_too_large_for_memory_gets_a_clear_error():
     """Before: a raw RuntimeError from the allocator (or the machine swapping) for a D x D Cholesky factor."""
-    model = bbvi.Model(lambda z, d: Normal(0.0, 1.0).log_prob(z["x"]).sum(-1), {"x": bbvi.Latent((400_000,))},
-                       name="wide")
+    model = std_normal((400_000,), name="wide")
     with pytest.raises(bbvi.ConfigError, match=r"fullrank.*400000 continuous coordinates.*GiB.*LowRank"):
         bbvi.fit(model, family="fullrank", steps=1, init_strategy="zero")

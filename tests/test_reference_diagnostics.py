@@ -7,13 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch.distributions import MultivariateNormal
 
 import bbvi
 from bbvi.diagnostics import importance_resample, reference_warnings
 from bbvi.reference import from_draws
 from models.conjugate import gamma_poisson, normal_normal
-
+from targets import mvn
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -126,8 +125,7 @@ CORR = torch.tensor([[1.0, 0.95], [0.95, 1.0]], dtype=torch.float64)
 
 
 def _correlated():
-    return bbvi.Model(lambda z, d: MultivariateNormal(torch.zeros(2, dtype=torch.float64), CORR).log_prob(z["x"]),
-                      {"x": bbvi.Latent(shape=(2,))}, name="correlated")
+    return mvn(torch.zeros(2, dtype=torch.float64), CORR, name="correlated")
 
 
 @pytest.mark.slow

@@ -19,8 +19,8 @@ import bbvi
 import bbvi.convergence
 from fitcheck import assert_same_fit
 from models.conjugate import gamma_poisson, normal_normal
-from test_subsample import _data
-from test_subsample import _log_joint as _factors  # factor terms, one per row of the plate 'obs'
+from targets import logreg_data as _data
+from targets import logreg_terms as _factors  # factor terms, one per row of the plate 'obs'
 
 F64 = torch.float64
 
