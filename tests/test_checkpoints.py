@@ -21,6 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize("estimator,baseline", [("score", "ema"), ("score", "cv"), ("reparam", "default")])
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # short fits of every estimator; the test checks resume bit for bit
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_fit(tmp_path, estimator, baseline):
     model, _ = gamma_poisson()
     kw = dict(estimator=estimator, baseline=baseline, steps=300, seed=5, tol_rel_obj=1e-9, check_every=50)
@@ -79,6 +80,7 @@ def test_a_killed_fit_resumes_to_the_uninterrupted_result(tmp_path):
     full = bbvi.fit(model, steps=3000, seed=9, diagnose=False)
     assert_same_fit(full, resumed)
 
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # a fit cut short by Ctrl-C; the test checks its checkpoint
 def test_ctrl_c_writes_a_checkpoint_too(tmp_path):
     model, _ = gamma_poisson()
     path = str(tmp_path / "ck.pt")
@@ -189,7 +191,8 @@ def test_resume_refuses_a_model_with_other_data(tmp_path):
 
 
 def _flip(path, position):
-    data = bytearray(open(path, "rb").read())
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
     data[position] ^= 0x01
     bad = f"{path}.flipped"
     with open(bad, "wb") as f:
@@ -226,7 +229,8 @@ def test_a_flipped_byte_in_a_checkpoint_or_a_saved_result_is_refused(tmp_path):
 
 def _without_checksum(path, out):
     """The file as bbvi wrote it before checksums: the same zip archive with no archive comment."""
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     comment = int.from_bytes(data[-(2 + 76):-76], "little")
     assert comment == 76 and data[-76:-64] == b"bbvi-sha256:"
     with open(out, "wb") as f:

@@ -87,6 +87,7 @@ def _mean_and_se(samples):
 
 @pytest.mark.parametrize("estimator,baseline", [("score", None), ("score", "loo"), ("score", "ema"),
                                                 ("score", "cv"), ("reparam", "default"), ("stl", "default")])
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # fits of no step at a fixed q; the test checks the estimators' gradients
 def test_estimators_are_unbiased(estimator, baseline):
     """The mean of many gradient estimates equals the exact gradient within 4.5 standard errors (computed from
     the same draws) in every coordinate; the score path's mean also equals the pathwise one."""
@@ -104,6 +105,7 @@ def test_estimators_are_unbiased(estimator, baseline):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # fits of no step at a fixed q; the test checks the estimators' gradients
 def test_baselines_keep_the_mean_and_cut_the_variance():
     fit = bbvi.fit(gaussian_model(), estimator="score", baseline=None, steps=0, init_strategy="zero", num_particles=16,
                    dtype=torch.float64)

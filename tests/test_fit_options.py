@@ -17,6 +17,7 @@ from targets import std_normal, two_latents
                                     dict(schedule="exponential"), dict(schedule=lambda t: 0.5), dict(clip_grad=0.5),
                                     dict(num_particles=4), dict(lr=0.01), dict(family=bbvi.MeanField(init_scale=1.0), init_strategy="zero"),
                                     dict(optimizer=lambda p, lr: torch.optim.Adam(p, lr=lr, betas=(0.5, 0.9)))])
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # short fits that test an option, not the fit's quality
 def test_every_option_changes_the_fit(option):
     model, _ = gamma_poisson()
     base = bbvi.fit(model, steps=50, seed=0, init_strategy=option.get("init_strategy", "auto"))
@@ -74,6 +75,7 @@ def test_num_particles_one_works_without_loo():
     assert bbvi.fit(model, num_particles=1, estimator="score", baseline="ema", steps=20).status == "completed"
 
 
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # short fits that test an option, not the fit's quality
 def test_callbacks_stop_and_convergence_test_stops_early():
     model, _ = normal_normal()
     seen = []
@@ -89,6 +91,7 @@ def test_init_values_start_the_fit_there():
     assert abs(st.params["continuous"]["loc"].exp().item() - 3.0) < 1e-12
 
 
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # short fits that test an option, not the fit's quality
 def test_result_api():
     model = bbvi.Model(lambda z, d: Normal(0.0, 1.0).log_prob(z["w"]).sum((-1, -2)) + Normal(0.0, 1.0).log_prob(z["s"]),
                        {"w": bbvi.Latent(shape=(2, 3)), "s": bbvi.Latent(support=constraints.positive)},
