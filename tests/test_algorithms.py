@@ -7,6 +7,7 @@ from torch.distributions import MultivariateNormal, Normal
 import bbvi
 from bbvi.algorithms import fallback, sgd
 from bbvi.record import Info
+from targets import mvn
 
 F64 = torch.float64
 MEAN = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
@@ -14,9 +15,7 @@ COV = torch.tensor([[1.0, 0.8, 0.1], [0.8, 2.0, -0.3], [0.1, -0.3, 0.5]], dtype=
 
 
 def _gaussian():
-    def log_joint(z, data):
-        return MultivariateNormal(MEAN, COV).log_prob(z["x"])
-    return bbvi.Model(log_joint, {"x": bbvi.Latent(shape=(3,))}, name="mvn")
+    return mvn(MEAN, COV, name="mvn")
 
 
 def test_laplace_of_a_gaussian_is_the_gaussian_in_no_step():
@@ -114,10 +113,11 @@ def test_batch_and_match_defaults_on_a_posteriordb_posterior():
     """kidiq-kidscore_momhs at the defaults (MAP start, 50 steps of 32): every mean within 0.1 reference sd and every
     sd within 20% (measured: 0.031 sd, sd ratio 1.004; 4000 draws put 0.016 sd of Monte Carlo error on a mean), in
     about 1,700 gradient evaluations (the default stochastic-gradient fit spends tens of thousands)."""
-    import sys
     import os
+    import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
     from yardstick import errors
+
     from models import posteriordb
     name = "kidiq-kidscore_momhs"
     fit = bbvi.fit(posteriordb.load(name), method="bam", seed=0)
@@ -348,8 +348,7 @@ def test_attack_5_a_near_singular_gaussian_is_exact():
     """Attack 5: near-singular posterior, correlation 0.9999 (condition number 2e4). Seen: batch and match lands on
     it to 1e-13, no warning, no flow."""
     cov = torch.tensor([[1.0, 0.9999], [0.9999, 1.0]], dtype=F64)
-    model = bbvi.Model(lambda z, data: MultivariateNormal(torch.zeros(2, dtype=F64), cov).log_prob(z["x"]),
-                       {"x": bbvi.Latent(shape=(2,))}, name="ridge")
+    model = mvn(torch.zeros(2, dtype=F64), cov, name="ridge")
     fit, warned = _fit_quiet(model)
     assert not warned and not fit.tried
     assert torch.allclose(fit.unconstrained_mean(), torch.zeros(2, dtype=F64), atol=1e-9)

@@ -8,7 +8,7 @@ import torch
 
 import bbvi
 from fitcheck import assert_same_fit
-from test_subsample import _data   # the same small logistic-regression data
+from targets import logreg_data as _data  # the same small logistic-regression data
 
 F64 = torch.float64
 pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),

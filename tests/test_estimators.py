@@ -8,6 +8,7 @@ from torch.distributions import MultivariateNormal, Normal
 
 import bbvi
 from bbvi.estimators import estimate
+from targets import mvn
 
 D = 3
 TARGET_MEAN = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
@@ -16,9 +17,7 @@ PRECISION = torch.linalg.inv(TARGET_COV)
 
 
 def gaussian_model(cov=TARGET_COV):
-    def log_joint(z, data):
-        return MultivariateNormal(TARGET_MEAN, cov).log_prob(z["x"])
-    return bbvi.Model(log_joint, {"x": bbvi.Latent(shape=(D,))}, name="gauss")
+    return mvn(TARGET_MEAN, cov, name="gauss")
 
 
 def state_at(estimator, baseline="default", loc=(0.2, -1.0, 1.0), log_scale=(-0.5, 0.1, 0.3), S=16, model=None):
@@ -88,6 +87,7 @@ def _mean_and_se(samples):
 
 @pytest.mark.parametrize("estimator,baseline", [("score", None), ("score", "loo"), ("score", "ema"),
                                                 ("score", "cv"), ("reparam", "default"), ("stl", "default")])
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # fits of no step at a fixed q; the test checks the estimators' gradients
 def test_estimators_are_unbiased(estimator, baseline):
     """The mean of many gradient estimates equals the exact gradient within 4.5 standard errors (computed from
     the same draws) in every coordinate; the score path's mean also equals the pathwise one."""
@@ -105,6 +105,7 @@ def test_estimators_are_unbiased(estimator, baseline):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # fits of no step at a fixed q; the test checks the estimators' gradients
 def test_baselines_keep_the_mean_and_cut_the_variance():
     fit = bbvi.fit(gaussian_model(), estimator="score", baseline=None, steps=0, init_strategy="zero", num_particles=16,
                    dtype=torch.float64)

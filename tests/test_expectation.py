@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.distributions as D
 from torch.distributions import Bernoulli, Normal
 
 import bbvi
@@ -227,3 +228,64 @@ def test_a_gradient_at_a_degenerate_bernoulli_is_warned():
         value = bbvi.expectation(lambda b: 3 * b, Bernoulli(probs=p), num_samples=16)
     value.backward()
     assert torch.isfinite(p.grad)
+
+
+# ---- #2: an importance-sampling proposal that does not cover the target ---------------------------------------
+@pytest.mark.parametrize("proposal", [D.Uniform(torch.tensor(-1.0, dtype=torch.float64), 1.0),
+                                      [D.Uniform(torch.tensor(-1.0, dtype=torch.float64), 1.0),
+                                       D.Uniform(torch.tensor(0.0, dtype=torch.float64), 3.0)],
+                                      D.Exponential(torch.tensor(1.0, dtype=torch.float64))])
+def test_proposal_that_does_not_cover_the_target_is_refused(proposal):
+    """Before: expectation(x^2, Normal(0.5, 1), proposal=Uniform(-1, 1)) returned 0.163 for E[x^2] = 1.25, with khat
+    -1.19 and ess 93 and no warning. Now a ConfigError saying the proposal does not cover the target's support, with
+    a point where it does not."""
+    mu = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(bbvi.ConfigError, match=r"does not cover the target's support") as err:
+        bbvi.expectation(lambda x: x ** 2, Normal(mu, 1.0), num_samples=100, proposal=proposal)
+    assert "x = " in str(err.value)
+
+
+def test_covering_proposal_gives_the_same_draws_as_before():
+    """Before: a mixture [Uniform(-1, 1), Normal(0, 2)], which covers the target together, raised a raw ValueError
+    from the Uniform's argument check at the Normal's draws. Now it is accepted (the Uniform's density is 0 there),
+    and a covering proposal's estimate is the one from the call's own generator, bit for bit (the support check
+    draws from a copy)."""
+    mu = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    q = Normal(torch.tensor(0.0, dtype=torch.float64), 2.0)
+    value = bbvi.expectation(lambda x: x ** 2, Normal(mu, 1.0), num_samples=100, proposal=q,
+                             generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    x = 2.0 * torch.randn(100, generator=g, dtype=torch.float64)
+    w = torch.exp(Normal(0.5, 1.0).log_prob(x) - q.log_prob(x))
+    assert value.item() == (w * x ** 2).mean().item()
+    mixed = [D.Uniform(torch.tensor(-1.0, dtype=torch.float64), 1.0), q]
+    bbvi.expectation(lambda x: x ** 2, Normal(mu, 1.0), num_samples=100, proposal=mixed)
+
+
+# ---- #20, #21, #26: bad f and generator ------------------------------------------------------------------------
+def test_expectation_f_returning_a_scalar_is_a_config_error():
+    """Before: f returning the mean (a scalar) instead of one value per draw gave `IndexError: tuple index out of
+    range` (expectation.py:155) on the auto path. Now a ConfigError naming the shape expected and got, on every
+    path."""
+    mu = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    for estimator in ("auto", "pathwise", "score"):
+        with pytest.raises(bbvi.ConfigError, match=r"shape \(100,\); got \(\)"):
+            bbvi.expectation(lambda x: (x ** 2).mean(), Normal(mu, 1.0), num_samples=100, estimator=estimator)
+
+
+@pytest.mark.parametrize("generator", [0, 7, "seed", np.random.default_rng(0)])
+def test_expectation_generator_that_is_not_a_torch_generator(generator):
+    """Before: generator=0 gave `TypeError: randn() received an invalid combination of arguments`. Now a ConfigError
+    naming generator and the fix."""
+    mu = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(bbvi.ConfigError, match=r"generator must be a torch.Generator"):
+        bbvi.expectation(lambda x: x ** 2, Normal(mu, 1.0), num_samples=100, generator=generator)
+
+
+@pytest.mark.parametrize("estimator", ["auto", "score"])
+def test_expectation_complex_f_is_a_config_error(estimator):
+    """Before: f returning complex values had its imaginary part dropped silently (0.434 returned). Now a ConfigError
+    saying f must be real."""
+    mu = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(bbvi.ConfigError, match=r"complex"):
+        bbvi.expectation(lambda x: torch.exp(1j * x), Normal(mu, 1.0), num_samples=100, estimator=estimator)

@@ -111,6 +111,7 @@ def test_checkpoints_and_saved_results_of_user_families_load(tmp_path, family):
     assert torch.equal(loaded.sample(100, seed=4)["mu"], full.sample(100, seed=4)["mu"])
 
 
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # short fits with user protocols; the test checks the protocols
 def test_a_saved_family_whose_class_is_not_imported_says_so(tmp_path):
     model, _ = normal_normal()
     path = str(tmp_path / "q.pt")
@@ -123,6 +124,7 @@ def test_a_saved_family_whose_class_is_not_imported_says_so(tmp_path):
     assert bbvi.load(path, model, family=SoftplusGaussian()).family == SoftplusGaussian()
 
 
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # short fits with user protocols; the test checks the protocols
 def test_a_user_baseline_and_a_user_estimator_go_through_their_protocols():
     """Written by a user, LOO gives bit for bit the fit of bbvi's own LOO."""
     model, _ = normal_normal()
@@ -151,6 +153,7 @@ class PlainConstant:
         return particles.average((f - self.c) * score_logq), state
 
 
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # short fits with user protocols; the test checks the protocols
 def test_a_plain_class_baseline_resumes_and_loads(tmp_path):
     model, _ = normal_normal()
     kw = dict(estimator="score", baseline=PlainConstant(-30.0), steps=80, seed=1, init_strategy="zero",
@@ -165,6 +168,7 @@ def test_a_plain_class_baseline_resumes_and_loads(tmp_path):
     assert bbvi.load(path, model).plan.baseline.c == -30.0
 
 
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # short fits with user protocols; the test checks the protocols
 def test_the_default_baseline_is_a_sentinel_and_the_word_default_means_it():
     model, _ = normal_normal()
     kw = dict(estimator="score", steps=30, seed=0, init_strategy="zero", progress=False)

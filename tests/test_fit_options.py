@@ -1,5 +1,6 @@
 """Every option of bbvi.fit changes behaviour; faults are survived or reported; seeds reproduce bit for bit."""
 import dataclasses
+import time
 
 import arviz as az
 import pytest
@@ -8,6 +9,7 @@ from torch.distributions import Normal, constraints
 
 import bbvi
 from models.conjugate import gamma_poisson, normal_normal
+from targets import std_normal, two_latents
 
 
 @pytest.mark.parametrize("option", [dict(optimizer="adagrad"), dict(optimizer="sgd", lr=0.001),
@@ -15,6 +17,7 @@ from models.conjugate import gamma_poisson, normal_normal
                                     dict(schedule="exponential"), dict(schedule=lambda t: 0.5), dict(clip_grad=0.5),
                                     dict(num_particles=4), dict(lr=0.01), dict(family=bbvi.MeanField(init_scale=1.0), init_strategy="zero"),
                                     dict(optimizer=lambda p, lr: torch.optim.Adam(p, lr=lr, betas=(0.5, 0.9)))])
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # short fits that test an option, not the fit's quality
 def test_every_option_changes_the_fit(option):
     model, _ = gamma_poisson()
     base = bbvi.fit(model, steps=50, seed=0, init_strategy=option.get("init_strategy", "auto"))
@@ -72,6 +75,7 @@ def test_num_particles_one_works_without_loo():
     assert bbvi.fit(model, num_particles=1, estimator="score", baseline="ema", steps=20).status == "completed"
 
 
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # short fits that test an option, not the fit's quality
 def test_callbacks_stop_and_convergence_test_stops_early():
     model, _ = normal_normal()
     seen = []
@@ -87,6 +91,7 @@ def test_init_values_start_the_fit_there():
     assert abs(st.params["continuous"]["loc"].exp().item() - 3.0) < 1e-12
 
 
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # short fits that test an option, not the fit's quality
 def test_result_api():
     model = bbvi.Model(lambda z, d: Normal(0.0, 1.0).log_prob(z["w"]).sum((-1, -2)) + Normal(0.0, 1.0).log_prob(z["s"]),
                        {"w": bbvi.Latent(shape=(2, 3)), "s": bbvi.Latent(support=constraints.positive)},
@@ -139,3 +144,69 @@ def test_a_call_that_ran_two_fits_says_so_in_its_options():
     assert ran.record()["method"] == said
     back = bbvi.FitOptions.from_record({k: str(v) for k, v in ran.record().items()})
     assert (back.method, back.why, back.ran) == ("bam", "continuous latents", said)
+
+
+# ---- #9: device types that are neither cpu nor an available accelerator -------------------------------------
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu", "hpu"])
+def test_unusable_device_is_a_config_error(device):
+    """Before: device='meta' gave `RuntimeError: META device type not an accelerator.` (mps, xpu and hpu other raw
+    RuntimeErrors from the generator). Now a ConfigError naming the device."""
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(bbvi.ConfigError, match=repr(device)):
+        bbvi.fit(std_normal((2,)), steps=5, device=device)
+
+
+# ---- #18: num_particles far beyond the machine's memory -----------------------------------------------------
+def test_num_particles_beyond_memory_is_a_config_error():
+    """Before: num_particles=10**10 on a 2-D model died in the allocator (a RuntimeError asking for 160 GB in
+    families.py). Now a ConfigError up front that names num_particles and suggests a value that fits."""
+    t = time.perf_counter()
+    with pytest.raises(bbvi.ConfigError, match=r"num_particles=10000000000") as err:
+        bbvi.fit(std_normal((2,)), steps=1, num_particles=10 ** 10)
+    assert time.perf_counter() - t < 30
+    assert "GiB" in str(err.value) and "num_particles <=" in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_dtypes_are_refused(dtype):
+    """Before: float16's transform clamp kept a unit_interval latent inside [0.25, 0.75], silently."""
+    with pytest.raises(bbvi.ConfigError, match="too coarse.*float32 or torch.float64"):
+        bbvi.fit(two_latents(), steps=10, dtype=dtype)
+
+
+def test_a_seed_out_of_range_is_refused():
+    with pytest.raises(bbvi.ConfigError, match=r"seed must be in \[0, 2\*\*63\)"):
+        bbvi.fit(two_latents(), steps=10, seed=2 ** 64)
+
+
+@pytest.mark.parametrize("kwargs,hint", [({"step": 10}, "did you mean steps="),
+                                         ({"n_particles": 4}, "did you mean num_particles="),
+                                         ({"num_particle": 4}, "did you mean num_particles="),
+                                         ({"init_scale": 0.5}, r"family=bbvi.MeanField\(init_scale=")])
+def test_misspelt_keywords_get_a_suggestion(kwargs, hint):
+    """Before: Python's TypeError with no suggestion; init_scale documented for fit but only on families."""
+    with pytest.raises(bbvi.ConfigError, match=hint):
+        bbvi.fit(two_latents(), **kwargs)
+    with pytest.raises(bbvi.ConfigError, match="bbvi.init"):
+        bbvi.init(two_latents(), **kwargs)
+
+
+def test_init_values_that_are_not_numbers_get_a_clear_error():
+    """Before: TypeError: new(): invalid data type 'str'."""
+    with pytest.raises(bbvi.ConfigError, match=r"init_values\['a'\] = 'abc' is not a number"):
+        bbvi.fit(two_latents(), steps=5, init_values={"a": "abc"})
+
+
+@pytest.mark.parametrize("factor", [float("nan"), -1.0])
+def test_a_schedule_that_would_descend_is_refused(factor):
+    """Before: a NaN or negative learning-rate factor ran as silent gradient descent, status 'completed'."""
+    with pytest.raises(bbvi.ConfigError, match="must be finite and >= 0"):
+        bbvi.fit(two_latents(), steps=20, schedule=lambda t: 1.0 if t < 10 else factor)
+
+
+def test_a_fullrank_family_too_large_for_memory_gets_a_clear_error():
+    """Before: a raw RuntimeError from the allocator (or the machine swapping) for a D x D Cholesky factor."""
+    model = std_normal((400_000,), name="wide")
+    with pytest.raises(bbvi.ConfigError, match=r"fullrank.*400000 continuous coordinates.*GiB.*LowRank"):
+        bbvi.fit(model, family="fullrank", steps=1, init_strategy="zero")

@@ -10,10 +10,11 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from torch.distributions import MultivariateNormal, constraints
+from torch.distributions import constraints
 
 import bbvi
 from models.conjugate import MODELS, normal_normal
+from targets import mvn
 
 CONFIGS = [("score", "loo"), ("score", "ema"), ("score", "cv"), ("reparam", "default"), ("stl", "default"),
            ("auto", "default")]
@@ -51,9 +52,7 @@ TARGET_COV = torch.tensor([[1.0, 0.6, 0.0], [0.6, 0.5, 0.1], [0.0, 0.1, 2.0]], d
 
 
 def mvn_model(cov):
-    def log_joint(z, data):
-        return MultivariateNormal(TARGET_MEAN, cov).log_prob(z["x"])
-    return bbvi.Model(log_joint, {"x": bbvi.Latent(shape=(3,))}, name="mvn")
+    return mvn(TARGET_MEAN, cov, name="mvn")
 
 
 def test_fullrank_recovers_a_gaussian_mean_and_covariance():

@@ -10,6 +10,7 @@ from torch.distributions import Gamma, Normal, constraints
 import bbvi
 from bbvi.families import FullRank
 from fitcheck import assert_same_fit
+from targets import std_normal
 
 F64 = torch.float64
 
@@ -81,7 +82,7 @@ def test_flow_options_are_checked():
         with pytest.raises(bbvi.ConfigError):
             bbvi.Flow(**bad)
     assert bbvi.Flow(hidden=[16, 16]).hidden == (16, 16)  # a list (as a saved file holds it) becomes a tuple
-    model = bbvi.Model(lambda z, d: Normal(0.0, 1.0).log_prob(z["w"]).sum(-1), {"w": bbvi.Latent(shape=(2,))})
+    model = std_normal((2,), latent="w")
     with pytest.raises(bbvi.ConfigError, match="natural"):
         bbvi.fit(model, family="flow", optimizer="natural", steps=5)
 

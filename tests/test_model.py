@@ -1,4 +1,6 @@
 """Latents, supports and bijections, and the clear errors a malformed model gets."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -158,3 +160,33 @@ def test_derived_quantities_are_checked():
     model = bbvi.Model(ok_log_joint, {"mu": bbvi.Latent()}, derived=lambda z, d: {"two": 2.0})
     with pytest.raises(bbvi.ModelError, match="'two' must be a Tensor"):
         bbvi.fit(model, steps=10).sample(10)
+
+
+# ---- #19: an integer latent with a huge range ----------------------------------------------------------------
+def test_huge_integer_interval_is_refused_up_front():
+    """Before: a latent with integer_interval(0, 10**6) ran 76 s and then failed with a 128 GB allocation
+    RuntimeError in families.py. Now a ModelError at once naming the latent and its 1000001 categories; ranges up
+    to 10**4 categories still build."""
+    t = time.perf_counter()
+    with pytest.raises(bbvi.ModelError, match=r"'k'.*1000001 categories") as err:
+        bbvi.Model(lambda z, d: -((z["k"].double() - 5e5) / 1e3) ** 2,
+                   {"k": bbvi.Latent(support=constraints.integer_interval(0, 10 ** 6))})
+    assert time.perf_counter() - t < 5
+    assert "rounding" in str(err.value)
+    m = bbvi.Model(lambda z, d: -((z["k"].double() - 50) / 10) ** 2,
+                   {"k": bbvi.Latent(support=constraints.integer_interval(0, 10 ** 4 - 1))})
+    assert m.discrete["k"][2] == 10 ** 4
+
+
+@pytest.mark.parametrize("support,shape,message", [
+    (constraints.simplex, (1,), "single possible value"),
+    (constraints.corr_cholesky, (1, 1), "single possible value"),
+    (constraints.interval(1.0, 1.0), (), "empty or a single point"),
+    (constraints.interval(2.0, 1.0), (), "lower bound 2.0 must be below its upper bound 1.0"),
+])
+def test_degenerate_supports_get_a_clear_error(support, shape, message):
+    """Before: StopIteration, 'math domain error', or (interval(2, 1)) accepted."""
+    def log_joint(z, data):
+        return z["x"].reshape(z["x"].shape[0], -1).sum(-1) * 0.0
+    with pytest.raises(bbvi.ModelError, match=message):
+        bbvi.fit(bbvi.Model(log_joint, latents={"x": bbvi.Latent(shape, support=support)}, name="c"), steps=5)

@@ -1,8 +1,8 @@
 """Readable output (issue 15): `bbvi.compare` prints whole with its verdict first, the plots say what they show."""
 import io
 import pickle
-import types
 import re
+import types
 import warnings
 
 import arviz as az
@@ -15,6 +15,7 @@ from torch.distributions import LogNormal, Normal, constraints
 
 import bbvi
 from bbvi import plots
+from targets import std_normal
 
 matplotlib.use("Agg")
 NAMES = [f"z{i}" for i in range(30)]
@@ -168,9 +169,7 @@ def test_marginals_label_axes_and_put_a_wide_positive_latent_on_a_log_axis(small
 def test_nuts_shows_progress_over_parallel_chains(capsys, tmp_path):
     """Before: chains in parallel processes ran for minutes with nothing shown. The bar counts every chain's
     iterations (warmup and draws) and ends at the total."""
-    from torch.distributions import Normal
-    model = bbvi.Model(lambda z, d: Normal(0.0, 1.0).log_prob(z["x"]).sum(-1), {"x": bbvi.Latent(shape=(2,))},
-                       name="progress")
+    model = std_normal((2,), name="progress")
     bbvi.nuts(model, num_draws=30, num_warmup=20, num_chains=2, parallel=True, progress=True, use_cache=False)
     err = capsys.readouterr().err
     assert "NUTS, 2 chains" in err and "100/100" in err, err[-300:]

@@ -7,13 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch.distributions import MultivariateNormal
 
 import bbvi
 from bbvi.diagnostics import importance_resample, reference_warnings
 from bbvi.reference import from_draws
 from models.conjugate import gamma_poisson, normal_normal
-
+from targets import mvn
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -100,6 +99,7 @@ def test_compare_passes_a_good_fit_and_flags_a_wrong_one(nn_reference):
     assert "0/1 parameters good" in bad.attrs["verdict"]
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")   # bbvi/comparison.py's R-hat/ESS of the reference is all NaN here (reported, not fixed in the tests)
 def test_compare_with_posteriordb_draws_and_stan_names(tmp_path):
     frame = pd.DataFrame({"theta[1]": [1.0, 2.0, 3.0, 4.0], "theta[2]": [0.0, 0.0, 1.0, 1.0], "tau": [1, 2, 3, 4]})
     path = tmp_path / "draws.csv.gz"
@@ -126,8 +126,7 @@ CORR = torch.tensor([[1.0, 0.95], [0.95, 1.0]], dtype=torch.float64)
 
 
 def _correlated():
-    return bbvi.Model(lambda z, d: MultivariateNormal(torch.zeros(2, dtype=torch.float64), CORR).log_prob(z["x"]),
-                      {"x": bbvi.Latent(shape=(2,))}, name="correlated")
+    return mvn(torch.zeros(2, dtype=torch.float64), CORR, name="correlated")
 
 
 @pytest.mark.slow
@@ -170,6 +169,7 @@ def test_plots_write_non_empty_pngs(tmp_path, nn_reference):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # the demo shows users the warning on purpose
 def test_demo_quick_runs_and_writes_its_outputs(tmp_path, monkeypatch):
     from bbvi.__main__ import main
     monkeypatch.setenv("BBVI_CACHE", str(tmp_path / "cache"))

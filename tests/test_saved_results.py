@@ -1,5 +1,7 @@
 """Reliability, part 5: saved results and ArviZ output round-trip."""
 
+import warnings
+
 import arviz as az
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from torch.distributions import Normal, constraints
 import bbvi
 from fitcheck import assert_same_fit
 from models.conjugate import gamma_poisson
+from targets import std2, two_latents
 
 
 def test_saved_results_round_trip(tmp_path):
@@ -37,3 +40,32 @@ def test_to_arviz_round_trips_through_netcdf(tmp_path):
     back = az.from_netcdf(path)
     np.testing.assert_array_equal(back.posterior["lam"].values, idata.posterior["lam"].values)
     assert back.posterior.attrs["estimator"] == idata.posterior.attrs["estimator"]
+
+
+# ---- #10: load with another family ----------------------------------------------------------------------------
+def test_load_with_other_family_is_config_error(tmp_path):
+    """Before: bbvi.load(fullrank_file, model, family='meanfield') loaded, and the first fit.sample raised a raw
+    KeyError 'log_scale' (LowRank(rank=1): KeyError 'cov_factor')."""
+    model = std2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = bbvi.fit(model, steps=5, family="fullrank", seed=0)
+    path = tmp_path / "q.pt"
+    fit.save(path)
+    for family, given in [("meanfield", "MeanField"), (bbvi.LowRank(rank=1), "LowRank")]:
+        with pytest.raises(bbvi.ConfigError, match=rf"family FullRank\(init_scale=0.1\).*family={given}\("):
+            bbvi.load(path, model, family=family)
+    expected = fit.sample(100, seed=1)["x"]
+    assert torch.equal(bbvi.load(path, model).sample(100, seed=1)["x"], expected)
+    assert torch.equal(bbvi.load(path, model, family="fullrank").sample(100, seed=1)["x"], expected)
+
+
+def test_a_reordered_latents_dict_is_refused_on_load_and_a_renamed_model_is_accepted(tmp_path):
+    """Before: the signature compared dicts, ignoring order: a's mean came back as b's (-3 for +3)."""
+    fit = bbvi.fit(two_latents(), steps=300, seed=0, diagnose=False)
+    path = tmp_path / "q.pt"
+    fit.save(path)
+    with pytest.raises(bbvi.ConfigError, match=r"order \['a', 'b'\].*order \['b', 'a'\]"):
+        bbvi.load(path, two_latents(order=("b", "a")))
+    back = bbvi.load(path, two_latents(name="renamed")).sample(2000)
+    assert abs(float(back["a"].mean()) - 3.0) < 0.2 and abs(float(back["b"].mean()) + 3.0) < 0.2

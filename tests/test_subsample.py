@@ -8,31 +8,17 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Normal
+from torch.distributions import Normal
 
 import bbvi
 from bbvi.subsample import Anchor, batch_model, next_batch, sizes
 from fitcheck import assert_same_fit
+from targets import logreg, logreg_data, logreg_terms
 
 F64 = torch.float64
 
 
-def _data(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 3, generator=g, dtype=F64)
-    y = torch.bernoulli(torch.sigmoid(X @ torch.tensor([1.0, -0.5, 0.25], dtype=F64)), generator=g)
-    return {"X": X, "y": y}
-
-
-def _log_joint(z, d):
-    w = z["w"]
-    return {"prior": Normal(0.0, 1.0).log_prob(w).sum(-1),
-            "obs": Bernoulli(logits=w @ d["X"].T).log_prob(d["y"])}      # (S, N): one term per row
-
-
-def _model(n, seed=0):
-    return bbvi.Model(_log_joint, {"w": bbvi.Latent(shape=(3,))}, data=_data(n, seed), plates={"obs": ("X", "y")},
-                      name="logreg")
+_data, _log_joint, _model = logreg_data, logreg_terms, logreg   # the shared logistic regression (targets.py)
 
 
 def test_the_mean_over_every_minibatch_is_the_full_data_value():

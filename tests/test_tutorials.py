@@ -24,6 +24,7 @@ def test_the_tutorials_are_there():
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::bbvi.errors.ReliabilityWarning")   # the tutorials show users the warning on purpose
 def test_tutorial_runs(path, tmp_path, monkeypatch):
     import matplotlib
     matplotlib.use("Agg")

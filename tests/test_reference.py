@@ -1,6 +1,7 @@
-"""Reliability II (issue 16), NUTS and reference findings: each test failed before its fix (what happened
-before is in each test's docstring), except test_parallel_chains_still_match_serial_ones, a guard that the
-rewritten wait for the chains still returns every chain in order."""
+"""bbvi/reference.py (bbvi.nuts, its cache and key: fingerprint.py), arviz_names.py, stan_draws.py (from_draws).
+Findings of issue 16: each test failed before its fix (what happened before is in each test's docstring), except
+test_parallel_chains_still_match_serial_ones, a guard that the rewritten wait for the chains still returns every
+chain in order."""
 import contextlib
 import faulthandler
 import math
@@ -17,16 +18,11 @@ from torch.distributions import Normal
 import bbvi
 from bbvi import reference
 from bbvi.reference import cache_key, default_cache_dir, from_draws
+from targets import std_normal
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 TINY = dict(num_draws=20, num_warmup=20, seed=0)
-
-
-def normal_model(name="m", latent="x", shape=()):
-    def log_joint(z, data):
-        return Normal(0.0, 1.0).log_prob(z[latent]).reshape(z[latent].shape[0], -1).sum(1)
-    return bbvi.Model(log_joint, {latent: bbvi.Latent(shape=shape)}, name=name)
 
 
 @contextlib.contextmanager
@@ -77,7 +73,7 @@ def test_a_chain_that_dies_or_raises_an_unpicklable_error_is_a_sampler_error(how
 
 def test_parallel_chains_still_match_serial_ones():
     """Guard (passed before too): the poll loop returns every chain, in order, with the draws of a serial run."""
-    model = normal_model()
+    model = std_normal(name="m")
     par = bbvi.nuts(model, num_chains=2, parallel=True, use_cache=False, **TINY)
     ser = bbvi.nuts(model, num_chains=2, parallel=False, use_cache=False, **TINY)
     np.testing.assert_array_equal(par.posterior["x"].values, ser.posterior["x"].values)
@@ -89,7 +85,7 @@ def test_an_unwritable_cache_warns_and_returns_the_draws(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.warns(UserWarning, match=r"could not be written to the cache .*NotADirectoryError"):
-        ref = bbvi.nuts(normal_model(), num_chains=1, cache_dir=str(blocker / "nuts"), **TINY)
+        ref = bbvi.nuts(std_normal(name="m"), num_chains=1, cache_dir=str(blocker / "nuts"), **TINY)
     assert ref.posterior["x"].shape == (1, 20) and np.isfinite(ref.posterior["x"].values).all()
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
@@ -97,7 +93,7 @@ def test_an_unwritable_cache_warns_and_returns_the_draws(tmp_path):
 # ---- 3: latent names ArviZ or netCDF cannot hold as they are -------------------------------------------------
 def test_a_latent_with_a_slash_is_sampled_cached_and_read_back(tmp_path, monkeypatch):
     """Before: ValueError from h5netcdf ("Forward slashes '/' are not allowed") after sampling, draws lost."""
-    model = normal_model(latent="group/x", shape=(2,))
+    model = std_normal((2,), latent="group/x", name="m")
     ref = bbvi.nuts(model, num_chains=1, cache_dir=str(tmp_path), **TINY)
     assert ref.posterior["group/x"].shape == (1, 20, 2)
     monkeypatch.setattr(reference, "_run_chains", no_sampling)
@@ -113,15 +109,15 @@ def test_a_latent_named_chain_or_draw_is_refused_before_sampling(name, monkeypat
     AttributeError: 'InferenceData' object has no attribute 'posterior'; to_arviz failed the same way."""
     monkeypatch.setattr(reference, "_run_chains", no_sampling)
     with pytest.raises(bbvi.ModelError, match=rf"latent '{name}' has the name of an ArviZ dimension.*Rename"):
-        bbvi.nuts(normal_model(latent=name), num_chains=1, use_cache=False, **TINY)
-    fit = bbvi.fit(normal_model(latent=name), steps=20, seed=0, diagnose=False)
+        bbvi.nuts(std_normal(latent=name, name="m"), num_chains=1, use_cache=False, **TINY)
+    fit = bbvi.fit(std_normal(latent=name, name="m"), steps=20, seed=0, diagnose=False)
     with pytest.raises(bbvi.ModelError, match=rf"latent '{name}' has the name of an ArviZ dimension"):
         fit.to_arviz(10)
 
 
 def test_a_derived_quantity_named_draw_is_refused_before_sampling(monkeypatch):
     """Before: NUTS ran, then the posterior group was dropped (AttributeError, as for a latent)."""
-    model = normal_model()
+    model = std_normal(name="m")
     model = bbvi.Model(model.log_joint, model.latents, name="derived-draw",
                        derived=lambda z, d: {"draw": 2 * z["x"]})
     monkeypatch.setattr(reference, "_run_chains", no_sampling)
@@ -206,10 +202,10 @@ def test_a_changed_closure_variable_is_not_served_the_stale_reference(tmp_path):
 def test_a_renamed_model_finds_its_cached_reference(tmp_path, monkeypatch):
     """Before: the name was hashed into the key: renaming the model reran NUTS (here: AssertionError from
     the patched sampler)."""
-    first = bbvi.nuts(normal_model(name="first"), num_chains=1, cache_dir=str(tmp_path), **TINY)
-    assert cache_key(normal_model(name="first"), {}) == cache_key(normal_model(name="second"), {})
+    first = bbvi.nuts(std_normal(name="first"), num_chains=1, cache_dir=str(tmp_path), **TINY)
+    assert cache_key(std_normal(name="first"), {}) == cache_key(std_normal(name="second"), {})
     monkeypatch.setattr(reference, "_run_chains", no_sampling)
-    second = bbvi.nuts(normal_model(name="second"), num_chains=1, cache_dir=str(tmp_path), **TINY)
+    second = bbvi.nuts(std_normal(name="second"), num_chains=1, cache_dir=str(tmp_path), **TINY)
     np.testing.assert_array_equal(second.posterior["x"].values, first.posterior["x"].values)
     assert [f.startswith("first-") for f in os.listdir(tmp_path)] == [True]
 
@@ -278,7 +274,7 @@ def test_the_default_cache_is_under_the_working_directory(tmp_path, monkeypatch)
     monkeypatch.delenv("BBVI_CACHE", raising=False)
     monkeypatch.chdir(tmp_path)
     assert default_cache_dir() == str(tmp_path / ".bbvi_cache" / "nuts")
-    bbvi.nuts(normal_model(), num_chains=1, **TINY)
+    bbvi.nuts(std_normal(name="m"), num_chains=1, **TINY)
     assert [f.endswith(".nc") for f in os.listdir(tmp_path / ".bbvi_cache" / "nuts")] == [True]
     monkeypatch.setenv("BBVI_CACHE", str(tmp_path / "elsewhere"))
     assert default_cache_dir() == str(tmp_path / "elsewhere")
