@@ -2,6 +2,7 @@
 tests/data/before_the_loop_refactor/write.py) still load: a checkpoint resumes to bit for bit the fit this code runs
 uninterrupted (the adaptive rule's state, minibatches with control variates stopped mid-epoch), and a saved fit
 loads with its typed options read back from its settings' text."""
+import importlib.util
 import os
 import shutil
 
@@ -9,24 +10,16 @@ import torch
 
 import bbvi
 from fitcheck import assert_same_fit
-from test_subsample import _data
-from test_subsample import _log_joint as _factors
 
 OLD = os.path.join(os.path.dirname(__file__), "data", "before_the_loop_refactor")
-
-
-def _total(z, d):
-    return sum(v.reshape(v.shape[0], -1).sum(-1) for v in _factors(z, d).values())
-
-
-def _model(log_joint, plates=False):
-    return bbvi.Model(log_joint, {"w": bbvi.Latent(shape=(3,))}, data=_data(300),
-                      plates={"obs": ("X", "y")} if plates else None, name="logreg")
+_spec = importlib.util.spec_from_file_location("old_logreg", os.path.join(OLD, "logreg.py"))
+logreg = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(logreg)   # the model the files were written with, as it was
 
 
 def test_checkpoints_written_before_resume_to_the_uninterrupted_fit(tmp_path):
-    for name, model, options in [("adaptive_step130.ckpt", _model(_total), dict(max_steps=400)),
-                                 ("minibatch_cv_step17.ckpt", _model(_factors, plates=True),
+    for name, model, options in [("adaptive_step130.ckpt", logreg.model(logreg.total), dict(max_steps=400)),
+                                 ("minibatch_cv_step17.ckpt", logreg.model(logreg.terms, plates=True),
                                   dict(steps=60, subsample_size=40, estimator="reparam"))]:
         path = shutil.copy(os.path.join(OLD, name), tmp_path / name)   # a resume writes no file, but keep it read-only
         whole = bbvi.fit(model, diagnose=False, **options)
@@ -36,7 +29,7 @@ def test_checkpoints_written_before_resume_to_the_uninterrupted_fit(tmp_path):
 
 
 def test_a_fit_saved_before_loads_with_its_options():
-    model = _model(_total)
+    model = logreg.model(logreg.total)
     fit = bbvi.fit(model, steps=60, diagnose=False)
     old = bbvi.load(os.path.join(OLD, "sgd_steps60.result"), model)
     for g in fit.params:

@@ -7,31 +7,25 @@ import os
 import sys
 
 sys.path.insert(0, sys.argv[1])
-sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))   # tests/
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import bbvi  # noqa: E402
-from test_subsample import _data  # noqa: E402
-from test_subsample import _log_joint as _factors  # noqa: E402
+from logreg import model, terms, total  # noqa: E402
 
 assert bbvi.__file__.startswith(sys.argv[1])
 torch.set_num_threads(1)
 out = sys.argv[2]
 
-def _total(z, d):
-    return sum(v.reshape(v.shape[0], -1).sum(-1) for v in _factors(z, d).values())
-
-def model(lj, plates=False):
-    return bbvi.Model(lj, {"w": bbvi.Latent(shape=(3,))}, data=_data(300),
-                      plates={"obs": ("X", "y")} if plates else None, name="logreg")
 
 def stop_at(k):
     return lambda s: s.step >= k
 
-bbvi.fit(model(_total), max_steps=400, checkpoint=f"{out}/adaptive_step130.ckpt", callbacks=[stop_at(130)],
+
+bbvi.fit(model(total), max_steps=400, checkpoint=f"{out}/adaptive_step130.ckpt", callbacks=[stop_at(130)],
          diagnose=False)
-bbvi.fit(model(_factors, plates=True), steps=60, subsample_size=40, estimator="reparam",
+bbvi.fit(model(terms, plates=True), steps=60, subsample_size=40, estimator="reparam",
          checkpoint=f"{out}/minibatch_cv_step17.ckpt", callbacks=[stop_at(17)], diagnose=False)
-fit = bbvi.fit(model(_total), steps=60, diagnose=False)
+fit = bbvi.fit(model(total), steps=60, diagnose=False)
 fit.save(f"{out}/sgd_steps60.result")
 print(fit.settings)
