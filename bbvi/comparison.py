@@ -34,26 +34,42 @@ def _as_idata(reference):
                       f"name -> draws (n, *shape), got {type(reference).__name__}")
 
 
+def _extreme(stat, reduce, unknown, what):
+    """{variable: reduce(its values)} of an arviz statistic (R-hat, ESS) over the variables where some value is a
+    number; those where every value is NaN are added to `unknown` (variable -> [what, ...]) instead."""
+    out = {}
+    for k, v in stat.data_vars.items():
+        values = np.asarray(v.values, dtype=float)
+        if np.isnan(values).all():
+            unknown.setdefault(k, []).append(what)
+        else:
+            out[k] = float(reduce(values))
+    return out
+
+
 def reference_warnings(reference):
     """Loud warnings about a reference's quality: R-hat > 1.01, bulk or tail ESS < 400, divergences."""
     import arviz as az
     idata = _as_idata(reference)
     out = []
     post = idata.posterior
+    unknown = {}   # variable -> what could not be computed for it (all NaN: too few draws, or constant or NaN draws)
     if post.sizes.get("chain", 1) > 1:
-        rhat = az.rhat(idata)
-        worst = {k: float(np.nanmax(v.values)) for k, v in rhat.data_vars.items()}
+        worst = _extreme(az.rhat(idata), np.nanmax, unknown, "R-hat")
         bad = {k: v for k, v in worst.items() if v > RHAT_MAX}
         if bad:
             out.append(f"REFERENCE NOT CONVERGED: R-hat > {RHAT_MAX} for " +
                        ", ".join(f"{k} ({v:.3f})" for k, v in bad.items()))
     for method in ("bulk", "tail"):
-        ess = az.ess(idata, method=method)
-        low = {k: float(np.nanmin(v.values)) for k, v in ess.data_vars.items()}
+        low = _extreme(az.ess(idata, method=method), np.nanmin, unknown, f"{method} ESS")
         low = {k: v for k, v in low.items() if v < ESS_MIN}
         if low:
             out.append(f"REFERENCE HAS LOW {method.upper()} ESS (< {ESS_MIN}) for " +
                        ", ".join(f"{k} ({v:.0f})" for k, v in low.items()))
+    if unknown:
+        out.append("REFERENCE NOT CHECKABLE: " + "; ".join(f"{k}: {', '.join(v)} not computable" for k, v in
+                                                          unknown.items())
+                   + " (too few draws per chain, or draws that are constant or NaN)")
     if "sample_stats" in idata.groups() and "diverging" in idata.sample_stats:
         ndiv = int(idata.sample_stats["diverging"].values.sum())
         if ndiv:
