@@ -524,14 +524,16 @@ def test_attack_29_an_in_place_write_to_a_copy_of_a_latent_runs_vectorized_and_e
 def test_attack_30_a_site_vmap_cannot_batch_runs_one_particle_at_a_time_and_is_right():
     """Attack 30: a Dirichlet(2, 3, 5) prior with Multinomial counts (2, 3, 5): vmap cannot batch Multinomial's
     log-probability (dynamic shapes). Seen: one warning, the loop, and the Dirichlet(4, 6, 10) posterior's means
-    (0.2, 0.3, 0.5) within 0.1 sd (sds 0.087, 0.100, 0.109)."""
+    (0.2, 0.3, 0.5) within 0.1 sd (sds 0.087, 0.100, 0.109). The fit without its end-of-fit check (batch and match's
+    Gaussian: 0.006 sd off, sds within 3%, 2 s): with it, k-hat 1.79 (q's tails on the stick-breaking scale lighter
+    than the Dirichlet's) sends the default on to a flow, also through the loop (0.006 sd off, 36 s alone)."""
     def counts(y):
         p = pyro.sample("p", dist.Dirichlet(torch.tensor([2., 3., 5.])))
         pyro.sample("c", dist.Multinomial(10, p), obs=y)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         model = bbvi.from_pyro(counts, torch.tensor([2., 3., 5.]))
-        fit = bbvi.fit(model, seed=0, progress=False)
+        fit = bbvi.fit(model, seed=0, progress=False, diagnose=False)
     assert not model.vectorized and sum("runs one particle at a time" in str(w.message) for w in seen) == 1
     p = fit.sample(20000, seed=1)["p"]
     alpha = torch.tensor([4., 6., 10.], dtype=p.dtype)
