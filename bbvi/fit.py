@@ -79,8 +79,8 @@ def fit(model, family=None, estimator="auto", baseline=DEFAULT, *, num_particles
     stderr is a terminal; else, with progress=None, a line on stderr every 10 s, $BBVI_PROGRESS_EVERY); the total
     it shows is a fixed length's own, or for the adaptive rule its running estimate (`Adaptive`'s tracker,
     `estimate`; none in the first 400 steps of its first level, where it would be a guess; measured on 14 fits of
-    the defaults test models and posteriordb: within 2x of the steps run at 97% of the steps where given, at worst
-    2.7x), at most max_steps. init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
+    the defaults test models and posteriordb: within 2x of the steps run at 98% of the steps where given, at worst
+    2.65x), at most max_steps. init_strategy: 'auto' | 'zero' (q starts at unconstrained 0 or init_values, scales init_scale) |
     'map' (q starts at the MAP with Laplace scales, or a ConfigError says why it cannot). init_values: {latent:
     constrained value}; a discrete latent's value is where the first check evaluates the log-joint (without it,
     the first of a few draws from q's uniform start at which the log-joint is finite). subsample_size: B
