@@ -40,13 +40,16 @@ class Replay:
         return out
 
 
+try:   # what says a call runs under a torch.func transform, a dispatch mode or a torch function mode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    _MODES = (torch._C._functorch.peek_interpreter_stack, _get_current_dispatch_mode,
+              torch._C._is_torch_function_mode_enabled)
+except (ImportError, AttributeError):   # a torch without these hooks: the function always runs as it is
+    _MODES = None
+
+
 def _signature(z, data):
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-        if (torch._C._functorch.peek_interpreter_stack() is not None or _get_current_dispatch_mode() is not None
-                or torch._C._is_torch_function_mode_enabled()):
-            return None
-    except (ImportError, AttributeError):   # a torch without these hooks: the function runs as it is
+    if _MODES is None or _MODES[0]() is not None or _MODES[1]() is not None or _MODES[2]():
         return None
     inputs = []
     for k, v in z.items():
