@@ -58,6 +58,7 @@ def load_result(path, model, device="cpu", family=None):
     else:
         family = resolve_family(family)
         _check_loaded_family(family, saved["family"], params["continuous"], model.dim, path)
+    options = FitOptions.from_saved(saved)   # typed, or read back from the settings' text of an older file
     return Result(model=model, family=family, discrete=Discrete.for_model(model), plan=plan_from(saved["plan"]),
                   report=CheckReport(saved["report"]["differentiable"], tuple(saved["report"]["nondifferentiable"])),
                   params=params, elbo=saved["elbo"], settings=dict(saved["settings"]), status=saved["status"],
@@ -65,19 +66,14 @@ def load_result(path, model, device="cpu", family=None):
                   num_bad_particles=saved["num_bad_particles"], wall_time=saved["wall_time"],
                   num_rescaled_steps=saved["num_rescaled_steps"],
                   baseline_state={k: v.to(device) for k, v in saved["baseline_state"].items()},
-                  batch=saved["batch"] if "batch" in saved else _saved_batch(saved["settings"].get("subsample_size"),
-                                                                             model),
-                  # typed since 2026-12-07; a file from before holds them only as the settings' text
-                  num_particles=saved.get("num_particles", None) or int(saved["settings"]["num_particles"]),
-                  subsample_cv=saved.get("subsample_cv", saved["settings"].get("subsample_cv") == "True"),
-                  options=FitOptions.from_saved(saved))
+                  batch=saved["batch"] if "batch" in saved else _saved_batch(options.subsample_size, model),
+                  num_particles=saved.get("num_particles", None) or options.num_particles,
+                  subsample_cv=saved.get("subsample_cv", options.subsample_cv), options=options)
 
 
-def _saved_batch(text, model):
-    """{plate: B} of a saved minibatch fit (its settings hold subsample_size as text), or None."""
-    if text is None:
+def _saved_batch(size, model):
+    """{plate: B} of a saved minibatch fit (subsample_size: an int or {plate: B}), or None."""
+    if size is None:
         return None
-    import ast
-    size = ast.literal_eval(text)
     n = sizes(model)
     return {p: min(b, n[p]) for p, b in (size if isinstance(size, dict) else {p: size for p in n}).items()}
